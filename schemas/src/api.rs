@@ -1,0 +1,356 @@
+//! The orchestrator's API over NATS (`fleet.api.<area>.<verb>`, MessagePack request/reply).
+//!
+//! The gateway translates each HTTP call into one of these. Every request carries the tenant
+//! (taken from the caller's key, never from the request body), a request id and a deadline: the
+//! orchestrator does not commit after the deadline, so a late answer is always "nothing done".
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use crate::ids::{JobId, RequestId, RobotId, TenantId};
+
+/// Schema version of the messages in this module.
+pub const API_VERSION: u32 = 1;
+
+/// An API area and verb, naming the subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    SubmitJob,
+    GetJob,
+    ListJobs,
+    CancelJob,
+    ListRobots,
+    GetRobot,
+    FleetSummary,
+    Ping,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 8] = [
+        Endpoint::SubmitJob,
+        Endpoint::GetJob,
+        Endpoint::ListJobs,
+        Endpoint::CancelJob,
+        Endpoint::ListRobots,
+        Endpoint::GetRobot,
+        Endpoint::FleetSummary,
+        Endpoint::Ping,
+    ];
+
+    pub fn area_verb(self) -> (&'static str, &'static str) {
+        match self {
+            Endpoint::SubmitJob => ("jobs", "submit"),
+            Endpoint::GetJob => ("jobs", "get"),
+            Endpoint::ListJobs => ("jobs", "list"),
+            Endpoint::CancelJob => ("jobs", "cancel"),
+            Endpoint::ListRobots => ("robots", "list"),
+            Endpoint::GetRobot => ("robots", "get"),
+            Endpoint::FleetSummary => ("fleet", "summary"),
+            Endpoint::Ping => ("system", "ping"),
+        }
+    }
+
+    pub fn subject(self) -> String {
+        let (area, verb) = self.area_verb();
+        crate::subjects::api(area, verb)
+    }
+
+    pub fn from_subject(subject: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.subject() == subject)
+    }
+}
+
+/// Envelope of every API request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiRequest<T> {
+    pub v: u32,
+    pub request_id: RequestId,
+    pub tenant: TenantId,
+    /// Unix milliseconds after which the orchestrator must not commit.
+    pub deadline_unix_ms: i64,
+    pub body: T,
+}
+
+/// Why an API request did not succeed. The gateway maps each kind to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ApiError {
+    /// No such object in this tenant (also for objects of other tenants).
+    #[error("{what} not found")]
+    NotFound { what: String },
+    /// A field is wrong; `field` names it.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// The request conflicts with the object's state.
+    #[error("{message}")]
+    Conflict { message: String },
+    /// Nothing was committed; safe to retry (database down, not the leader, deadline passed).
+    #[error("unavailable: {message}")]
+    Unavailable { message: String, retry_after_s: u32 },
+    /// A bug or an unexpected failure; nothing is known to have been committed.
+    #[error("internal error: {message}")]
+    Internal { message: String },
+}
+
+/// Reply to every API request.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Submit a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitJob {
+    pub workflow_name: String,
+    /// The workflow, already parsed from a string if it came as one.
+    pub workflow: Value,
+    pub priority: i16,
+    pub trigger_type: String,
+    pub execution_mode: String,
+    pub variables: Map<String, Value>,
+    pub required_capabilities: Vec<String>,
+    pub target_robot_id: Option<RobotId>,
+    pub timeout_s: Option<u64>,
+    /// Submission metadata kept with the job (the Canvas's `metadata` object).
+    pub metadata: Map<String, Value>,
+    pub idempotency_key: Option<String>,
+}
+
+/// What a submit committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Submitted {
+    pub job_id: JobId,
+    pub workflow_id: String,
+    pub status: JobStatus,
+    pub waiting_reason: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetById<T> {
+    pub id: T,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListJobs {
+    pub status: Option<JobStatus>,
+    pub workflow_id: Option<String>,
+    pub robot_id: Option<RobotId>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListRobots {
+    pub status: Option<RobotStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancelled {
+    pub job_id: JobId,
+    pub cancelled: bool,
+    pub previous_status: JobStatus,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// Is this orchestrator the active leader?
+    pub leader: bool,
+    pub version: String,
+}
+
+/// The state of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Pending,
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 7] = [
+        JobStatus::Pending,
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Completed,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+        JobStatus::TimedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::TimedOut => "timed_out",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled | JobStatus::TimedOut)
+    }
+}
+
+/// The state of a robot as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RobotStatus {
+    Online,
+    Busy,
+    Offline,
+    Maintenance,
+    Error,
+}
+
+impl RobotStatus {
+    pub const ALL: [RobotStatus; 5] = [
+        RobotStatus::Online,
+        RobotStatus::Busy,
+        RobotStatus::Offline,
+        RobotStatus::Maintenance,
+        RobotStatus::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RobotStatus::Online => "online",
+            RobotStatus::Busy => "busy",
+            RobotStatus::Offline => "offline",
+            RobotStatus::Maintenance => "maintenance",
+            RobotStatus::Error => "error",
+        }
+    }
+
+    /// Parse a status filter; `idle` is a synonym of `online`.
+    pub fn parse(s: &str) -> Option<Self> {
+        if s == "idle" {
+            return Some(RobotStatus::Online);
+        }
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// A job as the API shows it. Every field is always present (`null` when unknown).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub job_id: JobId,
+    pub workflow_id: String,
+    pub workflow_name: String,
+    pub status: JobStatus,
+    pub robot_id: Option<String>,
+    pub robot_name: Option<String>,
+    pub attempt: i32,
+    pub priority: i16,
+    pub required_capabilities: Vec<String>,
+    pub progress: i16,
+    pub current_node: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub claimed_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub completed_at: Option<OffsetDateTime>,
+    pub duration_ms: Option<i64>,
+    pub output: Option<Value>,
+    pub error_message: Option<String>,
+    pub error_type: Option<String>,
+    pub waiting_reason: Option<String>,
+    pub retry_count: i32,
+    pub target_robot_id: Option<String>,
+    pub trigger_type: String,
+    pub execution_mode: String,
+    pub request_id: Option<String>,
+}
+
+/// A robot as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RobotView {
+    pub robot_id: String,
+    pub name: String,
+    pub hostname: String,
+    pub status: RobotStatus,
+    pub environment: String,
+    pub capabilities: Vec<String>,
+    pub tags: Vec<String>,
+    pub max_concurrent_jobs: u32,
+    pub current_job_ids: Vec<String>,
+    pub current_job: Option<String>,
+    pub cpu_percent: Option<f32>,
+    pub memory_mb: Option<f64>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_heartbeat: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub version: Option<String>,
+}
+
+/// `GET /api/v1/metrics/fleet`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetSummary {
+    pub total_robots: u32,
+    pub active_robots: u32,
+    pub idle_robots: u32,
+    pub busy_robots: u32,
+    pub offline_robots: u32,
+    pub maintenance_robots: u32,
+    pub active_jobs: u32,
+    pub queue_depth: u32,
+    pub total_jobs_today: u32,
+    pub average_job_duration_seconds: f64,
+    pub jobs_by_status: std::collections::BTreeMap<String, u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+
+    #[test]
+    fn endpoints_have_distinct_subjects() {
+        let subjects: std::collections::BTreeSet<_> = Endpoint::ALL.iter().map(|e| e.subject()).collect();
+        assert_eq!(subjects.len(), Endpoint::ALL.len());
+        for e in Endpoint::ALL {
+            assert_eq!(Endpoint::from_subject(&e.subject()), Some(e));
+        }
+        assert_eq!(Endpoint::SubmitJob.subject(), "fleet.api.jobs.submit");
+    }
+
+    #[test]
+    fn api_result_roundtrip() {
+        let r: ApiResult<Empty> =
+            Err(ApiError::Invalid { field: "priority".into(), message: "0 to 20".into() });
+        let back: ApiResult<Empty> = decode("reply", &encode(&r)).unwrap();
+        assert_eq!(back, r);
+        let r: ApiResult<Pong> = Ok(Pong { leader: true, version: "x".into() });
+        let back: ApiResult<Pong> = decode("reply", &encode(&r)).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(RobotStatus::parse("idle"), Some(RobotStatus::Online));
+        assert_eq!(JobStatus::parse("timed_out"), Some(JobStatus::TimedOut));
+        assert_eq!(serde_json::to_string(&JobStatus::TimedOut).unwrap(), "\"timed_out\"");
+        assert!(JobStatus::Cancelled.is_terminal());
+        assert!(!JobStatus::Queued.is_terminal());
+    }
+}
