@@ -1,1 +1,231 @@
+//! Fleet's orchestrator: the brain of the fabric.
+//!
+//! It owns PostgreSQL (the record of jobs and robots), admits jobs to robot classes, publishes
+//! offers on JetStream, records claims, renewals and completions with fencing, watches robot
+//! heartbeats, sweeps expired leases and relays the history outbox as events. Several instances
+//! may run; one leads (see [`leader`]) and the others stand by.
 
+pub mod api;
+pub mod config;
+pub mod fabric;
+pub mod fleet;
+pub mod heartbeats;
+pub mod leader;
+pub mod offers;
+pub mod relay;
+pub mod robots;
+pub mod store;
+pub mod sweeper;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use sqlx::postgres::PgPoolOptions;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+use crate::fabric::Fabric;
+use crate::fleet::FleetView;
+use crate::leader::Leadership;
+use crate::offers::Offers;
+use crate::store::Store;
+
+/// Requests handled at once per subscription. Past it, new requests wait in the subscription's
+/// buffer (and, past that, NATS reports slow consumer), which bounds memory under overload.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// Everything the leader's tasks share.
+pub struct Core {
+    pub config: Config,
+    pub client: async_nats::Client,
+    pub fabric: Fabric,
+    pub store: Store,
+    pub fleet: FleetView,
+    pub leadership: Arc<Leadership>,
+    pub offers: Offers,
+    /// Wakes the relay after a commit that wrote history rows.
+    pub wake_relay: Notify,
+    /// Wakes the admission pass (a slot freed, a robot came online, a job went pending).
+    pub wake_admission: Notify,
+    pub health: sweeper::Health,
+}
+
+/// Run an orchestrator until `shutdown`: connect, migrate, set up JetStream, then lead or stand
+/// by. Safe to start any number of times against the same database and NATS.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = connect_db(&config, &shutdown).await?;
+    let Some(pool) = pool else { return Ok(()) };
+    sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
+
+    let client = async_nats::ConnectOptions::new()
+        .name("fleet-orchestrator")
+        .retry_on_initial_connect()
+        .connect(config.nats_url.as_str())
+        .await
+        .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
+    let fabric = loop {
+        // The first connection happens in the background with retry_on_initial_connect; wait
+        // for it (bounded by shutdown) so the server version can be checked.
+        if client.connection_state() == async_nats::connection::State::Connected {
+            match Fabric::setup(&client, &config).await {
+                Ok(f) => break f,
+                Err(e @ fabric::FabricError::ServerTooOld(_)) => return Err(e.into()),
+                Err(e) => tracing::warn!(error = %e, "JetStream set-up failed; retrying"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    };
+
+    let leadership = Leadership::new();
+    let store = Store::new(pool.clone(), leadership.clone());
+    let core = Arc::new(Core {
+        offers: Offers::new(fabric.js.clone()),
+        config: config.clone(),
+        client: client.clone(),
+        fabric,
+        store,
+        fleet: FleetView::new(),
+        leadership: leadership.clone(),
+        wake_relay: Notify::new(),
+        wake_admission: Notify::new(),
+        health: sweeper::Health::default(),
+    });
+
+    let lease_task =
+        tokio::spawn(leader::run(leadership.clone(), pool.clone(), config.leader_lease, shutdown.clone()));
+    let mut changes = leadership.subscribe();
+    let mut leading: Option<(CancellationToken, JoinSet<()>)> = None;
+    loop {
+        let epoch = *changes.borrow_and_update();
+        match (epoch, leading.is_some()) {
+            (Some(epoch), false) => {
+                tracing::info!(epoch, "became the active orchestrator");
+                let token = shutdown.child_token();
+                let tasks = start_leading(core.clone(), token.clone()).await;
+                leading = Some((token, tasks));
+            }
+            (None, true) => {
+                tracing::warn!("no longer the active orchestrator; stopping leader tasks");
+                if let Some((token, tasks)) = leading.take() {
+                    token.cancel();
+                    tasks.join_all().await;
+                }
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = changes.changed() => if changed.is_err() { break },
+        }
+    }
+    // Stop serving before giving up the lease, so a standby takes over a quiet fabric.
+    if let Some((token, tasks)) = leading.take() {
+        token.cancel();
+        tasks.join_all().await;
+    }
+    let _ = lease_task.await;
+    let _ = client.drain().await;
+    pool.close().await;
+    Ok(())
+}
+
+async fn connect_db(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Option<sqlx::PgPool>> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let attempt = PgPoolOptions::new()
+            .max_connections(config.db_pool_size)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&config.database_url.0)
+            .await;
+        match attempt {
+            Ok(pool) => return Ok(Some(pool)),
+            Err(sqlx::Error::Configuration(e)) => {
+                anyhow::bail!("DATABASE_URL is not a valid PostgreSQL URL: {e}")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot reach PostgreSQL yet");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Start everything only the leader does.
+async fn start_leading(core: Arc<Core>, token: CancellationToken) -> JoinSet<()> {
+    core.fleet.clear();
+    core.fabric.forget_consumers();
+    core.health.reset();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(serve(core.clone(), fleet_schemas::subjects::API_REQUESTS, token.clone(), api::handle));
+    tasks.spawn(serve(core.clone(), fleet_schemas::subjects::ROBOT_REQUESTS, token.clone(), robots::handle));
+    tasks.spawn(heartbeats::run(core.clone(), token.clone()));
+    tasks.spawn(relay::run(core.clone(), token.clone()));
+    tasks.spawn(sweeper::run(core.clone(), token.clone()));
+    tasks.spawn(offers::record_seqs(core.clone(), token.clone()));
+    tasks
+}
+
+/// Serve one subject wildcard in the orchestrators' queue group until `token` is cancelled.
+async fn serve<F, Fut>(core: Arc<Core>, subject: &'static str, token: CancellationToken, handler: F)
+where
+    F: Fn(Arc<Core>, async_nats::Message) -> Fut + Send + Sync + 'static + Copy,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let sub = core
+            .client
+            .queue_subscribe(subject, fleet_schemas::subjects::ORCHESTRATOR_QUEUE.to_owned())
+            .await;
+        let mut sub = match sub {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, subject, "cannot subscribe; retrying");
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                _ = token.cancelled() => {
+                    let _ = sub.unsubscribe().await;
+                    // Let in-flight handlers finish before reporting stopped.
+                    let _ = limit.acquire_many(MAX_IN_FLIGHT as u32).await;
+                    return;
+                }
+                msg = sub.next() => msg,
+            };
+            let Some(msg) = msg else { break };
+            let Ok(permit) = limit.clone().acquire_owned().await else { return };
+            let core = core.clone();
+            tokio::spawn(async move {
+                handler(core, msg).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Reply to a request, logging (not failing) when the reply cannot be sent: the requester
+/// times out and retries, and every request is idempotent.
+pub(crate) async fn reply(core: &Core, msg: &async_nats::Message, payload: Vec<u8>) {
+    if let Some(reply) = &msg.reply
+        && let Err(e) = core.client.publish(reply.clone(), payload.into()).await
+    {
+        tracing::warn!(error = %e, subject = %msg.subject, "could not send reply");
+    }
+}

@@ -1,0 +1,310 @@
+//! The API served over NATS (`fleet.api.<area>.<verb>`), which the gateway calls.
+//!
+//! Every request names its tenant (taken from the caller's key by the gateway) and a deadline.
+//! A write is not started after the deadline, so an answer that arrives too late for the
+//! gateway never hides a commit the client was told did not happen.
+
+use std::sync::Arc;
+
+use fleet_schemas::api::{
+    API_VERSION, ApiError, ApiRequest, ApiResult, Cancelled, Empty, Endpoint, GetById, JobStatus, ListJobs,
+    ListRobots, Pong, SubmitJob, Submitted,
+};
+use fleet_schemas::codec::{decode, encode};
+use fleet_schemas::workflow::{self, ParsedWorkflow};
+use fleet_schemas::{Capability, Class, JobId, RobotId};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+
+use crate::fleet::Decision;
+use crate::store::{NewJob, Placement};
+use crate::{Core, reply};
+
+/// Longest workflow name accepted.
+const MAX_NAME: usize = 200;
+
+pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
+    let payload = match Endpoint::from_subject(&msg.subject) {
+        Some(Endpoint::SubmitJob) => call(&msg.payload, |r: ApiRequest<SubmitJob>| submit(&core, r)).await,
+        Some(Endpoint::GetJob) => call(&msg.payload, |r: ApiRequest<GetById<JobId>>| get_job(&core, r)).await,
+        Some(Endpoint::ListJobs) => call(&msg.payload, |r: ApiRequest<ListJobs>| list_jobs(&core, r)).await,
+        Some(Endpoint::CancelJob) => {
+            call(&msg.payload, |r: ApiRequest<GetById<JobId>>| cancel(&core, r)).await
+        }
+        Some(Endpoint::ListRobots) => {
+            call(&msg.payload, |r: ApiRequest<ListRobots>| list_robots(&core, r)).await
+        }
+        Some(Endpoint::GetRobot) => {
+            call(&msg.payload, |r: ApiRequest<GetById<RobotId>>| get_robot(&core, r)).await
+        }
+        Some(Endpoint::FleetSummary) => {
+            let core = &core;
+            call(&msg.payload, |r: ApiRequest<Empty>| async move {
+                Ok(core.store.fleet_summary(&r.tenant).await?)
+            })
+            .await
+        }
+        Some(Endpoint::Ping) => {
+            call(&msg.payload, |_: ApiRequest<Empty>| async {
+                Ok(Pong {
+                    leader: core.leadership.is_leader(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                })
+            })
+            .await
+        }
+        None => {
+            encode(&ApiResult::<Empty>::Err(ApiError::NotFound { what: format!("endpoint {}", msg.subject) }))
+        }
+    };
+    reply(&core, &msg, payload).await;
+}
+
+/// Decode the request, run the handler, encode the answer.
+async fn call<T, R, F, Fut>(payload: &[u8], handler: F) -> Vec<u8>
+where
+    T: DeserializeOwned,
+    R: Serialize,
+    F: FnOnce(ApiRequest<T>) -> Fut,
+    Fut: std::future::Future<Output = ApiResult<R>>,
+{
+    let result = match decode::<ApiRequest<T>>("API request", payload) {
+        Ok(req) if req.v > API_VERSION => Err(ApiError::Invalid {
+            field: "v".into(),
+            message: format!("API version {} is newer than this orchestrator's {API_VERSION}", req.v),
+        }),
+        Ok(req) => handler(req).await,
+        Err(e) => Err(ApiError::Invalid { field: "payload".into(), message: e.to_string() }),
+    };
+    encode(&result)
+}
+
+fn past_deadline<T>(req: &ApiRequest<T>) -> bool {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64 > req.deadline_unix_ms
+}
+
+fn deadline_error() -> ApiError {
+    ApiError::Unavailable {
+        message: "request deadline passed before it could be committed".into(),
+        retry_after_s: 1,
+    }
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+    ApiError::Invalid { field: field.into(), message: message.into() }
+}
+
+/// Validate a submission and work out what the job requires.
+fn validate(body: &SubmitJob) -> ApiResult<(ParsedWorkflow, Class)> {
+    let name = body.workflow_name.trim();
+    if name.is_empty() {
+        return Err(invalid("workflow_name", "must not be empty"));
+    }
+    if name.chars().count() > MAX_NAME {
+        return Err(invalid("workflow_name", format!("must be at most {MAX_NAME} characters")));
+    }
+    if !(0..=20).contains(&body.priority) {
+        return Err(invalid("priority", "must be an integer from 0 to 20"));
+    }
+    if body.timeout_s == Some(0) {
+        return Err(invalid("timeout_s", "must be at least 1 second"));
+    }
+    let parsed = workflow::parse(&body.workflow).map_err(|e| invalid(e.field, e.message))?;
+    let mut requires = parsed.requires.clone();
+    for (i, cap) in body.required_capabilities.iter().enumerate() {
+        let cap = Capability::new(cap.trim())
+            .map_err(|e| invalid(format!("required_capabilities[{i}]"), e.to_string()))?;
+        requires.insert(cap);
+    }
+    if requires.name().len() > fleet_schemas::ids::MAX_CLASS_LEN {
+        return Err(invalid("required_capabilities", "too many capabilities"));
+    }
+    Ok((parsed, requires))
+}
+
+async fn submit(core: &Core, req: ApiRequest<SubmitJob>) -> ApiResult<Submitted> {
+    let body = &req.body;
+    let (parsed, requires) = validate(body)?;
+    if let Some(key) = &body.idempotency_key
+        && (key.is_empty() || key.len() > 255)
+    {
+        return Err(invalid("Idempotency-Key", "must be 1 to 255 characters"));
+    }
+    let target = body.target_robot_id.as_ref();
+    if let Some(target) = target
+        && !core.store.robot_exists(&req.tenant, target).await?
+    {
+        return Err(invalid("target_robot_id", format!("no robot {target} in this tenant")));
+    }
+    let placement = match core.fleet.decide(&req.tenant, &requires, target) {
+        Decision::Offer { subject, target: to, class } => {
+            let ensured = match (&class, target) {
+                (Some(class), _) => core.fabric.ensure_class_consumer(&req.tenant, class).await.map(|_| ()),
+                (None, Some(robot)) => {
+                    core.fabric.ensure_robot_consumer(&req.tenant, robot).await.map(|_| ())
+                }
+                (None, None) => Ok(()),
+            };
+            match ensured {
+                Ok(()) => Placement::Offer { subject, target: to },
+                Err(e) => {
+                    tracing::warn!(error = %e, "consumer not ready; job waits");
+                    Placement::Pending { reason: "waiting for the job queue to be ready".into() }
+                }
+            }
+        }
+        Decision::Wait { reason } => Placement::Pending { reason },
+    };
+    let mut variables = parsed.variables.clone();
+    variables.extend(body.variables.clone());
+    let job = NewJob {
+        job_id: JobId::new(),
+        tenant: req.tenant.clone(),
+        workflow_id: workflow::workflow_id(parsed.id.as_deref(), &body.workflow_name),
+        workflow_name: body.workflow_name.trim().to_owned(),
+        format: parsed.format,
+        workflow: body.workflow.clone(),
+        variables,
+        metadata: body.metadata.clone(),
+        requires: requires.to_strings(),
+        priority: body.priority,
+        trigger_type: body.trigger_type.clone(),
+        execution_mode: body.execution_mode.clone(),
+        target_robot_id: body.target_robot_id.clone(),
+        timeout_s: body.timeout_s.or(parsed.timeout_s),
+        max_attempts: core.config.max_attempts,
+        request_id: req.request_id,
+        idempotency_key: body.idempotency_key.clone(),
+    };
+    if past_deadline(&req) {
+        return Err(deadline_error());
+    }
+    let inserted = core.store.insert_job(&job, &placement).await?;
+    core.wake_relay.notify_one();
+    if !inserted.existing
+        && let Some(subject) = &inserted.offer_subject
+    {
+        let offer = crate::store::ToOffer {
+            job_id: inserted.job_id,
+            offer_no: inserted.offer_no,
+            subject: subject.clone(),
+        };
+        core.offers.publish_or_log(&offer).await;
+    }
+    tracing::info!(job_id = %inserted.job_id, tenant = %req.tenant, status = inserted.status.as_str(), "job submitted");
+    Ok(Submitted {
+        job_id: inserted.job_id,
+        workflow_id: job.workflow_id,
+        status: inserted.status,
+        waiting_reason: inserted.waiting_reason,
+        created_at: inserted.created_at,
+    })
+}
+
+async fn get_job(core: &Core, req: ApiRequest<GetById<JobId>>) -> ApiResult<fleet_schemas::api::JobView> {
+    core.store
+        .get_job(&req.tenant, req.body.id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound { what: "job".into() })
+}
+
+async fn list_jobs(core: &Core, req: ApiRequest<ListJobs>) -> ApiResult<Vec<fleet_schemas::api::JobView>> {
+    if !(1..=500).contains(&req.body.limit) {
+        return Err(invalid("limit", "must be from 1 to 500"));
+    }
+    Ok(core.store.list_jobs(&req.tenant, &req.body).await?)
+}
+
+async fn list_robots(
+    core: &Core,
+    req: ApiRequest<ListRobots>,
+) -> ApiResult<Vec<fleet_schemas::api::RobotView>> {
+    let robots = core.store.list_robots(&req.tenant, None).await?;
+    Ok(match req.body.status {
+        Some(status) => robots.into_iter().filter(|r| r.status == status).collect(),
+        None => robots,
+    })
+}
+
+async fn get_robot(
+    core: &Core,
+    req: ApiRequest<GetById<RobotId>>,
+) -> ApiResult<fleet_schemas::api::RobotView> {
+    core.store
+        .list_robots(&req.tenant, Some(&req.body.id))
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::NotFound { what: "robot".into() })
+}
+
+async fn cancel(core: &Core, req: ApiRequest<GetById<JobId>>) -> ApiResult<Cancelled> {
+    if past_deadline(&req) {
+        return Err(deadline_error());
+    }
+    let job_id = req.body.id;
+    let Some((previous, recalled)) = core.store.cancel(&req.tenant, job_id).await? else {
+        return Err(ApiError::NotFound { what: "job".into() });
+    };
+    core.wake_relay.notify_one();
+    if let Some(offer) = recalled {
+        // The job is cancelled in the record; the robot that gets the offer is refused its
+        // claim. Deleting the message just saves it the trip.
+        if let Ok(Some(seq)) = core.store.offer_seq(job_id, offer.offer_no).await {
+            core.offers.delete(&core.fabric.jobs, seq).await;
+        }
+    }
+    let (cancelled, message) = match previous {
+        JobStatus::Pending | JobStatus::Queued => (true, "job cancelled before it started".to_owned()),
+        JobStatus::Running => {
+            (true, "cancel requested; the robot stops the job at its next lease renewal".to_owned())
+        }
+        s => (false, format!("job already ended ({})", s.as_str())),
+    };
+    Ok(Cancelled { job_id, cancelled, previous_status: previous, message })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(workflow: serde_json::Value) -> SubmitJob {
+        SubmitJob {
+            workflow_name: "Invoice sync".into(),
+            workflow,
+            priority: 10,
+            trigger_type: "manual".into(),
+            execution_mode: "lan".into(),
+            variables: Default::default(),
+            required_capabilities: vec![],
+            target_robot_id: None,
+            timeout_s: None,
+            metadata: Default::default(),
+            idempotency_key: None,
+        }
+    }
+
+    #[test]
+    fn validation_names_fields() {
+        let wf = json!({"steps": [{"id": "a", "kind": "shell", "argv": ["true"]}]});
+        let (_, req) = validate(&body(wf.clone())).unwrap();
+        assert_eq!(req.name(), "shell");
+        let mut b = body(wf.clone());
+        b.priority = 21;
+        assert!(matches!(validate(&b), Err(ApiError::Invalid { field, .. }) if field == "priority"));
+        let mut b = body(wf.clone());
+        b.required_capabilities = vec!["gpu".into(), "Bad!".into()];
+        assert!(
+            matches!(validate(&b), Err(ApiError::Invalid { field, .. }) if field == "required_capabilities[1]")
+        );
+        let mut b = body(wf);
+        b.workflow_name = " ".into();
+        assert!(matches!(validate(&b), Err(ApiError::Invalid { field, .. }) if field == "workflow_name"));
+        let b = body(json!({"steps": [{"id": "a", "kind": "nope"}]}));
+        assert!(
+            matches!(validate(&b), Err(ApiError::Invalid { field, .. }) if field == "workflow_json.steps[0].kind")
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! Watching the `fleet_robots` bucket: heartbeats keep robots online, expiry markers take them
+//! offline.
+//!
+//! Each heartbeat is written with a per-message TTL equal to the heartbeat timeout; when it
+//! lapses the server writes a delete marker that this watcher sees, so a robot that dies
+//! silently is noticed without it saying goodbye. A staleness check in the sweeper backs this up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv::Operation;
+use fleet_schemas::codec::decode;
+use fleet_schemas::robot::Heartbeat;
+use fleet_schemas::subjects;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::Core;
+
+pub async fn run(core: Arc<Core>, token: CancellationToken) {
+    // Robots the database believes online but that send no heartbeat within the timeout died
+    // while no orchestrator was watching: reconcile them once the timeout has passed.
+    let reconcile = {
+        let core = core.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let suspects = match core.store.online_robots().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list robots to reconcile");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(core.config.heartbeat_timeout) => {}
+            }
+            for (tenant, robot) in suspects {
+                let (Ok(t), Ok(r)) =
+                    (fleet_schemas::TenantId::new(tenant), fleet_schemas::RobotId::new(robot))
+                else {
+                    continue;
+                };
+                if !core.fleet.is_online(&t, &r) {
+                    mark_offline(&core, &t, &r, "no heartbeat since the orchestrator started").await;
+                }
+            }
+        })
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match core.fabric.robots_kv.watch_with_history(">").await {
+            Ok(mut watch) => {
+                backoff = Duration::from_millis(200);
+                loop {
+                    let entry = tokio::select! {
+                        _ = token.cancelled() => { reconcile.abort(); return; }
+                        e = watch.next() => e,
+                    };
+                    match entry {
+                        Some(Ok(entry)) => on_entry(&core, entry).await,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "heartbeat watch error; re-watching");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot watch the heartbeat bucket; retrying"),
+        }
+        tokio::select! {
+            _ = token.cancelled() => { reconcile.abort(); return; }
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn on_entry(core: &Core, entry: async_nats::jetstream::kv::Entry) {
+    let Some((tenant, robot)) = subjects::parse_heartbeat_key(&entry.key) else {
+        tracing::debug!(key = %entry.key, "ignoring heartbeat bucket key of unknown shape");
+        return;
+    };
+    match entry.operation {
+        Operation::Put => {
+            let hb: Heartbeat = match decode("heartbeat", &entry.value) {
+                Ok(hb) => hb,
+                Err(e) => {
+                    tracing::warn!(key = %entry.key, error = %e, "ignoring malformed heartbeat");
+                    return;
+                }
+            };
+            if hb.tenant != tenant || hb.robot_id != robot {
+                tracing::warn!(key = %entry.key, "ignoring heartbeat whose body names another robot");
+                return;
+            }
+            if core.fleet.heartbeat(&hb) {
+                core.wake_admission.notify_one();
+            }
+            if let Err(e) = core.store.robot_heartbeat(&hb).await {
+                tracing::debug!(error = %e, "heartbeat not recorded");
+            }
+            let live = serde_json::json!({
+                "type": "robot.heartbeat",
+                "tenant": tenant,
+                "robot_id": robot,
+                "state": hb.state,
+                "running": hb.running.len(),
+                "max_jobs": hb.max_jobs,
+                "cpu_percent": hb.cpu_percent,
+                "memory_mb": hb.memory_mb,
+            });
+            let _ = core
+                .client
+                .publish(subjects::live(&tenant, "robot", "heartbeat"), live.to_string().into())
+                .await;
+        }
+        Operation::Delete | Operation::Purge => {
+            mark_offline(core, &tenant, &robot, "heartbeat expired").await;
+        }
+    }
+}
+
+pub(crate) async fn mark_offline(
+    core: &Core,
+    tenant: &fleet_schemas::TenantId,
+    robot: &fleet_schemas::RobotId,
+    reason: &str,
+) {
+    core.fleet.offline(tenant, robot);
+    match core.store.robot_offline(tenant, robot, reason).await {
+        Ok(true) => {
+            tracing::info!(%tenant, %robot, reason, "robot offline");
+            core.wake_relay.notify_one();
+            core.wake_admission.notify_one();
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, %robot, "could not record robot offline"),
+    }
+}

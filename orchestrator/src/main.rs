@@ -1,0 +1,73 @@
+//! `fleet-orchestrator`: loads configuration, sets up logging, runs until SIGTERM or Ctrl-C.
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Fleet's orchestrator: admits jobs, routes offers to robots, records every state change.
+///
+/// Needs NATS_URL and DATABASE_URL; everything else has defaults. Configuration layers:
+/// built-in defaults < fleet.toml (or the file named by FLEET_CONFIG) < FLEET_* environment
+/// variables (FLEET_HEARTBEAT_TIMEOUT=90s, FLEET_JOB_LEASE=30s, FLEET_LEADER_LEASE=10s, …).
+/// Start as many as you like: one leads, the others stand by and take over within seconds.
+#[derive(Parser, Debug)]
+#[command(name = "fleet-orchestrator", version, about, long_about)]
+struct Cli {}
+
+fn main() -> std::process::ExitCode {
+    let _cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = match fleet_orchestrator::Config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fleet-orchestrator: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fleet-orchestrator: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            signal.cancel();
+        });
+        match fleet_orchestrator::run(config, shutdown).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fleet-orchestrator: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,254 @@
+//! Requests from robots (`fleet.robot.<tenant>.<robot>.<verb>`).
+//!
+//! The tenant and robot come from the subject, never from the payload, so that subject
+//! permissions (one robot may only publish on its own subjects) are all the isolation needed.
+//! Every answer is `Accepted`, `Refused` (stop retrying) or `Unavailable` (retry): a store
+//! failure is never reported as a refusal, since a robot stops a job only when refused.
+
+use std::sync::Arc;
+
+use fleet_schemas::codec::{decode, encode};
+use fleet_schemas::robot::{
+    Ack, ClaimGrant, ClaimRequest, CompleteRequest, ProgressReport, RegisterGrant, RegisterRequest,
+    RejectRequest, ReleaseRequest, RenewGrant, RenewRequest, RobotReply,
+};
+use fleet_schemas::subjects::{self, RobotVerb};
+use fleet_schemas::workflow::WorkflowFormat;
+use fleet_schemas::{Class, RobotId, TenantId};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::store::{StoreError, Verdict};
+use crate::{Core, reply};
+
+/// Rejections after which a job fails instead of being offered again.
+pub const MAX_REJECTIONS: i32 = 5;
+
+pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
+    let Some((tenant, robot, verb)) = subjects::parse_robot_request(&msg.subject) else {
+        tracing::debug!(subject = %msg.subject, "ignoring request on a malformed robot subject");
+        return;
+    };
+    let c = &core;
+    let (t, r) = (&tenant, &robot);
+    let payload = match verb {
+        RobotVerb::Register => call(&msg.payload, "register", |q| register(c, t, r, q)).await,
+        RobotVerb::Claim => call(&msg.payload, "claim", |q| claim(c, t, r, q)).await,
+        RobotVerb::Renew => call(&msg.payload, "renew", |q| renew(c, t, q)).await,
+        RobotVerb::Complete => call(&msg.payload, "complete", |q| complete(c, t, r, q)).await,
+        RobotVerb::Reject => call(&msg.payload, "reject", |q| reject(c, t, r, q)).await,
+        RobotVerb::Release => call(&msg.payload, "release", |q| release(c, t, r, q)).await,
+        RobotVerb::Progress => {
+            progress(c, t, &msg.payload).await;
+            return;
+        }
+    };
+    reply(&core, &msg, payload).await;
+}
+
+async fn call<Q, A, F, Fut>(payload: &[u8], what: &'static str, handler: F) -> Vec<u8>
+where
+    Q: DeserializeOwned,
+    A: Serialize,
+    F: FnOnce(Q) -> Fut,
+    Fut: std::future::Future<Output = RobotReply<A>>,
+{
+    let answer = match decode::<Q>(what, payload) {
+        Ok(q) => handler(q).await,
+        Err(e) => RobotReply::Refused { reason: e.to_string() },
+    };
+    encode(&answer)
+}
+
+fn unavailable<A>(e: StoreError) -> RobotReply<A> {
+    if let StoreError::Other(e) = &e {
+        tracing::error!(error = %e, "database error answering a robot");
+    }
+    RobotReply::Unavailable { reason: e.to_string() }
+}
+
+fn verdict<T, A>(v: Result<Verdict<T>, StoreError>, accept: impl FnOnce(T) -> A) -> RobotReply<A> {
+    match v {
+        Ok(Verdict::Accepted(t)) => RobotReply::Accepted(accept(t)),
+        Ok(Verdict::Refused(reason)) => RobotReply::Refused { reason },
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn register(
+    core: &Core,
+    tenant: &TenantId,
+    robot: &RobotId,
+    req: RegisterRequest,
+) -> RobotReply<RegisterGrant> {
+    let class = match Class::parse(&req.capabilities) {
+        Ok(c) => c,
+        Err(e) => return RobotReply::Refused { reason: format!("capabilities: {e}") },
+    };
+    if req.max_jobs == 0 {
+        return RobotReply::Refused { reason: "max_jobs must be at least 1".into() };
+    }
+    // A second process with the same id but another state directory while the first is alive:
+    // refuse it, leaving the live robot undisturbed.
+    match core.store.robot_identity(tenant, robot).await {
+        Ok(Some((state_dir_id, Some(session))))
+            if !state_dir_id.is_empty()
+                && !req.state_dir_id.is_empty()
+                && state_dir_id != req.state_dir_id
+                && session != req.session_id.0
+                && core.fleet.is_online(tenant, robot) =>
+        {
+            return RobotReply::Refused {
+                reason: format!(
+                    "robot id {robot} is already live in tenant {tenant} with another state directory; \
+                     stop it first or start this robot with another --id"
+                ),
+            };
+        }
+        Ok(_) => {}
+        Err(e) => return unavailable(e),
+    }
+    let class_consumer = match core.fabric.ensure_class_consumer(tenant, &class).await {
+        Ok(name) => name,
+        Err(e) => return RobotReply::Unavailable { reason: e.to_string() },
+    };
+    let robot_consumer = match core.fabric.ensure_robot_consumer(tenant, robot).await {
+        Ok(name) => name,
+        Err(e) => return RobotReply::Unavailable { reason: e.to_string() },
+    };
+    let caps = class.to_strings();
+    if let Err(e) = core.store.upsert_robot(tenant, robot, &req, &caps).await {
+        return unavailable(e);
+    }
+    // The jobs of an earlier session of this robot are not running any more: re-offer them now
+    // rather than after their lease.
+    match core.store.expire(Some((tenant, robot, req.session_id))).await {
+        Ok(n) if n > 0 => {
+            tracing::info!(%robot, jobs = n, "re-offering jobs of the robot's previous session")
+        }
+        Ok(_) => {}
+        Err(e) => return unavailable(e),
+    }
+    core.fleet.register(tenant, robot, class, req.max_jobs, req.session_id);
+    core.wake_relay.notify_one();
+    core.wake_admission.notify_one();
+    tracing::info!(%tenant, %robot, capabilities = ?caps, max_jobs = req.max_jobs, "robot registered");
+    RobotReply::Accepted(RegisterGrant {
+        heartbeat_interval_ms: core.config.heartbeat_interval.as_millis() as u64,
+        heartbeat_ttl_ms: core.config.heartbeat_ttl().as_millis() as u64,
+        lease_ms: core.config.job_lease.as_millis() as u64,
+        class_consumer,
+        robot_consumer,
+    })
+}
+
+async fn claim(core: &Core, tenant: &TenantId, robot: &RobotId, req: ClaimRequest) -> RobotReply<ClaimGrant> {
+    let lease = core.config.job_lease;
+    let result = core.store.claim(tenant, robot, req.session_id, req.job_id, req.offer_no, lease).await;
+    if matches!(result, Ok(Verdict::Accepted(_))) {
+        core.fleet.note_claim(tenant, robot);
+        core.wake_relay.notify_one();
+    }
+    verdict(result, |c| ClaimGrant {
+        job_id: req.job_id,
+        attempt: c.attempt,
+        lease_ms: lease.as_millis() as u64,
+        format: if c.format == WorkflowFormat::Casare.as_str() {
+            WorkflowFormat::Casare
+        } else {
+            WorkflowFormat::Fleet
+        },
+        workflow: c.workflow,
+        variables: c.variables,
+        timeout_s: c.timeout_s.map(|t| t.max(0) as u64),
+        workflow_name: c.workflow_name,
+    })
+}
+
+async fn renew(core: &Core, tenant: &TenantId, req: RenewRequest) -> RobotReply<RenewGrant> {
+    let lease = core.config.job_lease;
+    let result = core.store.renew(tenant, req.session_id, req.job_id, req.attempt, lease).await;
+    verdict(result, |cancel| RenewGrant { lease_ms: lease.as_millis() as u64, cancel })
+}
+
+async fn complete(core: &Core, tenant: &TenantId, robot: &RobotId, req: CompleteRequest) -> RobotReply<Ack> {
+    let result = core
+        .store
+        .complete(
+            tenant,
+            robot,
+            req.job_id,
+            req.attempt,
+            req.outcome,
+            &req.output,
+            req.error.as_deref(),
+            req.failed_step.as_deref(),
+        )
+        .await;
+    if matches!(result, Ok(Verdict::Accepted(()))) {
+        core.wake_relay.notify_one();
+        core.wake_admission.notify_one();
+    }
+    verdict(result, |()| Ack {})
+}
+
+async fn reject(core: &Core, tenant: &TenantId, robot: &RobotId, req: RejectRequest) -> RobotReply<Ack> {
+    let result = core
+        .store
+        .give_back(
+            tenant,
+            robot,
+            req.job_id,
+            Some(req.offer_no),
+            req.attempt,
+            &req.reason,
+            true,
+            MAX_REJECTIONS,
+        )
+        .await;
+    if matches!(result, Ok(Verdict::Accepted(()))) {
+        tracing::info!(%robot, job_id = %req.job_id, reason = %req.reason, "offer rejected");
+        core.wake_relay.notify_one();
+        core.wake_admission.notify_one();
+    }
+    verdict(result, |()| Ack {})
+}
+
+async fn release(core: &Core, tenant: &TenantId, robot: &RobotId, req: ReleaseRequest) -> RobotReply<Ack> {
+    let result = core
+        .store
+        .give_back(tenant, robot, req.job_id, None, Some(req.attempt), &req.reason, false, MAX_REJECTIONS)
+        .await;
+    if matches!(result, Ok(Verdict::Accepted(()))) {
+        core.wake_relay.notify_one();
+        core.wake_admission.notify_one();
+    }
+    verdict(result, |()| Ack {})
+}
+
+async fn progress(core: &Core, tenant: &TenantId, payload: &[u8]) {
+    let report: ProgressReport = match decode("progress", payload) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "ignoring malformed progress report");
+            return;
+        }
+    };
+    let node = report.current_node.as_deref();
+    if let Err(e) =
+        core.store.progress(tenant, report.job_id, report.attempt, i16::from(report.progress), node).await
+    {
+        tracing::debug!(error = %e, "progress not recorded");
+        return;
+    }
+    let live = serde_json::json!({
+        "type": "job.progress",
+        "tenant": tenant,
+        "job_id": report.job_id,
+        "attempt": report.attempt,
+        "progress": report.progress,
+        "current_node": report.current_node,
+    });
+    let subject = subjects::live(tenant, "job", "progress");
+    let _ = core.client.publish(subject, live.to_string().into()).await;
+}
