@@ -1,0 +1,384 @@
+//! The orchestrator's robot protocol, driven by hand against a real nats-server and PostgreSQL:
+//! a test plays the robot one message at a time, so each fencing rule of DESIGN.md is checked
+//! exactly, independent of the robot agent.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use fleet_schemas::api::{
+    ApiError, ApiRequest, ApiResult, Empty, Endpoint, GetById, JobStatus, JobView, Pong, SubmitJob, Submitted,
+};
+use fleet_schemas::codec::{decode, encode};
+use fleet_schemas::event::Event;
+use fleet_schemas::robot::{
+    Ack, ClaimGrant, ClaimRequest, CompleteRequest, Heartbeat, Offer, RegisterGrant, RegisterRequest, RenewGrant,
+    RenewRequest, RobotReply, RobotRunState, RunOutcome,
+};
+use fleet_schemas::subjects::{self, RobotVerb};
+use fleet_schemas::{JobId, RequestId, RobotId, SessionId, TenantId};
+use fleet_tests::{NatsServer, TestDb, wait_for};
+use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn tenant() -> TenantId {
+    TenantId::new("acme").unwrap()
+}
+
+fn config(nats: &NatsServer, db: &TestDb) -> fleet_orchestrator::Config {
+    fleet_orchestrator::Config {
+        nats_url: nats.url(),
+        database_url: fleet_orchestrator::config::Secret(db.url().to_owned()),
+        heartbeat_interval: Duration::from_millis(500),
+        heartbeat_timeout: Duration::from_secs(3),
+        job_lease: Duration::from_secs(2),
+        leader_lease: Duration::from_secs(1),
+        sweep_interval: Duration::from_millis(100),
+        offer_check_after: Duration::from_secs(2),
+        db_pool_size: 4,
+        ..Default::default()
+    }
+}
+
+struct Fabric {
+    nats: NatsServer,
+    db: TestDb,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+    orchestrator: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Fabric {
+    async fn start() -> Fabric {
+        fleet_tests::init_tracing();
+        let nats = NatsServer::start().await.unwrap();
+        let db = TestDb::create().await.unwrap();
+        let shutdown = CancellationToken::new();
+        let orchestrator = tokio::spawn(fleet_orchestrator::run(config(&nats, &db), shutdown.clone()));
+        let client = nats.client().await.unwrap();
+        let fabric = Fabric { nats, db, client, shutdown, orchestrator };
+        wait_for("the orchestrator to lead", WAIT, || async {
+            let pong: Pong = fabric.api(Endpoint::Ping, Empty {}).await.ok()?;
+            pong.leader.then_some(())
+        })
+        .await
+        .unwrap();
+        fabric
+    }
+
+    async fn api<T: Serialize, R: DeserializeOwned>(&self, endpoint: Endpoint, body: T) -> ApiResult<R> {
+        let req = ApiRequest {
+            v: 1,
+            request_id: RequestId::new(),
+            tenant: tenant(),
+            deadline_unix_ms: (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64 + 5_000,
+            body,
+        };
+        let msg = tokio::time::timeout(
+            Duration::from_secs(6),
+            self.client.request(endpoint.subject(), encode(&req).into()),
+        )
+        .await
+        .map_err(|_| ApiError::Internal { message: "timeout".into() })?
+        .map_err(|e| ApiError::Unavailable { message: e.to_string(), retry_after_s: 1 })?;
+        decode::<ApiResult<R>>("reply", &msg.payload).unwrap()
+    }
+
+    async fn job(&self, id: JobId) -> JobView {
+        self.api(Endpoint::GetJob, GetById { id }).await.unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.orchestrator).await.unwrap().unwrap().unwrap();
+        drop(self.nats);
+        self.db.drop_database().await.unwrap();
+    }
+}
+
+/// A robot played by the test.
+struct FakeRobot {
+    id: RobotId,
+    session: SessionId,
+    client: async_nats::Client,
+    grant: RegisterGrant,
+}
+
+impl FakeRobot {
+    async fn register(fabric: &Fabric, id: &str, caps: &[&str]) -> FakeRobot {
+        let id = RobotId::new(id).unwrap();
+        let session = SessionId::new();
+        let client = fabric.nats.client().await.unwrap();
+        let req = RegisterRequest {
+            v: 1,
+            session_id: session,
+            name: id.to_string(),
+            hostname: "test".into(),
+            capabilities: caps.iter().map(|c| c.to_string()).collect(),
+            max_jobs: 1,
+            version: "test".into(),
+            environment: String::new(),
+            tags: vec![],
+            state_dir_id: "dir-1".into(),
+        };
+        let grant = match call::<_, RegisterGrant>(&client, &id, RobotVerb::Register, &req).await {
+            RobotReply::Accepted(g) => g,
+            other => panic!("register: {other:?}"),
+        };
+        let robot = FakeRobot { id, session, client, grant };
+        robot.heartbeat(caps).await;
+        robot
+    }
+
+    async fn heartbeat(&self, caps: &[&str]) {
+        let hb = Heartbeat {
+            v: 1,
+            tenant: tenant(),
+            robot_id: self.id.clone(),
+            session_id: self.session,
+            name: self.id.to_string(),
+            hostname: "test".into(),
+            state: RobotRunState::Online,
+            capabilities: caps.iter().map(|c| c.to_string()).collect(),
+            max_jobs: 1,
+            running: vec![],
+            cpu_percent: None,
+            memory_mb: None,
+            version: "test".into(),
+            metrics: Default::default(),
+            sent_at: OffsetDateTime::now_utc(),
+        };
+        let js = jetstream::new(self.client.clone());
+        let publish = jetstream::message::PublishMessage::build()
+            .ttl(Duration::from_millis(self.grant.heartbeat_ttl_ms))
+            .payload(encode(&hb).into());
+        js.send_publish(subjects::heartbeat_subject(&tenant(), &self.id), publish).await.unwrap().await.unwrap();
+    }
+
+    async fn pull(&self) -> (Offer, jetstream::Message) {
+        let js = jetstream::new(self.client.clone());
+        let stream = js.get_stream(subjects::JOBS_STREAM).await.unwrap();
+        let consumer: consumer::PullConsumer = stream.get_consumer(&self.grant.class_consumer).await.unwrap();
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(5))
+            .group(subjects::PULL_GROUP)
+            .priority(0)
+            .messages()
+            .await
+            .unwrap();
+        let msg = batch.next().await.expect("an offer").unwrap();
+        (decode("offer", &msg.payload).unwrap(), msg)
+    }
+
+    async fn claim(&self, offer: &Offer) -> RobotReply<ClaimGrant> {
+        let req = ClaimRequest { v: 1, session_id: self.session, job_id: offer.job_id, offer_no: offer.offer_no };
+        call(&self.client, &self.id, RobotVerb::Claim, &req).await
+    }
+
+    async fn renew(&self, job_id: JobId, attempt: i32) -> RobotReply<RenewGrant> {
+        let req = RenewRequest { v: 1, session_id: self.session, job_id, attempt };
+        call(&self.client, &self.id, RobotVerb::Renew, &req).await
+    }
+
+    async fn complete(&self, job_id: JobId, attempt: i32) -> RobotReply<Ack> {
+        let req = CompleteRequest {
+            v: 1,
+            session_id: self.session,
+            job_id,
+            attempt,
+            outcome: RunOutcome::Completed,
+            output: json!({"done": attempt}),
+            error: None,
+            failed_step: None,
+        };
+        call(&self.client, &self.id, RobotVerb::Complete, &req).await
+    }
+}
+
+async fn call<Q: Serialize, A: DeserializeOwned>(
+    client: &async_nats::Client,
+    robot: &RobotId,
+    verb: RobotVerb,
+    req: &Q,
+) -> RobotReply<A> {
+    let subject = subjects::robot_request(&tenant(), robot, verb);
+    let msg = tokio::time::timeout(Duration::from_secs(6), client.request(subject, encode(req).into()))
+        .await
+        .expect("robot request answered in time")
+        .expect("robot request");
+    decode("robot reply", &msg.payload).unwrap()
+}
+
+fn shell_job() -> SubmitJob {
+    SubmitJob {
+        workflow_name: "Invoice sync".into(),
+        workflow: json!({"steps": [{"id": "hi", "kind": "shell", "argv": ["echo", "hi"]}]}),
+        priority: 10,
+        trigger_type: "manual".into(),
+        execution_mode: "lan".into(),
+        variables: Default::default(),
+        required_capabilities: vec![],
+        target_robot_id: None,
+        timeout_s: None,
+        metadata: Default::default(),
+        idempotency_key: None,
+    }
+}
+
+/// Events of one job from `FLEET_EVENTS`, as JSON, in stream order.
+async fn job_events(client: &async_nats::Client, job: JobId, until_kind: &str) -> Vec<Event> {
+    let js = jetstream::new(client.clone());
+    wait_for(format!("event {until_kind} of job {job}"), WAIT, || async {
+        let stream = js.get_stream(subjects::EVENTS_STREAM).await.ok()?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: "fleet.events.acme.job.>".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        let info = stream.get_info().await.ok()?;
+        let mut messages = consumer.messages().await.ok()?;
+        let mut events = Vec::new();
+        let mut seen = 0;
+        while seen < info.state.messages {
+            let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), messages.next()).await else { break };
+            seen += 1;
+            let event: Event = serde_json::from_slice(&msg.payload).expect("events are JSON");
+            if event.job_id.as_deref() == Some(job.to_string().as_str()) {
+                events.push(event);
+            }
+        }
+        events.iter().any(|e| e.kind == until_kind).then_some(events)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn claim_complete_and_fencing() {
+    let fabric = Fabric::start().await;
+
+    // No robot yet: the job waits, and says why.
+    let submitted: Submitted = fabric.api(Endpoint::SubmitJob, shell_job()).await.unwrap();
+    assert_eq!(submitted.status, JobStatus::Pending);
+    assert_eq!(submitted.workflow_id, "invoice-sync");
+    assert_eq!(
+        submitted.waiting_reason.as_deref(),
+        Some("no online robot of tenant acme has capabilities shell")
+    );
+
+    // A robot that cannot run shell steps does not get it.
+    let _browser = FakeRobot::register(&fabric, "b1", &["browser"]).await;
+    let robot = FakeRobot::register(&fabric, "r1", &["shell"]).await;
+    let job = submitted.job_id;
+    wait_for("the job to be offered", WAIT, || async {
+        (fabric.job(job).await.status == JobStatus::Queued).then_some(())
+    })
+    .await
+    .unwrap();
+
+    let (offer, msg) = robot.pull().await;
+    assert_eq!(offer.job_id, job);
+    assert_eq!(offer.offer_no, 1);
+    let grant = match robot.claim(&offer).await {
+        RobotReply::Accepted(g) => g,
+        other => panic!("claim: {other:?}"),
+    };
+    assert_eq!(grant.attempt, 1);
+    assert_eq!(grant.workflow["steps"][0]["id"], "hi");
+    msg.double_ack().await.unwrap();
+
+    // A repeated claim by the same session is answered the same; another session is refused.
+    assert!(matches!(robot.claim(&offer).await, RobotReply::Accepted(g) if g.attempt == 1));
+    let intruder = FakeRobot { session: SessionId::new(), ..FakeRobot::register(&fabric, "r2", &["shell"]).await };
+    assert!(matches!(intruder.claim(&offer).await, RobotReply::Refused { .. }));
+
+    assert!(matches!(robot.renew(job, 1).await, RobotReply::Accepted(RenewGrant { cancel: false, .. })));
+    assert!(matches!(robot.renew(job, 2).await, RobotReply::Refused { .. }));
+    assert!(matches!(robot.complete(job, 1).await, RobotReply::Accepted(_)));
+    // Idempotent for the same attempt; a superseded attempt is refused.
+    assert!(matches!(robot.complete(job, 1).await, RobotReply::Accepted(_)));
+    assert!(matches!(robot.complete(job, 2).await, RobotReply::Refused { .. }));
+
+    let view = fabric.job(job).await;
+    assert_eq!(view.status, JobStatus::Completed);
+    assert_eq!(view.robot_id.as_deref(), Some("r1"));
+    assert_eq!(view.output, Some(json!({"done": 1})));
+    assert!(view.duration_ms.is_some());
+
+    let events = job_events(&fabric.client, job, "job.completed").await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["job.submitted", "job.assigned", "job.started", "job.completed"]);
+    let seqs: Vec<i32> = events.iter().map(|e| e.seq.unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4], "one event per state change, in order, no gaps");
+    fabric.stop().await;
+}
+
+#[tokio::test]
+async fn lapsed_lease_reoffers_and_fences_the_old_attempt() {
+    let fabric = Fabric::start().await;
+    let robot = FakeRobot::register(&fabric, "r1", &["shell"]).await;
+    let submitted: Submitted = fabric.api(Endpoint::SubmitJob, shell_job()).await.unwrap();
+    assert_eq!(submitted.status, JobStatus::Queued);
+    let (offer, msg) = robot.pull().await;
+    assert!(matches!(robot.claim(&offer).await, RobotReply::Accepted(g) if g.attempt == 1));
+    msg.double_ack().await.unwrap();
+
+    // The robot goes quiet: no renewal. After the lease, the job is offered again (offer 2).
+    let job = submitted.job_id;
+    let view = wait_for("the lapsed job to be offered again", WAIT, || async {
+        let v = fabric.job(job).await;
+        (v.status == JobStatus::Queued).then_some(v)
+    })
+    .await
+    .unwrap();
+    assert_eq!(view.attempt, 1);
+    let (offer2, msg2) = robot.pull().await;
+    assert_eq!(offer2.offer_no, 2);
+    assert!(matches!(robot.claim(&offer2).await, RobotReply::Accepted(g) if g.attempt == 2));
+    msg2.double_ack().await.unwrap();
+    // The first attempt's late report is refused; the second's is recorded.
+    assert!(matches!(robot.renew(job, 1).await, RobotReply::Refused { .. }));
+    assert!(matches!(robot.complete(job, 1).await, RobotReply::Refused { .. }));
+    assert!(matches!(robot.complete(job, 2).await, RobotReply::Accepted(_)));
+    let view = fabric.job(job).await;
+    assert_eq!(view.status, JobStatus::Completed);
+    assert_eq!(view.output, Some(json!({"done": 2})));
+    let completions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM job_history WHERE job_id = $1 AND kind = 'job.completed'",
+    )
+    .bind(job.0)
+    .fetch_one(&fabric.db.pool().await.unwrap())
+    .await
+    .unwrap();
+    assert_eq!(completions, 1, "recorded complete exactly once");
+    fabric.stop().await;
+}
+
+#[tokio::test]
+async fn bad_submissions_name_the_field() {
+    let fabric = Fabric::start().await;
+    let mut job = shell_job();
+    job.priority = 99;
+    let err = fabric.api::<_, Submitted>(Endpoint::SubmitJob, job).await.unwrap_err();
+    assert!(matches!(err, ApiError::Invalid { ref field, .. } if field == "priority"), "{err:?}");
+    let mut job = shell_job();
+    job.target_robot_id = Some(RobotId::new("ghost").unwrap());
+    let err = fabric.api::<_, Submitted>(Endpoint::SubmitJob, job).await.unwrap_err();
+    assert!(matches!(err, ApiError::Invalid { ref field, .. } if field == "target_robot_id"), "{err:?}");
+    let err = fabric.api::<_, JobView>(Endpoint::GetJob, GetById { id: JobId::new() }).await.unwrap_err();
+    assert!(matches!(err, ApiError::NotFound { .. }));
+    // A garbage payload is an error naming the payload, never a crash.
+    let reply = fabric.client.request(Endpoint::SubmitJob.subject(), "not msgpack".into()).await.unwrap();
+    let result: ApiResult<Submitted> = decode("reply", &reply.payload).unwrap();
+    assert!(matches!(result, Err(ApiError::Invalid { ref field, .. }) if field == "payload"));
+    fabric.stop().await;
+}
