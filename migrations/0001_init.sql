@@ -39,7 +39,8 @@ CREATE TABLE jobs (
     workflow_id       text        NOT NULL,
     workflow_name     text        NOT NULL,
     format            text        NOT NULL,
-    workflow          jsonb       NOT NULL,
+    -- `json`, not `jsonb`: the workflow goes back to robots exactly as submitted (key order too).
+    workflow          json        NOT NULL,
     variables         jsonb       NOT NULL DEFAULT '{}',
     metadata          jsonb       NOT NULL DEFAULT '{}',
     requires          text[]      NOT NULL DEFAULT '{}',

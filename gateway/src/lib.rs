@@ -1,1 +1,103 @@
+//! Fleet's HTTP edge: the API the Canvas desktop client (and `curl`, scripts, the dashboard)
+//! speaks, translated call by call into NATS requests to the orchestrator.
+//!
+//! The gateway is stateless and holds no database connection: everything it answers comes from
+//! the orchestrator (`fleet.api.<area>.<verb>`, see `fleet_schemas::api`), so any number of
+//! gateways can run side by side and one can be restarted at any time. What it does own:
+//!
+//! - who the caller is and which tenant it acts as ([`auth`]);
+//! - checking input at the edge, with errors that name the field ([`extract`], [`routes`]);
+//! - the one mapping from failures to HTTP statuses and the one JSON error shape ([`error`]);
+//! - request ids, deadlines and what a lost answer means ([`request`], [`orchestrator`]).
+//!
+//! `main.rs` only reads the command line and calls [`run`]; tests call [`run`] with their own
+//! listener and shutdown token, or drive [`router`] without a socket.
 
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod orchestrator;
+pub mod request;
+pub mod routes;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::GatewayConfig;
+pub use error::HttpError;
+pub use orchestrator::Orchestrator;
+pub use routes::router;
+
+/// What every handler shares: the configuration and the orchestrator handle.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: GatewayConfig,
+    orchestrator: Orchestrator,
+}
+
+impl AppState {
+    /// State around an existing NATS client (tests connect their own).
+    pub fn new(config: GatewayConfig, client: async_nats::Client) -> Self {
+        let orchestrator = Orchestrator::new(client, config.request_timeout);
+        Self { inner: Arc::new(Inner { config, orchestrator }) }
+    }
+
+    /// Connect to NATS and build the state. Returns at once even when NATS is not up yet: the
+    /// client keeps trying in the background, and until it is connected requests get 503 (and
+    /// `/health` says why), so the gateway can start before NATS does.
+    pub async fn connect(config: GatewayConfig) -> anyhow::Result<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .name("fleet-gateway")
+            .retry_on_initial_connect()
+            .connect(config.nats_url.as_str())
+            .await
+            // Not the URL itself: it may carry credentials.
+            .context("cannot use the NATS URL")?;
+        Ok(Self::new(config, client))
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.inner.config
+    }
+
+    pub fn orchestrator(&self) -> &Orchestrator {
+        &self.inner.orchestrator
+    }
+}
+
+/// Serve the gateway on `listener` until `shutdown` is cancelled.
+///
+/// Shutdown happens in three steps: stop accepting connections, let in-flight requests finish
+/// (each is bounded by the request timeout plus the reply grace), then drain the NATS
+/// connection.
+pub async fn run(
+    config: GatewayConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if config.dev_mode {
+        tracing::warn!(
+            "DEVELOPMENT MODE (FLEET_DEV_MODE=true): API keys are NOT checked and every request acts \
+             as tenant \"default\". Never run like this where anyone else can reach the gateway."
+        );
+    }
+    let addr = listener.local_addr().context("listener has no local address")?;
+    let state = AppState::connect(config).await?;
+    tracing::info!(%addr, "fleet-gateway listening");
+    axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("HTTP server failed")?;
+    tracing::info!("HTTP server stopped; draining the NATS connection");
+    state.orchestrator().drain().await;
+    Ok(())
+}

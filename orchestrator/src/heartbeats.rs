@@ -20,10 +20,10 @@ use crate::Core;
 pub async fn run(core: Arc<Core>, token: CancellationToken) {
     // Robots the database believes online but that send no heartbeat within the timeout died
     // while no orchestrator was watching: reconcile them once the timeout has passed.
-    let reconcile = {
+    let _reconcile = {
         let core = core.clone();
         let token = token.clone();
-        tokio::spawn(async move {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             let suspects = match core.store.online_robots().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -45,7 +45,7 @@ pub async fn run(core: Arc<Core>, token: CancellationToken) {
                     mark_offline(&core, &t, &r, "no heartbeat since the orchestrator started").await;
                 }
             }
-        })
+        }))
     };
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -54,7 +54,7 @@ pub async fn run(core: Arc<Core>, token: CancellationToken) {
                 backoff = Duration::from_millis(200);
                 loop {
                     let entry = tokio::select! {
-                        _ = token.cancelled() => { reconcile.abort(); return; }
+                        _ = token.cancelled() => return,
                         e = watch.next() => e,
                     };
                     match entry {
@@ -70,7 +70,7 @@ pub async fn run(core: Arc<Core>, token: CancellationToken) {
             Err(e) => tracing::warn!(error = %e, "cannot watch the heartbeat bucket; retrying"),
         }
         tokio::select! {
-            _ = token.cancelled() => { reconcile.abort(); return; }
+            _ = token.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -99,8 +99,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         health: sweeper::Health::default(),
     });
 
-    let lease_task =
-        tokio::spawn(leader::run(leadership.clone(), pool.clone(), config.leader_lease, shutdown.clone()));
+    // Aborted if this future is dropped (a crash in tests): a lease kept alive by a detached
+    // task would keep every standby from taking over.
+    let lease_task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(leader::run(
+        leadership.clone(),
+        pool.clone(),
+        config.leader_lease,
+        shutdown.clone(),
+    )));
     let mut changes = leadership.subscribe();
     let mut leading: Option<(CancellationToken, JoinSet<()>)> = None;
     loop {

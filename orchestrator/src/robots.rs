@@ -10,7 +10,7 @@ use std::sync::Arc;
 use fleet_schemas::codec::{decode, encode};
 use fleet_schemas::robot::{
     Ack, ClaimGrant, ClaimRequest, CompleteRequest, ProgressReport, RegisterGrant, RegisterRequest,
-    RejectRequest, ReleaseRequest, RenewGrant, RenewRequest, RobotReply,
+    RejectRequest, ReleaseRequest, RenewGrant, RenewRequest, RobotReply, RunOutcome,
 };
 use fleet_schemas::subjects::{self, RobotVerb};
 use fleet_schemas::workflow::WorkflowFormat;
@@ -172,6 +172,13 @@ async fn renew(core: &Core, tenant: &TenantId, req: RenewRequest) -> RobotReply<
 }
 
 async fn complete(core: &Core, tenant: &TenantId, robot: &RobotId, req: CompleteRequest) -> RobotReply<Ack> {
+    // Name the step in the message people read: "step boom failed: exit status 3: broken".
+    let error = match (&req.error, &req.failed_step) {
+        (Some(e), Some(step)) if req.outcome == RunOutcome::Failed => {
+            Some(format!("step {step} failed: {e}"))
+        }
+        (e, _) => e.clone(),
+    };
     let result = core
         .store
         .complete(
@@ -181,7 +188,7 @@ async fn complete(core: &Core, tenant: &TenantId, robot: &RobotId, req: Complete
             req.attempt,
             req.outcome,
             &req.output,
-            req.error.as_deref(),
+            error.as_deref(),
             req.failed_step.as_deref(),
         )
         .await;

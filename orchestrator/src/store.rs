@@ -215,7 +215,7 @@ impl Store {
                     metadata, requires, priority, trigger_type, execution_mode, target_robot_id, timeout_s,
                     status, waiting_reason, offer_no, offer_subject, offered_at, max_attempts, request_id,
                     idempotency_key, history_seq)
-                SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                SELECT $1, $2, $3, $4, $5, $6::json, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
                     CASE WHEN $15 = 'queued' THEN 1 ELSE 0 END, $17,
                     CASE WHEN $15 = 'queued' THEN now() END, $18, $19, $20,
                     CASE WHEN $15 = 'queued' THEN 2 ELSE 1 END
@@ -237,7 +237,8 @@ impl Store {
             .bind(&job.workflow_id)
             .bind(&job.workflow_name)
             .bind(job.format.as_str())
-            .bind(Json(&job.workflow))
+            // As text: sqlx sends `Json` as jsonb, which would sort the keys.
+            .bind(job.workflow.to_string())
             .bind(Json(&job.variables))
             .bind(Json(&job.metadata))
             .bind(&job.requires)

@@ -11,8 +11,8 @@ use fleet_schemas::api::{
 use fleet_schemas::codec::{decode, encode};
 use fleet_schemas::event::Event;
 use fleet_schemas::robot::{
-    Ack, ClaimGrant, ClaimRequest, CompleteRequest, Heartbeat, Offer, RegisterGrant, RegisterRequest, RenewGrant,
-    RenewRequest, RobotReply, RobotRunState, RunOutcome,
+    Ack, ClaimGrant, ClaimRequest, CompleteRequest, Heartbeat, Offer, RegisterGrant, RegisterRequest,
+    RenewGrant, RenewRequest, RobotReply, RobotRunState, RunOutcome,
 };
 use fleet_schemas::subjects::{self, RobotVerb};
 use fleet_schemas::{JobId, RequestId, RobotId, SessionId, TenantId};
@@ -157,7 +157,11 @@ impl FakeRobot {
         let publish = jetstream::message::PublishMessage::build()
             .ttl(Duration::from_millis(self.grant.heartbeat_ttl_ms))
             .payload(encode(&hb).into());
-        js.send_publish(subjects::heartbeat_subject(&tenant(), &self.id), publish).await.unwrap().await.unwrap();
+        js.send_publish(subjects::heartbeat_subject(&tenant(), &self.id), publish)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
 
     async fn pull(&self) -> (Offer, jetstream::Message) {
@@ -178,7 +182,8 @@ impl FakeRobot {
     }
 
     async fn claim(&self, offer: &Offer) -> RobotReply<ClaimGrant> {
-        let req = ClaimRequest { v: 1, session_id: self.session, job_id: offer.job_id, offer_no: offer.offer_no };
+        let req =
+            ClaimRequest { v: 1, session_id: self.session, job_id: offer.job_id, offer_no: offer.offer_no };
         call(&self.client, &self.id, RobotVerb::Claim, &req).await
     }
 
@@ -249,7 +254,10 @@ async fn job_events(client: &async_nats::Client, job: JobId, until_kind: &str) -
         let mut events = Vec::new();
         let mut seen = 0;
         while seen < info.state.messages {
-            let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), messages.next()).await else { break };
+            let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), messages.next()).await
+            else {
+                break;
+            };
             seen += 1;
             let event: Event = serde_json::from_slice(&msg.payload).expect("events are JSON");
             if event.job_id.as_deref() == Some(job.to_string().as_str()) {
@@ -298,7 +306,8 @@ async fn claim_complete_and_fencing() {
 
     // A repeated claim by the same session is answered the same; another session is refused.
     assert!(matches!(robot.claim(&offer).await, RobotReply::Accepted(g) if g.attempt == 1));
-    let intruder = FakeRobot { session: SessionId::new(), ..FakeRobot::register(&fabric, "r2", &["shell"]).await };
+    let intruder =
+        FakeRobot { session: SessionId::new(), ..FakeRobot::register(&fabric, "r2", &["shell"]).await };
     assert!(matches!(intruder.claim(&offer).await, RobotReply::Refused { .. }));
 
     assert!(matches!(robot.renew(job, 1).await, RobotReply::Accepted(RenewGrant { cancel: false, .. })));
@@ -352,13 +361,12 @@ async fn lapsed_lease_reoffers_and_fences_the_old_attempt() {
     let view = fabric.job(job).await;
     assert_eq!(view.status, JobStatus::Completed);
     assert_eq!(view.output, Some(json!({"done": 2})));
-    let completions: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM job_history WHERE job_id = $1 AND kind = 'job.completed'",
-    )
-    .bind(job.0)
-    .fetch_one(&fabric.db.pool().await.unwrap())
-    .await
-    .unwrap();
+    let completions: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM job_history WHERE job_id = $1 AND kind = 'job.completed'")
+            .bind(job.0)
+            .fetch_one(&fabric.db.pool().await.unwrap())
+            .await
+            .unwrap();
     assert_eq!(completions, 1, "recorded complete exactly once");
     fabric.stop().await;
 }

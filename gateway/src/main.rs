@@ -1,0 +1,101 @@
+//! `fleet-gateway`: reads the command line (and its environment variables), sets up logging and
+//! signal handling, and calls [`fleet_gateway::run`]. Everything else lives in the library.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use fleet_gateway::GatewayConfig;
+use fleet_gateway::config::{DEFAULT_BODY_LIMIT_BYTES, DEFAULT_NATS_URL};
+use tokio_util::sync::CancellationToken;
+
+/// Fleet's HTTP edge: the Canvas API over NATS requests to the orchestrator.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "FLEET_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL, hide_env_values = true)]
+    nats_url: String,
+
+    /// Development mode: no API keys, every request acts as tenant "default". Local use only.
+    #[arg(long, env = "FLEET_DEV_MODE", value_parser = clap::builder::BoolishValueParser::new())]
+    dev_mode: bool,
+
+    /// Deadline given to the orchestrator for each request (e.g. 10s, 1500ms).
+    #[arg(long, env = "FLEET_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    request_timeout: Duration,
+
+    /// Largest accepted request body in bytes (keep it under the NATS max payload).
+    #[arg(long, env = "FLEET_BODY_LIMIT_BYTES", default_value_t = DEFAULT_BODY_LIMIT_BYTES)]
+    body_limit_bytes: usize,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 10s or 1500ms)"))?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(600) {
+        return Err("must be between 100ms and 10m".to_owned());
+    }
+    Ok(d)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    println!("fleet-gateway listening on http://{addr}");
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let config = GatewayConfig {
+        nats_url: args.nats_url,
+        dev_mode: args.dev_mode,
+        request_timeout: args.request_timeout,
+        body_limit_bytes: args.body_limit_bytes,
+    };
+    fleet_gateway::run(config, listener, shutdown).await
+}
+
+/// Cancel `shutdown` on Ctrl-C or SIGTERM.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+    shutdown.cancel();
+}

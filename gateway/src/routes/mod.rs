@@ -1,0 +1,105 @@
+//! The routes, one module per area, and the pieces they share.
+//!
+//! Every handler follows the same shape: take the [`Caller`] first (so an unauthenticated
+//! request is refused before its body is read), check the input at the edge, make one call to
+//! the orchestrator through [`call`], and shape the answer for the Canvas. Adding an endpoint is
+//! a handler and a line in [`router`].
+//!
+//! Ids in paths that are not even well-formed answer 404, exactly like ids that do not exist or
+//! belong to another tenant, so a response never tells them apart.
+
+pub mod fleet;
+pub mod health;
+pub mod jobs;
+pub mod robots;
+pub mod workflows;
+
+use std::collections::HashMap;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::extract::{Path, Query, rejection::PathRejection};
+use axum::http::{StatusCode, Uri};
+use axum::routing::{get, post};
+use fleet_schemas::RequestId;
+use fleet_schemas::api::Endpoint;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::{CallKind, HttpError};
+
+/// The whole HTTP API. Tests drive it without a socket; [`crate::run`] serves it.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config().body_limit_bytes;
+    Router::new()
+        .route("/health", get(health::health))
+        .route("/api/v1/workflows", post(workflows::submit))
+        .route("/api/v1/metrics/jobs", get(jobs::list))
+        .route("/api/v1/metrics/jobs/{job_id}", get(jobs::get))
+        .route("/api/v1/jobs/{job_id}/cancel", post(jobs::cancel))
+        .route("/api/v1/metrics/robots", get(robots::list))
+        .route("/api/v1/metrics/robots/{robot_id}", get(robots::get))
+        .route("/api/v1/metrics/fleet", get(fleet::summary))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        // Outermost, so it also sees the fallbacks' and the body limit's answers.
+        .layer(axum::middleware::from_fn(crate::request::track))
+        .with_state(state)
+}
+
+/// Unknown paths are 404 for authenticated callers (others learn nothing about the routes).
+async fn no_route(_caller: Caller) -> HttpError {
+    HttpError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn method_not_allowed(_caller: Caller) -> HttpError {
+    HttpError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    )
+}
+
+/// One call to the orchestrator, its failures mapped to HTTP.
+pub(crate) async fn call<B: Serialize, R: DeserializeOwned>(
+    state: &AppState,
+    endpoint: Endpoint,
+    request_id: RequestId,
+    caller: &Caller,
+    body: B,
+    kind: CallKind,
+) -> Result<R, HttpError> {
+    state
+        .orchestrator()
+        .call(endpoint, request_id, &caller.tenant, body)
+        .await
+        .map_err(|e| HttpError::from_call(e, kind, request_id))
+}
+
+/// An id from the path, parsed with `parse`; anything that does not parse is 404.
+pub(crate) fn path_id<T>(
+    path: Result<Path<String>, PathRejection>,
+    what: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<T, HttpError> {
+    path.ok().and_then(|Path(raw)| parse(&raw)).ok_or_else(|| HttpError::not_found(what))
+}
+
+/// Query parameters; empty values count as absent (`?status=` means no filter).
+pub(crate) struct QueryParams(HashMap<String, String>);
+
+impl QueryParams {
+    pub(crate) fn from_uri(uri: &Uri) -> Result<Self, HttpError> {
+        // The rejection's text is not logged: a query string may carry a key.
+        Query::<HashMap<String, String>>::try_from_uri(uri)
+            .map(|Query(q)| Self(q))
+            .map_err(|_| HttpError::new(StatusCode::BAD_REQUEST, "bad_request", "malformed query string"))
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+}

@@ -1,0 +1,194 @@
+//! Test helpers: a nats-server of our own, a fake orchestrator, and one-shot requests against the
+//! router without a socket.
+#![allow(dead_code)] // each test file uses a different part
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use fleet_gateway::{AppState, GatewayConfig};
+use fleet_schemas::api::Endpoint;
+use futures::StreamExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// Every wait in the tests is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A nats-server on a random port with a temporary JetStream store, killed on drop. Its log is
+/// kept and printed if it fails to start.
+pub struct NatsServer {
+    child: Child,
+    pub url: String,
+    _store: tempfile::TempDir,
+}
+
+fn server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("FLEET_NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/nats/bin/nats-server");
+    if repo.exists() {
+        return repo;
+    }
+    PathBuf::from("/tmp/natsbin/t/bin/nats-server")
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let bin = server_binary();
+        let store = tempfile::tempdir().expect("temp dir");
+        let mut child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e} (set FLEET_NATS_SERVER)", bin.display()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let thread_log = log.clone();
+        std::thread::spawn(move || {
+            let mut port = None;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+                    port = Some(addr.trim().to_owned());
+                }
+                if line.contains("Server is ready") {
+                    let _ = tx.send(port.clone());
+                }
+                thread_log.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(WAIT) {
+            Ok(Some(addr)) => addr,
+            _ => {
+                let _ = child.kill();
+                panic!("nats-server did not start:\n{}", log.lock().unwrap().join("\n"));
+            }
+        };
+        Self { child, url: format!("nats://{addr}"), _store: store }
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        tokio::time::timeout(WAIT, async_nats::connect(self.url.as_str()))
+            .await
+            .expect("connect in time")
+            .expect("connect to nats-server")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the fake orchestrator answers: `None` never answers.
+pub type Answer = Box<dyn Fn(Endpoint, &[u8]) -> Option<Vec<u8>> + Send + Sync>;
+
+/// A fake orchestrator serving `fleet.api.>` with canned answers; every request it receives is
+/// also sent to `requests` for the test to inspect.
+pub struct FakeOrchestrator {
+    pub requests: tokio::sync::mpsc::UnboundedReceiver<(Endpoint, Vec<u8>)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeOrchestrator {
+    pub async fn start(client: async_nats::Client, answer: Answer) -> Self {
+        let mut sub = client.subscribe(fleet_schemas::subjects::API_REQUESTS).await.expect("subscribe");
+        // The subscription must be known to the server before a test sends requests.
+        client.flush().await.expect("flush");
+        let (tx, requests) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(endpoint) = Endpoint::from_subject(&msg.subject) else { continue };
+                let _ = tx.send((endpoint, msg.payload.to_vec()));
+                if let (Some(reply), Some(bytes)) = (msg.reply, answer(endpoint, &msg.payload)) {
+                    client.publish(reply, bytes.into()).await.expect("publish reply");
+                }
+            }
+        });
+        Self { requests, task }
+    }
+
+    /// The next request the fake received.
+    pub async fn next_request(&mut self) -> (Endpoint, Vec<u8>) {
+        tokio::time::timeout(WAIT, self.requests.recv()).await.expect("a request in time").expect("open")
+    }
+}
+
+impl Drop for FakeOrchestrator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn dev_config() -> GatewayConfig {
+    GatewayConfig { dev_mode: true, ..GatewayConfig::default() }
+}
+
+/// A router whose NATS connection never comes up (port 1 refuses): for everything that must be
+/// decided before the orchestrator is asked.
+pub async fn offline_router(config: GatewayConfig) -> Router {
+    let config = GatewayConfig { nats_url: "nats://127.0.0.1:1".into(), ..config };
+    fleet_gateway::router(AppState::connect(config).await.expect("state"))
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+    pub raw: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Assert the error shape and return `(code, field)`.
+    pub fn error(&self) -> (String, Option<String>) {
+        let e = &self.body["error"];
+        assert!(e.is_object(), "not the error shape: {}", String::from_utf8_lossy(&self.raw));
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", self.body);
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        let id = self.header("x-request-id").expect("x-request-id header");
+        assert_eq!(self.body["request_id"], id, "body and header carry the same request id");
+        (e["code"].as_str().unwrap_or_default().to_owned(), e["field"].as_str().map(str::to_owned))
+    }
+}
+
+pub async fn send(router: &Router, req: Request<Body>) -> Reply {
+    let resp = tokio::time::timeout(WAIT, router.clone().oneshot(req))
+        .await
+        .expect("answer in time")
+        .expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let raw = axum::body::to_bytes(resp.into_body(), usize::MAX).await.expect("body").to_vec();
+    let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    Reply { status, headers, body, raw }
+}
+
+pub fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+pub fn post_json(uri: &str, body: &Value) -> Request<Body> {
+    Request::post(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap()
+}
+
+pub fn fleet_workflow() -> Value {
+    serde_json::json!({"steps": [{"id": "hello", "kind": "log", "message": "hi"}]})
+}

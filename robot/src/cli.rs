@@ -1,0 +1,233 @@
+//! Command line: every flag is also an environment variable `FLEET_ROBOT_<FLAG>` (plus the
+//! conventional `NATS_URL`), validated into a [`RobotConfig`] with errors that name the flag.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use fleet_schemas::ids::{BUILTIN_CAPABILITIES, Capability, RobotId, SHELL_CAPABILITY, TenantId};
+
+use crate::config::{RobotConfig, RunnerSpec, default_state_dir};
+
+fn after_help() -> String {
+    format!(
+        "Built-in capabilities: {}.\n\
+         Custom capability names are allowed: 1 to 32 characters of a-z, 0-9, _ and -.\n\
+         Implicit capabilities: `{SHELL_CAPABILITY}` unless --no-shell, and the format of each --runner.\n\
+         \n\
+         Runner commands are split into words like a simple shell would (quotes, backslash), without\n\
+         running a shell; {{workflow}}, {{variables}} and {{job_dir}} become absolute paths. The runner\n\
+         runs in the job directory; a stdout line `FLEET_PROGRESS <0-100> [node]` reports progress;\n\
+         result.json in the job directory becomes the job's output.\n\
+         \n\
+         Job directories of completed jobs are removed; those of failed jobs are kept for inspection.",
+        BUILTIN_CAPABILITIES.join(", ")
+    )
+}
+
+/// Fleet robot: pulls job offers for its capabilities, claims them, runs the workflows and
+/// reports back. Stop it with Ctrl-C or SIGTERM: running jobs get --shutdown-grace to finish.
+#[derive(Debug, Parser)]
+#[command(name = "fleet-robot", version, about, long_about = None, after_help = after_help())]
+pub struct Cli {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = crate::config::DEFAULT_NATS_URL)]
+    pub nats_url: String,
+
+    /// Tenant the robot works for.
+    #[arg(long, env = "FLEET_ROBOT_TENANT", default_value = "default")]
+    pub tenant: String,
+
+    /// Robot id; default: the one kept in the state directory, or a new random one.
+    #[arg(long, env = "FLEET_ROBOT_ID")]
+    pub id: Option<String>,
+
+    /// Display name; default: the robot id.
+    #[arg(long, env = "FLEET_ROBOT_NAME")]
+    pub name: Option<String>,
+
+    /// Declared capabilities, comma separated (e.g. browser,desktop).
+    #[arg(long, env = "FLEET_ROBOT_CAPABILITIES", value_delimiter = ',')]
+    pub capabilities: Vec<String>,
+
+    /// Jobs run at once.
+    #[arg(long, env = "FLEET_ROBOT_MAX_JOBS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_jobs: u32,
+
+    /// Do not run shell steps (and do not have the `shell` capability).
+    #[arg(long, env = "FLEET_ROBOT_NO_SHELL")]
+    pub no_shell: bool,
+
+    /// External runner FORMAT=COMMAND, e.g. "casare=python3 run.py {workflow} {variables}";
+    /// repeatable (the environment variable holds one).
+    #[arg(long = "runner", env = "FLEET_ROBOT_RUNNER", value_name = "FORMAT=COMMAND")]
+    pub runners: Vec<String>,
+
+    /// State directory (robot id, instance id); default $XDG_STATE_HOME/fleet-robot/<tenant>
+    /// or ~/.local/state/fleet-robot/<tenant>.
+    #[arg(long, env = "FLEET_ROBOT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Where job directories go; default <state-dir>/jobs.
+    #[arg(long, env = "FLEET_ROBOT_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+
+    /// Time running jobs get to finish on shutdown before they are released (e.g. 60s, 2m).
+    #[arg(long, env = "FLEET_ROBOT_SHUTDOWN_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Environment label reported to the orchestrator (e.g. production).
+    #[arg(long, env = "FLEET_ROBOT_ENVIRONMENT", default_value = "")]
+    pub environment: String,
+
+    /// Tags reported to the orchestrator, comma separated.
+    #[arg(long, env = "FLEET_ROBOT_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
+
+    /// Host name reported to the orchestrator; default: this machine's.
+    #[arg(long, env = "FLEET_ROBOT_HOSTNAME")]
+    pub hostname: Option<String>,
+}
+
+/// A flag with a bad value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{flag}: {message}")]
+pub struct CliError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+fn bad(flag: &'static str, message: impl ToString) -> CliError {
+    CliError { flag, message: message.to_string() }
+}
+
+impl Cli {
+    /// Validate into a config.
+    pub fn into_config(self) -> Result<RobotConfig, CliError> {
+        if self.nats_url.trim().is_empty() {
+            return Err(bad("--nats-url (NATS_URL)", "must not be empty"));
+        }
+        let tenant = TenantId::new(self.tenant.trim()).map_err(|e| bad("--tenant", e))?;
+        let id = self.id.map(|i| RobotId::new(i.trim())).transpose().map_err(|e| bad("--id", e))?;
+        let mut capabilities = Vec::new();
+        for name in self.capabilities.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {
+            let cap = Capability::new(name).map_err(|e| bad("--capabilities", e))?;
+            if self.no_shell && name == SHELL_CAPABILITY {
+                return Err(bad("--capabilities", "`shell` is declared together with --no-shell"));
+            }
+            capabilities.push(cap);
+        }
+        let runners = self
+            .runners
+            .iter()
+            .map(|r| r.parse::<RunnerSpec>().map_err(|e| bad("--runner", format!("{r:?}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(name) = &self.name
+            && name.trim().is_empty()
+        {
+            return Err(bad("--name", "must not be empty"));
+        }
+        let tags = self.tags.into_iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect();
+        let state_dir = self.state_dir.unwrap_or_else(|| default_state_dir(&tenant));
+        let config = RobotConfig {
+            nats_url: self.nats_url,
+            tenant,
+            id,
+            name: self.name,
+            capabilities,
+            max_jobs: self.max_jobs,
+            no_shell: self.no_shell,
+            runners,
+            state_dir,
+            work_dir: self.work_dir,
+            shutdown_grace: self.shutdown_grace,
+            environment: self.environment,
+            tags,
+            hostname: self.hostname,
+        };
+        config.capabilities().map_err(|e| bad("--capabilities", e))?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RobotConfig, String> {
+        let mut argv = vec!["fleet-robot"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map_err(|e| e.to_string())?.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn full_command_line() {
+        let c = parse(&[
+            "--tenant",
+            "acme",
+            "--id",
+            "r7",
+            "--capabilities",
+            "browser, desktop",
+            "--max-jobs",
+            "3",
+            "--runner",
+            "casare=python3 run.py {workflow} {variables}",
+            "--shutdown-grace",
+            "2m",
+            "--tags",
+            "a,b",
+            "--state-dir",
+            "/tmp/x",
+        ])
+        .unwrap();
+        assert_eq!(c.tenant.as_str(), "acme");
+        assert_eq!(c.id.as_ref().map(|i| i.as_str()), Some("r7"));
+        assert_eq!(c.max_jobs, 3);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(120));
+        assert_eq!(c.tags, ["a", "b"]);
+        assert_eq!(c.capabilities().unwrap().name(), "browser+casare+desktop+shell");
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--tenant", "acme"]).unwrap();
+        assert_eq!(c.max_jobs, 1);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(60));
+        assert!(c.state_dir.ends_with("fleet-robot/acme"), "{}", c.state_dir.display());
+        assert_eq!(c.capabilities().unwrap().name(), "shell");
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--tenant", "Acme"], "--tenant"),
+            (&["--tenant", "a_b"], "--tenant"),
+            (&["--id", "R 7"], "--id"),
+            (&["--capabilities", "browser,GPU"], "--capabilities"),
+            (&["--no-shell", "--capabilities", "shell"], "--capabilities"),
+            (&["--runner", "canvas=run"], "--runner"),
+            (&["--runner", "casare"], "--runner"),
+            (&["--max-jobs", "0"], "--max-jobs"),
+            (&["--max-jobs", "many"], "--max-jobs"),
+            (&["--shutdown-grace", "soon"], "--shutdown-grace"),
+            (&["--name", " "], "--name"),
+        ];
+        for (args, flag) in cases {
+            let err = parse(args).expect_err(&format!("{args:?} should fail"));
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn help_lists_builtin_capabilities() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for cap in BUILTIN_CAPABILITIES {
+            assert!(help.contains(cap), "{cap} missing from --help");
+        }
+        assert!(help.contains("FLEET_ROBOT_TENANT"));
+    }
+}

@@ -1,0 +1,111 @@
+//! What a running job tells the world: log lines, progress, and its end.
+//!
+//! Log lines go as JSON ([`LogLine`]) with core NATS publish to `fleet.logs.<tenant>.<job>`, where
+//! the `FLEET_LOGS` stream captures them; JSON so that `nats sub 'fleet.logs.>'` is readable.
+//! Progress is fire-and-forget, at most [`PROGRESS_EVERY`] apart per job, and the last value is
+//! always sent before the job's end is reported (a watch channel keeps only the latest, so a
+//! runner printing progress in a tight loop costs nothing).
+//!
+//! The end of a job (complete, reject after claim) is retried with backoff until the orchestrator
+//! answers `Accepted` or `Refused`, also through NATS outages: the claim in PostgreSQL is the
+//! truth and only an answer settles it. The only way out without an answer is the robot's own
+//! "abandon" signal late in shutdown; the job's lease then expires and the sweeper re-offers it.
+
+use std::time::Duration;
+
+use fleet_schemas::robot::{LogLine, ProgressReport, ROBOT_PROTOCOL_VERSION};
+use fleet_schemas::subjects::{self, RobotVerb};
+use fleet_schemas::{JobId, RobotId, SessionId, TenantId};
+
+use crate::executor::JobEvents;
+use crate::rpc::Orchestrator;
+
+/// Least time between two progress reports of one job (so at most ~4 per second).
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Who a job's lines and progress are from.
+#[derive(Clone, Debug)]
+pub struct JobAddress {
+    pub tenant: TenantId,
+    pub robot_id: RobotId,
+    pub session_id: SessionId,
+    pub job_id: JobId,
+    pub attempt: i32,
+}
+
+/// Publish a job's log lines and progress until the executor drops its sink.
+pub async fn forward(
+    client: async_nats::Client,
+    orch: Orchestrator,
+    addr: JobAddress,
+    mut events: JobEvents,
+) {
+    let subject = subjects::job_logs(&addr.tenant, &addr.job_id);
+    let mut last_sent: Option<tokio::time::Instant> = None;
+    let mut pending = false;
+    let mut progress_open = true;
+    loop {
+        let wait = match (pending, last_sent) {
+            (true, Some(at)) => at + PROGRESS_EVERY,
+            (true, None) => tokio::time::Instant::now(),
+            (false, _) => tokio::time::Instant::now() + Duration::from_secs(3600),
+        };
+        tokio::select! {
+            entry = events.logs.recv() => match entry {
+                Some(entry) => {
+                    let line = LogLine {
+                        job_id: addr.job_id,
+                        attempt: addr.attempt,
+                        robot_id: addr.robot_id.clone(),
+                        stream: entry.stream.as_str().to_owned(),
+                        step: entry.step,
+                        line: entry.line,
+                        at: entry.at,
+                    };
+                    match serde_json::to_vec(&line) {
+                        Ok(bytes) => {
+                            if let Err(e) = client.publish(subject.clone(), bytes.into()).await {
+                                tracing::debug!(error = %e, "could not publish a log line");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not encode a log line"),
+                    }
+                }
+                None => break,
+            },
+            changed = events.progress.changed(), if progress_open => {
+                if changed.is_err() {
+                    progress_open = false;
+                } else {
+                    pending = true;
+                }
+            }
+            _ = tokio::time::sleep_until(wait), if pending => {
+                send_progress(&orch, &addr, &mut events).await;
+                pending = false;
+                last_sent = Some(tokio::time::Instant::now());
+            }
+        }
+    }
+    // The sink is gone: send the last progress if it was held back by the rate limit.
+    if pending || events.progress.has_changed().unwrap_or(false) {
+        send_progress(&orch, &addr, &mut events).await;
+    }
+    let dropped = events.dropped();
+    if dropped > 0 {
+        tracing::warn!(dropped, "log lines were dropped because NATS could not keep up");
+    }
+}
+
+async fn send_progress(orch: &Orchestrator, addr: &JobAddress, events: &mut JobEvents) {
+    let Some(p) = events.progress.borrow_and_update().clone() else { return };
+    let report = ProgressReport {
+        v: ROBOT_PROTOCOL_VERSION,
+        session_id: addr.session_id,
+        job_id: addr.job_id,
+        attempt: addr.attempt,
+        progress: p.percent,
+        current_node: p.node,
+    };
+    orch.publish(RobotVerb::Progress, &report).await;
+}

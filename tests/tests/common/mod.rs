@@ -1,0 +1,200 @@
+//! A whole Fleet stack for one test: nats-server, database, orchestrator, gateway and robots,
+//! each part in-process through its `run` function with its own shutdown token, so a test can
+//! stop, crash (abort) and restart any of them.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fleet_schemas::{Capability, RobotId, TenantId};
+use fleet_tests::{NatsServer, TestDb, wait_for};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// One running part: its shutdown token and task.
+pub struct Part {
+    pub token: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Part {
+    /// Graceful stop, bounded.
+    pub async fn stop(self) {
+        self.token.cancel();
+        match tokio::time::timeout(WAIT, self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!("part ended with an error: {e:#}"),
+            Ok(Err(e)) => panic!("part panicked: {e}"),
+            Err(_) => panic!("part did not stop within {WAIT:?}"),
+        }
+    }
+
+    /// A crash: the task is dropped where it stands, with no goodbye.
+    pub async fn crash(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+pub struct Stack {
+    pub nats: NatsServer,
+    pub db: TestDb,
+    pub orchestrator: Option<Part>,
+    pub gateway: Part,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub robots: Vec<Part>,
+    pub dirs: tempfile::TempDir,
+}
+
+pub fn orchestrator_config(nats: &NatsServer, db: &TestDb) -> fleet_orchestrator::Config {
+    fleet_orchestrator::Config {
+        nats_url: nats.url(),
+        database_url: fleet_orchestrator::config::Secret(db.url().to_owned()),
+        heartbeat_interval: Duration::from_millis(500),
+        heartbeat_timeout: Duration::from_secs(3),
+        job_lease: Duration::from_secs(3),
+        leader_lease: Duration::from_secs(1),
+        sweep_interval: Duration::from_millis(100),
+        offer_check_after: Duration::from_secs(3),
+        db_pool_size: 4,
+        ..Default::default()
+    }
+}
+
+impl Stack {
+    /// nats-server, database, orchestrator and gateway (dev mode); no robots yet.
+    pub async fn start() -> Stack {
+        fleet_tests::init_tracing();
+        let nats = NatsServer::start().await.expect("nats-server starts");
+        let db = TestDb::create().await.expect("test database");
+        let orchestrator = Some(Self::spawn_orchestrator(&nats, &db));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let token = CancellationToken::new();
+        let config = fleet_gateway::GatewayConfig {
+            nats_url: nats.url(),
+            dev_mode: true,
+            request_timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let task = tokio::spawn(fleet_gateway::run(config, listener, token.clone()));
+        let stack = Stack {
+            nats,
+            db,
+            orchestrator,
+            gateway: Part { token, task },
+            base,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
+            robots: Vec::new(),
+            dirs: tempfile::tempdir().unwrap(),
+        };
+        stack.wait_healthy().await;
+        stack
+    }
+
+    pub fn spawn_orchestrator(nats: &NatsServer, db: &TestDb) -> Part {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(fleet_orchestrator::run(orchestrator_config(nats, db), token.clone()));
+        Part { token, task }
+    }
+
+    pub async fn wait_healthy(&self) {
+        wait_for("the gateway to report healthy", WAIT, || async {
+            let r = self.http.get(format!("{}/health", self.base)).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+
+    /// A robot config for tenant `default` with its own state directory.
+    pub fn robot_config(&self, name: &str, caps: &[&str]) -> fleet_robot::RobotConfig {
+        let mut c = fleet_robot::RobotConfig::new(TenantId::default_tenant());
+        c.nats_url = self.nats.url();
+        c.id = Some(RobotId::new(name).unwrap());
+        c.name = Some(name.to_owned());
+        c.capabilities = caps.iter().map(|s| Capability::new(*s).unwrap()).collect();
+        c.state_dir = self.dirs.path().join(name);
+        c.shutdown_grace = Duration::from_secs(5);
+        c
+    }
+
+    pub fn start_robot(&mut self, config: fleet_robot::RobotConfig) {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(fleet_robot::run(config, token.clone()));
+        self.robots.push(Part { token, task });
+    }
+
+    pub fn dir(&self, name: &str) -> PathBuf {
+        let p = self.dirs.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.http.post(format!("{}{path}", self.base)).json(body).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(format!("{}{path}", self.base)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Submit over HTTP; asserts 200 and returns the answer.
+    pub async fn submit(&self, body: Value) -> Value {
+        let (status, answer) = self.post("/api/v1/workflows", &body).await;
+        assert_eq!(status, 200, "submit answered {status}: {answer}");
+        answer
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        let (status, job) = self.get(&format!("/api/v1/metrics/jobs/{id}")).await;
+        assert_eq!(status, 200, "job {id}: {job}");
+        job
+    }
+
+    /// Wait until the job reaches a terminal status; returns it.
+    pub async fn finished(&self, id: &str) -> Value {
+        wait_for(format!("job {id} to finish"), WAIT, || async {
+            let (status, job) = self.get(&format!("/api/v1/metrics/jobs/{id}")).await;
+            let s = job["status"].as_str().unwrap_or_default().to_owned();
+            (status == 200 && ["completed", "failed", "cancelled", "timed_out"].contains(&s.as_str()))
+                .then_some(job)
+        })
+        .await
+        .unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        for robot in self.robots.drain(..) {
+            robot.stop().await;
+        }
+        self.gateway.stop().await;
+        if let Some(o) = self.orchestrator.take() {
+            o.stop().await;
+        }
+        drop(self.nats);
+        self.db.drop_database().await.unwrap();
+    }
+}

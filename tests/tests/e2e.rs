@@ -1,0 +1,301 @@
+//! End to end: workflows submitted over HTTP run on real robot agents, against a real
+//! nats-server and PostgreSQL, and their results and events come back.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Stack, WAIT};
+use fleet_tests::wait_for;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+fn shell_workflow(argv: &[&str]) -> Value {
+    json!({
+        "workflow_name": "Hello shell",
+        "workflow_json": {"id": "hello", "steps": [{"id": "say", "kind": "shell", "argv": argv}]},
+        "variables": {"customer": "ACME"},
+    })
+}
+
+#[tokio::test]
+async fn shell_workflow_completes_with_its_stdout() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("r1", &[]));
+    let answer = stack.submit(shell_workflow(&["echo", "hi {{customer}}"])).await;
+    for key in ["workflow_id", "job_id", "schedule_id", "status", "message", "created_at"] {
+        assert!(answer.get(key).is_some(), "submit answer lacks {key}: {answer}");
+    }
+    assert_eq!(answer["workflow_id"], "hello");
+    assert_eq!(answer["schedule_id"], Value::Null);
+    let id = answer["job_id"].as_str().unwrap().to_owned();
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["robot_id"], "r1");
+    assert_eq!(job["progress"], 100);
+    let stdout = job["output"]["steps"]["say"]["stdout"].as_str().unwrap_or_default();
+    assert!(stdout.contains("hi ACME"), "stdout in the output: {job}");
+    // Every documented field is present (null when unknown).
+    for key in [
+        "job_id",
+        "workflow_id",
+        "workflow_name",
+        "status",
+        "robot_id",
+        "robot_name",
+        "attempt",
+        "priority",
+        "required_capabilities",
+        "progress",
+        "current_node",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "duration_ms",
+        "output",
+        "error_message",
+        "waiting_reason",
+    ] {
+        assert!(job.get(key).is_some(), "job lacks {key}: {job}");
+    }
+    assert_eq!(job["required_capabilities"], json!(["shell"]));
+
+    let (status, list) = stack.get("/api/v1/metrics/jobs?status=completed&limit=10").await;
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "bare array: {list}");
+    let (status, robots) = stack.get("/api/v1/metrics/robots").await;
+    assert_eq!(status, 200);
+    assert_eq!(robots[0]["robot_id"], "r1", "{robots}");
+    assert_eq!(robots[0]["capabilities"], json!(["shell"]));
+    let (status, fleet) = stack.get("/api/v1/metrics/fleet").await;
+    assert_eq!(status, 200);
+    assert_eq!(fleet["total_robots"], 1, "{fleet}");
+    assert_eq!(fleet["jobs_by_status"]["completed"], 1, "{fleet}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn failing_step_fails_the_job_with_the_steps_error() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("r1", &[]));
+    let answer = stack
+        .submit(json!({
+            "workflow_name": "Fails",
+            "workflow_json": {"steps": [
+                {"id": "ok", "kind": "log", "message": "fine"},
+                {"id": "boom", "kind": "shell", "argv": ["sh", "-c", "echo broken >&2; exit 3"]},
+                {"id": "never", "kind": "log", "message": "not reached"}
+            ]},
+        }))
+        .await;
+    let job = stack.finished(answer["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error_message"].as_str().unwrap_or_default();
+    assert!(error.contains('3') && error.contains("boom"), "error names the step and exit status: {job}");
+    assert!(job["output"]["steps"].get("never").is_none(), "later steps did not run: {job}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn events_arrive_as_json_in_order() {
+    let mut stack = Stack::start().await;
+    let client = stack.nats.client().await.unwrap();
+    let mut events = client.subscribe("fleet.events.>").await.unwrap();
+    stack.start_robot(stack.robot_config("r1", &[]));
+    let answer = stack.submit(shell_workflow(&["true"])).await;
+    let id = answer["job_id"].as_str().unwrap().to_owned();
+    let mut seen = Vec::new();
+    let mut registered = false;
+    tokio::time::timeout(WAIT, async {
+        while let Some(msg) = events.next().await {
+            let event: Value = serde_json::from_slice(&msg.payload).expect("events are JSON objects");
+            assert!(event["occurred_at"].is_string() && event["tenant"] == "default", "{event}");
+            if event["type"] == "robot.registered" {
+                registered = true;
+            }
+            if event["job_id"] == id.as_str() {
+                seen.push((event["type"].as_str().unwrap().to_owned(), event["seq"].as_i64().unwrap()));
+                if event["type"] == "job.completed" {
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .expect("job events within the wait");
+    let kinds: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["job.submitted", "job.assigned", "job.started", "job.completed"]);
+    assert_eq!(seen.iter().map(|(_, s)| *s).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert!(registered, "robot.registered seen");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_submitted_with_no_robot_runs_when_one_starts() {
+    let mut stack = Stack::start().await;
+    let answer = stack.submit(shell_workflow(&["echo", "late"])).await;
+    assert_eq!(answer["status"], "pending", "{answer}");
+    let id = answer["job_id"].as_str().unwrap().to_owned();
+    let job = stack.job(&id).await;
+    assert_eq!(job["waiting_reason"], "no online robot of tenant default has capabilities shell");
+    stack.start_robot(stack.robot_config("late-robot", &[]));
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["waiting_reason"], Value::Null);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn an_orchestrator_crash_between_submit_and_completion_loses_nothing() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("r1", &[]));
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let answer = stack
+            .submit(json!({
+                "workflow_name": format!("slow {i}"),
+                "workflow_json": {"steps": [{"id": "wait", "kind": "sleep", "ms": 300}]},
+            }))
+            .await;
+        ids.push(answer["job_id"].as_str().unwrap().to_owned());
+    }
+    // Crash the orchestrator while the robot works through the queue, then start a new one.
+    wait_for("the first job to start", WAIT, || async {
+        (stack.job(&ids[0]).await["status"] == "running").then_some(())
+    })
+    .await
+    .unwrap();
+    stack.orchestrator.take().unwrap().crash().await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the robot keeps working meanwhile
+    stack.orchestrator = Some(Stack::spawn_orchestrator(&stack.nats, &stack.db));
+    for id in &ids {
+        let job = stack.finished(id).await;
+        assert_eq!(job["status"], "completed", "{job}");
+    }
+    let pool = stack.db.pool().await.unwrap();
+    let doubled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT job_id FROM job_history WHERE kind = 'job.completed'
+         GROUP BY job_id HAVING count(*) > 1) d",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(doubled, 0, "no job recorded complete twice");
+    stack.stop().await;
+}
+
+fn canvas_body(robot_id: Option<&str>) -> Value {
+    // Exactly what the Canvas desktop app sends (path A), extra fields included.
+    json!({
+        "workflow_name": "Invoice sync",
+        "workflow_json": {
+            "metadata": {"name": "Invoice sync", "description": "", "version": "1.0.0"},
+            "nodes": {
+                "start-1": {"node_id": "start-1", "node_type": "StartNode", "config": {}, "position": [0, 0]},
+                "log-2": {"node_id": "log-2", "node_type": "LogNode", "config": {"message": "hello"}},
+                "end-3": {"node_id": "end-3", "node_type": "EndNode", "config": {}}
+            },
+            "connections": [
+                {"source_node": "start-1", "source_port": "exec_out", "target_node": "log-2", "target_port": "exec_in"},
+                {"source_node": "log-2", "source_port": "exec_out", "target_node": "end-3", "target_port": "exec_in"}
+            ],
+            "variables": {"customer": {"type": "String", "default_value": "ACME"}},
+            "frames": [],
+            "settings": {"stop_on_error": true}
+        },
+        "trigger_type": "manual",
+        "execution_mode": "lan",
+        "priority": 10,
+        "metadata": {
+            "robot_id": robot_id,
+            "variables": {"invoice": 42},
+            "submitted_from": "canvas",
+            "canvas_file": "C:/flows/invoice.json"
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_canvas_graph_runs_through_its_runner_and_waits_for_one() {
+    let mut stack = Stack::start().await;
+    // A robot without the runner: the graph waits, with a reason.
+    stack.start_robot(stack.robot_config("plain", &[]));
+    let answer = stack.submit(canvas_body(None)).await;
+    let id = answer["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(answer["status"], "pending", "{answer}");
+    assert_eq!(
+        stack.job(&id).await["waiting_reason"],
+        "no online robot of tenant default has capabilities casare"
+    );
+
+    let runner = fleet_tests::workspace_root().join("tests/fixtures/run_canvas.py");
+    let mut config = stack.robot_config("canvas", &["desktop"]);
+    config.runners = vec![
+        format!("casare=python3 {} {{workflow}} {{variables}}", runner.display())
+            .parse()
+            .expect("runner spec"),
+    ];
+    stack.start_robot(config);
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["robot_id"], "canvas");
+    assert_eq!(job["output"]["executed_nodes"], json!(["start-1", "log-2", "end-3"]), "{job}");
+    // Workflow defaults and the submission's variables both reach the runner.
+    assert_eq!(job["output"]["variables"]["customer"], "ACME");
+    assert_eq!(job["output"]["variables"]["invoice"], 42);
+    assert_eq!(job["current_node"], "end-3");
+
+    // Targeted at a robot that lacks the runner: waits with that reason.
+    let answer = stack.submit(canvas_body(Some("plain"))).await;
+    let job = stack.job(answer["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "pending");
+    assert_eq!(job["waiting_reason"], "target robot plain lacks capabilities casare", "{job}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_400_or_422_never_500() {
+    let stack = Stack::start().await;
+    let (status, body) = stack.post_raw("/api/v1/workflows", "{not json").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["code"].is_string() && body["request_id"].is_string(), "{body}");
+    let cases = [
+        (json!({"workflow_json": {"steps": []}}), "workflow_name"),
+        (json!({"workflow_name": "x"}), "workflow_json"),
+        (json!({"workflow_name": "x", "workflow_json": "not json"}), "workflow_json"),
+        (
+            json!({"workflow_name": "x", "workflow_json": {"steps": [{"id": "a", "kind": "shell"}]}}),
+            "workflow_json.steps[0].argv",
+        ),
+        (
+            json!({"workflow_name": "x", "workflow_json": {"steps": [{"id": "a", "kind": "log", "message": "m"}]}, "priority": 21}),
+            "priority",
+        ),
+        (
+            json!({"workflow_name": "x", "workflow_json": {"steps": [{"id": "a", "kind": "log", "message": "m"}]}, "priority": "high"}),
+            "priority",
+        ),
+        (
+            json!({"workflow_name": "x", "workflow_json": {"steps": [{"id": "a", "kind": "log", "message": "m"}]}, "trigger_type": "scheduled"}),
+            "trigger_type",
+        ),
+        (
+            json!({"workflow_name": "x", "workflow_json": {"steps": [{"id": "a", "kind": "log", "message": "m"}]}, "required_capabilities": ["GPU!"]}),
+            "required_capabilities[0]",
+        ),
+        (
+            json!({"workflow_name": "x", "workflow_json": {"steps": [{"id": "a", "kind": "log", "message": "m"}]}, "target_robot_id": "nobody"}),
+            "target_robot_id",
+        ),
+    ];
+    for (body, field) in cases {
+        let (status, answer) = stack.post("/api/v1/workflows", &body).await;
+        assert_eq!(status, 422, "{body} → {answer}");
+        assert_eq!(answer["error"]["field"], field, "{body} → {answer}");
+    }
+    let (status, _) = stack.get("/api/v1/metrics/jobs/not-a-uuid").await;
+    assert_eq!(status, 404);
+    let (status, _) = stack.get(&format!("/api/v1/metrics/jobs/{}", uuid::Uuid::new_v4())).await;
+    assert_eq!(status, 404);
+    stack.stop().await;
+}
