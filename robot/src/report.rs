@@ -42,6 +42,7 @@ pub async fn forward(
 ) {
     let subject = subjects::job_logs(&addr.tenant, &addr.job_id);
     let mut last_sent: Option<tokio::time::Instant> = None;
+    let mut last_value = None;
     let mut pending = false;
     let mut progress_open = true;
     loop {
@@ -81,14 +82,18 @@ pub async fn forward(
                 }
             }
             _ = tokio::time::sleep_until(wait), if pending => {
-                send_progress(&orch, &addr, &mut events).await;
+                last_value = send_progress(&orch, &addr, &mut events).await;
                 pending = false;
                 last_sent = Some(tokio::time::Instant::now());
             }
         }
     }
-    // The sink is gone: send the last progress if it was held back by the rate limit.
-    if pending || events.progress.has_changed().unwrap_or(false) {
+    // The sink is gone: send the last progress if it was held back by the rate limit or not
+    // seen yet. Compare values rather than asking `has_changed`, which reports an error (not
+    // "changed") once the sender is dropped: the final 100 % would be lost when the executor
+    // finishes right after setting it.
+    let latest = events.progress.borrow().clone();
+    if latest.is_some() && latest != last_value {
         send_progress(&orch, &addr, &mut events).await;
     }
     let dropped = events.dropped();
@@ -97,8 +102,14 @@ pub async fn forward(
     }
 }
 
-async fn send_progress(orch: &Orchestrator, addr: &JobAddress, events: &mut JobEvents) {
-    let Some(p) = events.progress.borrow_and_update().clone() else { return };
+/// Send the latest progress; returns what was sent.
+async fn send_progress(
+    orch: &Orchestrator,
+    addr: &JobAddress,
+    events: &mut JobEvents,
+) -> Option<crate::executor::Progress> {
+    let latest = events.progress.borrow_and_update().clone();
+    let Some(p) = latest.clone() else { return None };
     let report = ProgressReport {
         v: ROBOT_PROTOCOL_VERSION,
         session_id: addr.session_id,
@@ -108,4 +119,5 @@ async fn send_progress(orch: &Orchestrator, addr: &JobAddress, events: &mut JobE
         current_node: p.node,
     };
     orch.publish(RobotVerb::Progress, &report).await;
+    latest
 }
