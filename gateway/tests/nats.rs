@@ -15,15 +15,17 @@ use fleet_schemas::api::{
 };
 use fleet_schemas::codec::{decode, encode};
 use fleet_schemas::{JobId, RobotId, TenantId};
+use fleet_testkit::NatsServer;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 /// A gateway router on a real NATS connection, and the fake orchestrator behind it.
 async fn setup(config: GatewayConfig, answer: Answer) -> (NatsServer, axum::Router, FakeOrchestrator) {
-    let nats = NatsServer::start();
-    let fake = FakeOrchestrator::start(nats.client().await, answer).await;
-    let config = GatewayConfig { nats_url: nats.url.clone(), ..config };
-    let router = fleet_gateway::router(AppState::new(config, nats.client().await));
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let fake = FakeOrchestrator::start(nats.client().await.expect("connect to nats-server"), answer).await;
+    let config = GatewayConfig { nats_url: nats.url(), ..config };
+    let router =
+        fleet_gateway::router(AppState::new(config, nats.client().await.expect("connect to nats-server")));
     (nats, router, fake)
 }
 
@@ -209,9 +211,10 @@ async fn orchestrator_errors_map_to_statuses() {
 
 #[tokio::test]
 async fn no_orchestrator_is_a_retryable_503() {
-    let nats = NatsServer::start();
-    let config = GatewayConfig { nats_url: nats.url.clone(), ..dev_config() };
-    let router = fleet_gateway::router(AppState::new(config, nats.client().await));
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let config = GatewayConfig { nats_url: nats.url(), ..dev_config() };
+    let router =
+        fleet_gateway::router(AppState::new(config, nats.client().await.expect("connect to nats-server")));
     let body = json!({"workflow_name": "Hello", "workflow_json": fleet_workflow()});
     for req in [post_json("/api/v1/workflows", &body), get("/api/v1/metrics/robots")] {
         let reply = send(&router, req).await;
@@ -399,16 +402,16 @@ async fn health_is_200_when_an_orchestrator_answers() {
 async fn run_serves_on_a_socket_and_shuts_down() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let nats = NatsServer::start();
+    let nats = NatsServer::start().await.expect("nats-server starts");
     let answer: Answer = Box::new(|endpoint, _| match endpoint {
         Endpoint::Ping => ok(Pong { leader: false, version: "test".into() }),
         _ => None,
     });
-    let _fake = FakeOrchestrator::start(nats.client().await, answer).await;
+    let _fake = FakeOrchestrator::start(nats.client().await.expect("connect to nats-server"), answer).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let config = GatewayConfig { nats_url: nats.url.clone(), ..GatewayConfig::default() };
+    let config = GatewayConfig { nats_url: nats.url(), ..GatewayConfig::default() };
     let server = tokio::spawn(fleet_gateway::run(config, listener, shutdown.clone()));
 
     // The gateway connects to NATS in the background; health turns 200 once it has.

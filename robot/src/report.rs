@@ -109,7 +109,7 @@ async fn send_progress(
     events: &mut JobEvents,
 ) -> Option<crate::executor::Progress> {
     let latest = events.progress.borrow_and_update().clone();
-    let Some(p) = latest.clone() else { return None };
+    let p = latest.clone()?;
     let report = ProgressReport {
         v: ROBOT_PROTOCOL_VERSION,
         session_id: addr.session_id,

@@ -3,11 +3,9 @@
 //! side of the contract (claim before ack, term on refusal, no report after a refused renewal,
 //! heartbeats with a TTL, clean shutdown).
 //!
-//! They need nats-server 2.11+ at `$FLEET_NATS_SERVER` or `/tmp/natsbin/t/bin/nats-server`, and
-//! are skipped (with a message) without one.
+//! They need nats-server 2.11+ (`FLEET_NATS_SERVER`, else the one `scripts/install-nats` puts in
+//! `.tools/`), and fail with a message saying so without one: see `fleet_testkit::NatsServer`.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,56 +21,9 @@ use fleet_schemas::robot::*;
 use fleet_schemas::subjects::{self, RobotVerb};
 use fleet_schemas::workflow::WorkflowFormat;
 use fleet_schemas::{Class, JobId, RobotId, TenantId};
+use fleet_testkit::NatsServer;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-struct Server {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn server_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("FLEET_NATS_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/natsbin/t/bin/nats-server"));
-    path.exists().then_some(path)
-}
-
-async fn start_server() -> Option<Server> {
-    let Some(bin) = server_binary() else {
-        eprintln!("skipping: no nats-server (set FLEET_NATS_SERVER)");
-        return None;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(bin)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("nats://127.0.0.1:{port}");
-    let server = Server { child, url, _dir: dir };
-    let ready = async {
-        loop {
-            if async_nats::connect(&server.url).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, ready).await.expect("nats-server did not start");
-    Some(server)
-}
 
 fn tenant() -> TenantId {
     TenantId::new("acme").unwrap()
@@ -206,7 +157,7 @@ async fn fake_orchestrator(
 }
 
 struct Harness {
-    _server: Server,
+    _server: NatsServer,
     client: async_nats::Client,
     js: jetstream::Context,
     seen: mpsc::UnboundedReceiver<Seen>,
@@ -218,9 +169,9 @@ struct Harness {
     _state: tempfile::TempDir,
 }
 
-async fn start(claim: RobotReply<ClaimGrant>) -> Option<Harness> {
-    let server = start_server().await?;
-    let client = async_nats::connect(&server.url).await.unwrap();
+async fn start(claim: RobotReply<ClaimGrant>) -> Harness {
+    let server = NatsServer::start().await.expect("nats-server starts");
+    let client = server.client().await.unwrap();
     let js = jetstream::new(client.clone());
     let robot_id = RobotId::new("r7").unwrap();
     let class = Class::parse(["shell"]).unwrap();
@@ -232,24 +183,13 @@ async fn start(claim: RobotReply<ClaimGrant>) -> Option<Harness> {
     let seen = fake_orchestrator(client.clone(), robot_id.clone(), class.clone(), script.clone()).await;
     let state = tempfile::tempdir().unwrap();
     let mut config = RobotConfig::new(tenant());
-    config.nats_url = server.url.clone();
+    config.nats_url = server.url();
     config.id = Some(robot_id.clone());
     config.state_dir = state.path().to_owned();
     config.shutdown_grace = Duration::from_secs(1);
     let shutdown = CancellationToken::new();
     let robot = tokio::spawn(fleet_robot::run(config, shutdown.clone()));
-    Some(Harness {
-        _server: server,
-        client,
-        js,
-        seen,
-        script,
-        shutdown,
-        robot,
-        robot_id,
-        class,
-        _state: state,
-    })
+    Harness { _server: server, client, js, seen, script, shutdown, robot, robot_id, class, _state: state }
 }
 
 impl Harness {
@@ -294,7 +234,7 @@ async fn claims_acks_runs_and_completes() {
         {"id": "hello", "kind": "log", "message": "hi {{customer}}"},
         {"id": "echo", "kind": "shell", "argv": ["sh", "-c", "echo out-{{ customer }}"]}
     ]});
-    let Some(mut h) = start(RobotReply::Accepted(grant_for(JobId::new(), workflow))).await else { return };
+    let mut h = start(RobotReply::Accepted(grant_for(JobId::new(), workflow))).await;
     let reg = h.next("register", |s| if let Seen::Register(r) = s { Some(r) } else { None }).await;
     assert_eq!(reg.capabilities, ["shell"]);
     assert!(!reg.state_dir_id.is_empty());
@@ -359,7 +299,7 @@ async fn claims_acks_runs_and_completes() {
 
 #[tokio::test]
 async fn refused_claim_terminates_the_offer() {
-    let Some(mut h) = start(RobotReply::Refused { reason: "already claimed".into() }).await else { return };
+    let mut h = start(RobotReply::Refused { reason: "already claimed".into() }).await;
     h.next("register", |s| if let Seen::Register(r) = s { Some(r) } else { None }).await;
     h.offer(JobId::new()).await;
     h.next("claim", |s| if let Seen::Claim(c) = s { Some(c) } else { None }).await;
@@ -378,7 +318,7 @@ async fn refused_claim_terminates_the_offer() {
 #[tokio::test]
 async fn refused_renewal_stops_the_job_without_a_report() {
     let workflow = json!({"steps": [{"id": "nap", "kind": "sleep", "ms": 60000}]});
-    let Some(mut h) = start(RobotReply::Accepted(grant_for(JobId::new(), workflow))).await else { return };
+    let mut h = start(RobotReply::Accepted(grant_for(JobId::new(), workflow))).await;
     h.next("register", |s| if let Seen::Register(r) = s { Some(r) } else { None }).await;
     *h.script.renew.lock().unwrap() = RobotReply::Refused { reason: "superseded".into() };
     let job_id = JobId::new();
@@ -403,7 +343,7 @@ async fn refused_renewal_stops_the_job_without_a_report() {
 #[tokio::test]
 async fn shutdown_past_grace_releases_running_jobs() {
     let workflow = json!({"steps": [{"id": "nap", "kind": "sleep", "ms": 60000}]});
-    let Some(mut h) = start(RobotReply::Accepted(grant_for(JobId::new(), workflow))).await else { return };
+    let mut h = start(RobotReply::Accepted(grant_for(JobId::new(), workflow))).await;
     h.next("register", |s| if let Seen::Register(r) = s { Some(r) } else { None }).await;
     let job_id = JobId::new();
     h.offer(job_id).await;
@@ -421,7 +361,7 @@ async fn a_format_without_executor_is_rejected_after_claim() {
     let mut grant = grant_for(JobId::new(), json!({"nodes": {}, "connections": []}));
     grant.format = WorkflowFormat::Casare;
     grant.attempt = 3;
-    let Some(mut h) = start(RobotReply::Accepted(grant)).await else { return };
+    let mut h = start(RobotReply::Accepted(grant)).await;
     h.next("register", |s| if let Seen::Register(r) = s { Some(r) } else { None }).await;
     let job_id = JobId::new();
     h.offer(job_id).await;

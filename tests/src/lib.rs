@@ -1,33 +1,8 @@
-//! Test harness for Fleet's end-to-end tests: real dependencies, started per test.
+//! Fleet's end-to-end tests live in `tests/tests/`: a real nats-server, a real PostgreSQL and
+//! the real Fleet parts.
 //!
-//! Every test gets its own nats-server ([`NatsServer`]: random port, temporary JetStream store,
-//! killed on drop, restartable on the same port and store) and its own PostgreSQL database
-//! ([`TestDb`]: created from an admin connection, dropped on drop), so tests are isolated from
-//! each other and from anything else running on the machine, and can kill and restart the parts
-//! they depend on. Every wait is bounded ([`wait_until`], [`wait_for`]); when a test fails, the
-//! nats-server's files and log and the database are kept and their location printed.
-//!
-//! Where the dependencies come from:
-//! - nats-server: `FLEET_NATS_SERVER`, else `<workspace>/.tools/nats/bin/nats-server` as
-//!   installed by `scripts/install-nats` (pinned 2.15.1). Older than 2.11 is refused.
-//! - PostgreSQL: the admin URL `FLEET_TEST_DATABASE_URL`, default
-//!   `postgres://postgres@127.0.0.1:5432/postgres` (`.ci/run` makes sure it answers).
+//! The harness they use (`NatsServer`, `TestDb`, `wait_for`, …) lives in `testkit/`
+//! (`fleet-testkit`), where the robot's and the gateway's own tests can use it too; it is
+//! re-exported here so the end-to-end tests keep writing `fleet_tests::…`.
 
-mod db;
-mod nats;
-mod telemetry;
-mod wait;
-
-use std::path::{Path, PathBuf};
-
-pub use db::{DEFAULT_ADMIN_URL, TestDb};
-pub use nats::{NatsServer, free_port, nats_server_binary};
-pub use telemetry::init_tracing;
-pub use wait::{wait_for, wait_until};
-
-/// The workspace root (the folder holding the top-level `Cargo.toml`), found from this crate's
-/// manifest directory at compile time, so it does not depend on the current directory.
-pub fn workspace_root() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
-}
+pub use fleet_testkit::*;

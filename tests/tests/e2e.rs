@@ -299,3 +299,101 @@ async fn bad_input_gets_400_or_422_never_500() {
     assert_eq!(status, 404);
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_job_past_its_timeout_ends_timed_out() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("r1", &[]));
+    let answer = stack
+        .submit(json!({
+            "workflow_name": "Too slow",
+            "workflow_json": {"steps": [{"id": "nap", "kind": "sleep", "ms": 60000}]},
+            "timeout_s": 1,
+        }))
+        .await;
+    let job = stack.finished(answer["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "timed_out", "{job}");
+    assert!(job["error_message"].as_str().unwrap_or_default().contains("timed out"), "{job}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_running_job_kills_its_process() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("r1", &[]));
+    let marker = stack.dir("marker").join("still-running");
+    let script = format!("sleep 3; touch {}", marker.display());
+    let answer = stack
+        .submit(json!({
+            "workflow_name": "Long",
+            "workflow_json": {"steps": [{"id": "long", "kind": "shell", "argv": ["sh", "-c", script]}]},
+        }))
+        .await;
+    let id = answer["job_id"].as_str().unwrap().to_owned();
+    wait_for("the job to run", WAIT, || async {
+        (stack.job(&id).await["status"] == "running").then_some(())
+    })
+    .await
+    .unwrap();
+    let r = stack.http.post(format!("{}/api/v1/jobs/{id}/cancel", stack.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["cancelled"], true, "{body}");
+    assert_eq!(body["previous_status"], "running", "{body}");
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    // The shell's process group was killed: the script never reaches its `touch`.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!marker.exists(), "the cancelled job's process kept running");
+    stack.stop().await;
+}
+
+/// The `fleet-robot` binary next to the test executable (cargo builds it for the workspace's
+/// tests; `cargo build --bins` otherwise).
+fn robot_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let bin = dir.join("fleet-robot");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+#[tokio::test]
+async fn the_robot_binary_runs_jobs_and_drains_on_sigterm() {
+    let stack = Stack::start().await;
+    let state = stack.dir("binary-robot");
+    let mut child = tokio::process::Command::new(robot_binary())
+        .args(["--tenant", "default", "--id", "bin-robot", "--capabilities", "desktop", "--max-jobs", "2"])
+        .arg("--state-dir")
+        .arg(&state)
+        .env("NATS_URL", stack.nats.url())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let answer = stack
+        .submit(json!({
+            "workflow_name": "Binary",
+            "workflow_json": {"requires": ["desktop"], "steps": [{"id": "say", "kind": "shell", "argv": ["echo", "from the binary"]}]},
+        }))
+        .await;
+    let job = stack.finished(answer["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["robot_id"], "bin-robot");
+    let (_, robots) = stack.get("/api/v1/metrics/robots").await;
+    assert_eq!(robots[0]["capabilities"], json!(["desktop", "shell"]), "{robots}");
+    assert_eq!(robots[0]["max_concurrent_jobs"], 2);
+
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(WAIT, child.wait()).await.expect("robot exits after SIGTERM").unwrap();
+    assert!(exit.success(), "clean exit on SIGTERM: {exit}");
+    // Its instance id (which tells this robot from an impostor with the same id) is kept.
+    assert!(state.join("instance-id").exists());
+    stack.stop().await;
+}

@@ -34,8 +34,9 @@ fn config(nats: &NatsServer, db: &TestDb) -> fleet_orchestrator::Config {
     fleet_orchestrator::Config {
         nats_url: nats.url(),
         database_url: fleet_orchestrator::config::Secret(db.url().to_owned()),
+        // Fake robots beat once: keep them online for the whole test.
         heartbeat_interval: Duration::from_millis(500),
-        heartbeat_timeout: Duration::from_secs(3),
+        heartbeat_timeout: Duration::from_secs(60),
         job_lease: Duration::from_secs(2),
         leader_lease: Duration::from_secs(1),
         sweep_interval: Duration::from_millis(100),
@@ -388,5 +389,116 @@ async fn bad_submissions_name_the_field() {
     let reply = fabric.client.request(Endpoint::SubmitJob.subject(), "not msgpack".into()).await.unwrap();
     let result: ApiResult<Submitted> = decode("reply", &reply.payload).unwrap();
     assert!(matches!(result, Err(ApiError::Invalid { ref field, .. }) if field == "payload"));
+    fabric.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_orchestrator_stands_by_and_takes_over_when_the_leader_dies() {
+    let fabric = Fabric::start().await;
+    let standby_token = CancellationToken::new();
+    let standby =
+        tokio::spawn(fleet_orchestrator::run(config(&fabric.nats, &fabric.db), standby_token.clone()));
+    let pool = fabric.db.pool().await.unwrap();
+    let lease = || async {
+        sqlx::query_as::<_, (Option<uuid::Uuid>, i64)>("SELECT holder, epoch FROM leader_lease")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    // The standby does not take the lease while the leader renews it.
+    let (holder, epoch) = lease().await;
+    let robot = FakeRobot::register(&fabric, "r1", &["shell"]).await;
+    let first: Submitted = fabric.api(Endpoint::SubmitJob, shell_job()).await.unwrap();
+    assert_eq!(lease().await, (holder, epoch), "one leader, no flapping");
+
+    // The leader dies without a word; the standby leads within a few lease periods.
+    fabric.orchestrator.abort();
+    let started = std::time::Instant::now();
+    wait_for("the standby to lead", WAIT, || async {
+        let (h, e) = lease().await;
+        (h != holder && e > epoch).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(4), "takeover took {:?}", started.elapsed());
+    // The new leader serves the robot and the API: the job queued by the old one still runs.
+    let submitted: Submitted = wait_for("the new leader to accept a submit", WAIT, || async {
+        fabric.api(Endpoint::SubmitJob, shell_job()).await.ok()
+    })
+    .await
+    .unwrap();
+    for job in [first.job_id, submitted.job_id] {
+        let (offer, msg) = robot.pull().await;
+        let grant = match robot.claim(&offer).await {
+            RobotReply::Accepted(g) => g,
+            other => panic!("claim: {other:?}"),
+        };
+        msg.double_ack().await.unwrap();
+        assert!(matches!(robot.complete(grant.job_id, grant.attempt).await, RobotReply::Accepted(_)));
+        let _ = job;
+    }
+    for job in [first.job_id, submitted.job_id] {
+        assert_eq!(fabric.job(job).await.status, JobStatus::Completed);
+    }
+    standby_token.cancel();
+    tokio::time::timeout(WAIT, standby).await.unwrap().unwrap().unwrap();
+    drop(fabric.nats);
+    fabric.db.drop_database().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deposed_leader_cannot_write() {
+    let fabric = Fabric::start().await;
+    let pool = fabric.db.pool().await.unwrap();
+    // Someone else takes the lease (as a standby would after a pause of the leader).
+    sqlx::query("UPDATE leader_lease SET holder = gen_random_uuid(), epoch = epoch + 1, expires_at = now() + interval '1 hour'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The old leader still believes it leads until its next renewal; whatever it tries to write
+    // in that window matches no row, and the client is told to retry (nothing committed).
+    let result = fabric.api::<_, Submitted>(Endpoint::SubmitJob, shell_job()).await;
+    match result {
+        Err(ApiError::Unavailable { .. }) => {}
+        Err(ApiError::Internal { message }) if message == "timeout" => {}
+        other => panic!("a deposed leader's submit must not succeed: {other:?}"),
+    }
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&pool).await.unwrap();
+    assert_eq!(jobs, 0, "nothing written by the deposed leader");
+    fabric.shutdown.cancel();
+    let _ = tokio::time::timeout(WAIT, fabric.orchestrator).await;
+    drop(fabric.nats);
+    fabric.db.drop_database().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_vanished_offer_is_noticed_and_offered_again() {
+    let fabric = Fabric::start().await;
+    let robot = FakeRobot::register(&fabric, "r1", &["shell"]).await;
+    let submitted: Submitted = fabric.api(Endpoint::SubmitJob, shell_job()).await.unwrap();
+    assert_eq!(submitted.status, JobStatus::Queued);
+    // The offer message disappears (terminated by mistake, purged, lost with a consumer).
+    let pool = fabric.db.pool().await.unwrap();
+    let seq: i64 = wait_for("the offer's sequence to be recorded", WAIT, || async {
+        sqlx::query_scalar::<_, Option<i64>>("SELECT offer_seq FROM jobs WHERE job_id = $1")
+            .bind(submitted.job_id.0)
+            .fetch_one(&pool)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await
+    .unwrap();
+    let js = jetstream::new(fabric.client.clone());
+    let stream = js.get_stream(subjects::JOBS_STREAM).await.unwrap();
+    assert!(stream.delete_message(seq as u64).await.unwrap());
+    // The watchdog notices (after `offer_check_after`) and offers the job again as offer 2.
+    let (offer, msg) = robot.pull().await;
+    assert_eq!((offer.job_id, offer.offer_no), (submitted.job_id, 2));
+    assert!(matches!(robot.claim(&offer).await, RobotReply::Accepted(_)));
+    msg.double_ack().await.unwrap();
+    let events = job_events(&fabric.client, submitted.job_id, "job.started").await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["job.submitted", "job.assigned", "job.recalled", "job.assigned", "job.started"]);
     fabric.stop().await;
 }

@@ -1,11 +1,7 @@
-//! Test helpers: a nats-server of our own, a fake orchestrator, and one-shot requests against the
-//! router without a socket.
+//! Test helpers: a fake orchestrator, and one-shot requests against the router without a socket.
+//! The nats-server comes from the shared harness, `fleet_testkit::NatsServer`.
 #![allow(dead_code)] // each test file uses a different part
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use axum::Router;
@@ -19,77 +15,6 @@ use tower::ServiceExt;
 
 /// Every wait in the tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
-
-/// A nats-server on a random port with a temporary JetStream store, killed on drop. Its log is
-/// kept and printed if it fails to start.
-pub struct NatsServer {
-    child: Child,
-    pub url: String,
-    _store: tempfile::TempDir,
-}
-
-fn server_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("FLEET_NATS_SERVER") {
-        return PathBuf::from(p);
-    }
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/nats/bin/nats-server");
-    if repo.exists() {
-        return repo;
-    }
-    PathBuf::from("/tmp/natsbin/t/bin/nats-server")
-}
-
-impl NatsServer {
-    pub fn start() -> Self {
-        let bin = server_binary();
-        let store = tempfile::tempdir().expect("temp dir");
-        let mut child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
-            .arg(store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e} (set FLEET_NATS_SERVER)", bin.display()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let thread_log = log.clone();
-        std::thread::spawn(move || {
-            let mut port = None;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
-                    port = Some(addr.trim().to_owned());
-                }
-                if line.contains("Server is ready") {
-                    let _ = tx.send(port.clone());
-                }
-                thread_log.lock().unwrap().push(line);
-            }
-        });
-        let addr = match rx.recv_timeout(WAIT) {
-            Ok(Some(addr)) => addr,
-            _ => {
-                let _ = child.kill();
-                panic!("nats-server did not start:\n{}", log.lock().unwrap().join("\n"));
-            }
-        };
-        Self { child, url: format!("nats://{addr}"), _store: store }
-    }
-
-    pub async fn client(&self) -> async_nats::Client {
-        tokio::time::timeout(WAIT, async_nats::connect(self.url.as_str()))
-            .await
-            .expect("connect in time")
-            .expect("connect to nats-server")
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What the fake orchestrator answers: `None` never answers.
 pub type Answer = Box<dyn Fn(Endpoint, &[u8]) -> Option<Vec<u8>> + Send + Sync>;

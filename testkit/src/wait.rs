@@ -22,7 +22,7 @@ const MAX_PAUSE: Duration = Duration::from_millis(100);
 /// ```no_run
 /// # async fn demo(client: reqwest::Client, url: String) -> anyhow::Result<()> {
 /// use std::time::Duration;
-/// let body: serde_json::Value = fleet_tests::wait_until(Duration::from_secs(10), || async {
+/// let body: serde_json::Value = fleet_testkit::wait_until(Duration::from_secs(10), || async {
 ///     let job: serde_json::Value = client.get(&url).send().await.ok()?.json().await.ok()?;
 ///     (job["status"] == "completed").then_some(job)
 /// })
