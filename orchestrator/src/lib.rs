@@ -156,6 +156,19 @@ async fn connect_db(config: &Config, shutdown: &CancellationToken) -> anyhow::Re
             Err(sqlx::Error::Configuration(e)) => {
                 anyhow::bail!("DATABASE_URL is not a valid PostgreSQL URL: {e}")
             }
+            // A missing database is created (as `sqlx database create` would); bad credentials
+            // are not fixed by waiting: say so and stop.
+            Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c == "3D000") => {
+                use sqlx::migrate::MigrateDatabase;
+                tracing::info!("database does not exist yet; creating it");
+                sqlx::Postgres::create_database(&config.database_url.0).await.map_err(|create| {
+                    anyhow::anyhow!("DATABASE_URL: {} and creating it failed: {create}", e.message())
+                })?;
+                continue;
+            }
+            Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("28")) => {
+                anyhow::bail!("DATABASE_URL: {} (fix the credentials)", e.message())
+            }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot reach PostgreSQL yet");
             }

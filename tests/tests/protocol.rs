@@ -502,3 +502,18 @@ async fn a_vanished_offer_is_noticed_and_offered_again() {
     assert_eq!(kinds, ["job.submitted", "job.assigned", "job.recalled", "job.assigned", "job.started"]);
     fabric.stop().await;
 }
+
+#[tokio::test]
+async fn a_bad_database_url_is_a_clear_error_not_a_retry_loop() {
+    let nats = NatsServer::start().await.unwrap();
+    let config = fleet_orchestrator::Config {
+        nats_url: nats.url(),
+        database_url: fleet_orchestrator::config::Secret("postgres://no-such-role@127.0.0.1:5432/fleet".into()),
+        ..Default::default()
+    };
+    let result = tokio::time::timeout(WAIT, fleet_orchestrator::run(config, CancellationToken::new()))
+        .await
+        .expect("fails at once instead of retrying");
+    let message = format!("{:#}", result.unwrap_err());
+    assert!(message.contains("DATABASE_URL") && message.contains("no-such-role"), "{message}");
+}
