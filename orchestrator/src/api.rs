@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
-use crate::fleet::Decision;
+use crate::fleet::{Decision, Placing};
 use crate::store::{NewJob, Placement};
 use crate::{Core, reply};
 
@@ -137,16 +137,13 @@ async fn submit(core: &Core, req: ApiRequest<SubmitJob>) -> ApiResult<Submitted>
     {
         return Err(invalid("target_robot_id", format!("no robot {target} in this tenant")));
     }
-    let placement = match core.fleet.decide(&req.tenant, &requires, target) {
-        Decision::Offer { subject, target: to, class } => {
-            let ensured = match (&class, target) {
-                (Some(class), _) => core.fabric.ensure_class_consumer(&req.tenant, class).await.map(|_| ()),
-                (None, Some(robot)) => {
-                    core.fabric.ensure_robot_consumer(&req.tenant, robot).await.map(|_| ())
-                }
-                (None, None) => Ok(()),
-            };
-            match ensured {
+    let position = core.fleet.waiting_ahead(&req.tenant, &requires) + 1;
+    let placing = Placing { tenant: &req.tenant, requires: &requires, target, rejected: &[] };
+    let mut reserved: Option<String> = None;
+    let placement = match core.fleet.reserve(&placing, position, true) {
+        Decision::Offer { subject, target: to, class, robot } => {
+            reserved = Some(subject.clone());
+            match ensure_consumer(core, &req.tenant, class.as_ref(), robot.as_ref()).await {
                 Ok(()) => Placement::Offer { subject, target: to },
                 Err(e) => {
                     tracing::warn!(error = %e, "consumer not ready; job waits");
@@ -154,7 +151,18 @@ async fn submit(core: &Core, req: ApiRequest<SubmitJob>) -> ApiResult<Submitted>
                 }
             }
         }
-        Decision::Wait { reason } => Placement::Pending { reason },
+        Decision::Wait { reason } | Decision::Fail { reason } => Placement::Pending { reason },
+    };
+    // Give the reservation back unless this submission really puts an offer on its subject.
+    if matches!(placement, Placement::Pending { .. })
+        && let Some(subject) = reserved.take()
+    {
+        core.fleet.unoffered(&req.tenant, &subject);
+    }
+    let release = |core: &Core| {
+        if let Some(subject) = &reserved {
+            core.fleet.unoffered(&req.tenant, subject);
+        }
     };
     let mut variables = parsed.variables.clone();
     variables.extend(body.variables.clone());
@@ -178,9 +186,22 @@ async fn submit(core: &Core, req: ApiRequest<SubmitJob>) -> ApiResult<Submitted>
         idempotency_key: body.idempotency_key.clone(),
     };
     if past_deadline(&req) {
+        release(core);
         return Err(deadline_error());
     }
-    let inserted = core.store.insert_job(&job, &placement).await?;
+    let inserted = match core.store.insert_job(&job, &placement).await {
+        Ok(i) => i,
+        Err(e) => {
+            release(core);
+            return Err(e.into());
+        }
+    };
+    if inserted.existing {
+        release(core);
+    }
+    if inserted.status == JobStatus::Pending {
+        core.wake_admission.notify_one();
+    }
     core.wake_relay.notify_one();
     if !inserted.existing
         && let Some(subject) = &inserted.offer_subject
@@ -200,6 +221,20 @@ async fn submit(core: &Core, req: ApiRequest<SubmitJob>) -> ApiResult<Submitted>
         waiting_reason: inserted.waiting_reason,
         created_at: inserted.created_at,
     })
+}
+
+/// Make sure the consumer an offer will be published to exists.
+pub(crate) async fn ensure_consumer(
+    core: &Core,
+    tenant: &fleet_schemas::TenantId,
+    class: Option<&Class>,
+    robot: Option<&RobotId>,
+) -> Result<(), crate::fabric::FabricError> {
+    match (class, robot) {
+        (Some(class), _) => core.fabric.ensure_class_consumer(tenant, class).await.map(|_| ()),
+        (None, Some(robot)) => core.fabric.ensure_robot_consumer(tenant, robot).await.map(|_| ()),
+        (None, None) => Ok(()),
+    }
 }
 
 async fn get_job(core: &Core, req: ApiRequest<GetById<JobId>>) -> ApiResult<fleet_schemas::api::JobView> {
@@ -249,6 +284,7 @@ async fn cancel(core: &Core, req: ApiRequest<GetById<JobId>>) -> ApiResult<Cance
     };
     core.wake_relay.notify_one();
     if let Some(offer) = recalled {
+        core.fleet.unoffered(&req.tenant, &offer.subject);
         // The job is cancelled in the record; the robot that gets the offer is refused its
         // claim. Deleting the message just saves it the trip.
         if let Ok(Some(seq)) = core.store.offer_seq(job_id, offer.offer_no).await {

@@ -74,6 +74,11 @@ pub struct Config {
     /// How often the sweeper and admission pass run when nothing wakes them earlier.
     #[serde(with = "duration")]
     pub sweep_interval: Duration,
+    /// Unclaimed offers a class may hold beyond its free slots: that many jobs may start ahead
+    /// of the priority order, in exchange for robots finding their next offer already waiting.
+    pub prefetch: u32,
+    /// Rejections after which a job fails instead of being offered again.
+    pub max_rejections: i32,
 }
 
 impl Default for Config {
@@ -93,6 +98,8 @@ impl Default for Config {
             events_max_bytes: 1 << 30,
             logs_max_age: Duration::from_secs(7 * 24 * 3600),
             sweep_interval: Duration::from_secs(1),
+            prefetch: 2,
+            max_rejections: 5,
         }
     }
 }
@@ -122,7 +129,9 @@ impl Config {
     }
 
     /// Keys settable with a `FLEET_` variable.
-    const KEYS: [&'static str; 13] = [
+    const KEYS: [&'static str; 15] = [
+        "prefetch",
+        "max_rejections",
         "db_pool_size",
         "heartbeat_interval",
         "heartbeat_timeout",
@@ -161,6 +170,9 @@ impl Config {
         min("leader_lease", self.leader_lease, Duration::from_millis(300))?;
         min("offer_ack_wait", self.offer_ack_wait, Duration::from_secs(1))?;
         min("sweep_interval", self.sweep_interval, Duration::from_millis(10))?;
+        if self.max_rejections < 1 {
+            return Err(ConfigError("max_rejections must be at least 1".into()));
+        }
         if self.max_attempts < 1 {
             return Err(ConfigError("max_attempts must be at least 1".into()));
         }

@@ -1,22 +1,38 @@
-//! The leader's in-memory view of the fleet, fed by registrations and the heartbeat bucket, and
-//! the admission decision made from it.
+//! The leader's in-memory view of the fleet, and the admission decision made from it.
 //!
-//! Admission reads only memory, so a submit costs no extra database round trip to find a class.
-//! The view is rebuilt from the bucket whenever an instance becomes leader.
+//! Admission reads only memory, so deciding where a job goes costs no database round trip. The
+//! view has two sources:
+//! - robots (class, slots, state, online) from registrations and the heartbeat bucket;
+//! - the leader's own bookkeeping of what it committed: which jobs run on which robot (claims,
+//!   completions, releases) and how many offers wait unclaimed on each subject. Heartbeats lag,
+//!   the leader's own writes do not, so capacity comes from the latter. A periodic reload from
+//!   PostgreSQL corrects any drift (and rebuilds the view when an instance becomes leader).
+//!
+//! **Capacity.** A class can take a new offer while its unclaimed offers are fewer than its free
+//! slots (sum over its online robots of `max_jobs - running`) plus `prefetch`. So at most
+//! `prefetch` offers wait ahead of the priority order: every other job waits as `pending`, and
+//! the admission pass hands each freed slot to the highest-priority, oldest job that fits.
+//!
+//! **Choice.** Among eligible classes with capacity: best fit first (fewest capabilities beyond
+//! what the job needs, so browser jobs do not fill GPU robots while browser robots have room),
+//! then the most free slots. Within a class the robots' prioritized pulls pick the least busy.
+//! A job that some robot rejected is offered to one robot at a time on that robot's own subject,
+//! so it never returns to a robot that rejected it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 use std::time::Instant;
 
 use fleet_schemas::robot::{Heartbeat, RobotRunState};
-use fleet_schemas::{Class, RobotId, SessionId, TenantId, subjects};
+use fleet_schemas::{Class, JobId, RobotId, SessionId, TenantId, subjects};
 
 /// What the leader knows of one robot.
 #[derive(Debug, Clone)]
 pub struct RobotEntry {
     pub class: Class,
     pub max_jobs: u32,
-    pub running: u32,
+    /// Jobs the leader recorded as running on this robot.
+    pub running: HashSet<JobId>,
     pub state: RobotRunState,
     pub session: SessionId,
     pub online: bool,
@@ -24,16 +40,38 @@ pub struct RobotEntry {
 }
 
 impl RobotEntry {
+    fn new(class: Class, max_jobs: u32, session: SessionId) -> Self {
+        Self {
+            class,
+            max_jobs,
+            running: HashSet::new(),
+            state: RobotRunState::Online,
+            session,
+            online: false,
+            last_seen: Instant::now(),
+        }
+    }
+
     fn takes_work(&self) -> bool {
         self.online && self.state == RobotRunState::Online
     }
 
     fn free_slots(&self) -> u32 {
-        self.max_jobs.saturating_sub(self.running)
+        self.max_jobs.saturating_sub(self.running.len() as u32)
     }
 }
 
-/// Where admission sends a job, or why it waits.
+#[derive(Debug, Default)]
+struct TenantView {
+    robots: HashMap<RobotId, RobotEntry>,
+    /// Unclaimed offers per subject (class or robot subject).
+    offered: HashMap<String, u32>,
+    /// Per class: jobs waiting for its capacity, so a new submission does not jump ahead of
+    /// them. Rebuilt by every admission pass.
+    blocked: HashMap<Class, u32>,
+}
+
+/// Where admission sends a job, or why it waits, or why it can never run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Publish the offer on `subject`; `target` names the class or robot for events.
@@ -41,24 +79,70 @@ pub enum Decision {
         subject: String,
         target: String,
         class: Option<Class>,
+        robot: Option<RobotId>,
     },
     Wait {
         reason: String,
     },
+    /// Every eligible online robot rejected the job.
+    Fail {
+        reason: String,
+    },
 }
 
-#[derive(Default)]
+/// A job to place.
+pub struct Placing<'a> {
+    pub tenant: &'a TenantId,
+    pub requires: &'a Class,
+    pub target: Option<&'a RobotId>,
+    /// Robots that rejected the job, with their reasons.
+    pub rejected: &'a [(String, String)],
+}
+
 pub struct FleetView {
-    tenants: RwLock<HashMap<TenantId, HashMap<RobotId, RobotEntry>>>,
+    prefetch: u32,
+    tenants: RwLock<HashMap<TenantId, TenantView>>,
+}
+
+/// What the database says is in flight, to rebuild the bookkeeping from.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// (tenant, robot, job) of running jobs.
+    pub running: Vec<(String, String, JobId)>,
+    /// (tenant, subject, count) of queued jobs.
+    pub offered: Vec<(String, String, i64)>,
 }
 
 impl FleetView {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(prefetch: u32) -> Self {
+        Self { prefetch, tenants: RwLock::new(HashMap::new()) }
     }
 
     pub fn clear(&self) {
         self.tenants.write().expect("not poisoned").clear();
+    }
+
+    /// Replace the bookkeeping with what the database says (robots are kept).
+    pub fn reload(&self, snap: &Snapshot) {
+        let mut tenants = self.tenants.write().expect("not poisoned");
+        for view in tenants.values_mut() {
+            view.offered.clear();
+            for robot in view.robots.values_mut() {
+                robot.running.clear();
+            }
+        }
+        for (tenant, robot, job) in &snap.running {
+            let (Ok(t), Ok(r)) = (TenantId::new(tenant.as_str()), RobotId::new(robot.as_str())) else {
+                continue;
+            };
+            if let Some(e) = tenants.get_mut(&t).and_then(|v| v.robots.get_mut(&r)) {
+                e.running.insert(*job);
+            }
+        }
+        for (tenant, subject, n) in &snap.offered {
+            let Ok(t) = TenantId::new(tenant.as_str()) else { continue };
+            tenants.entry(t).or_default().offered.insert(subject.clone(), *n as u32);
+        }
     }
 
     /// A robot registered (or re-registered with a new session).
@@ -71,16 +155,15 @@ impl FleetView {
         session: SessionId,
     ) {
         let mut tenants = self.tenants.write().expect("not poisoned");
-        let entry =
-            tenants.entry(tenant.clone()).or_default().entry(robot.clone()).or_insert_with(|| RobotEntry {
-                class: class.clone(),
-                max_jobs,
-                running: 0,
-                state: RobotRunState::Online,
-                session,
-                online: true,
-                last_seen: Instant::now(),
-            });
+        let view = tenants.entry(tenant.clone()).or_default();
+        let entry = view
+            .robots
+            .entry(robot.clone())
+            .or_insert_with(|| RobotEntry::new(class.clone(), max_jobs, session));
+        if entry.session != session {
+            // The jobs of the old session were expired by the caller.
+            entry.running.clear();
+        }
         entry.class = class;
         entry.max_jobs = max_jobs;
         entry.session = session;
@@ -89,8 +172,8 @@ impl FleetView {
         entry.last_seen = Instant::now();
     }
 
-    /// A heartbeat arrived. Returns true when the robot was not known online before (it came
-    /// back, or the leader just started): admission should run.
+    /// A heartbeat arrived. Returns true when something admission cares about changed (the
+    /// robot came online, changed state, class or slots).
     pub fn heartbeat(&self, hb: &Heartbeat) -> bool {
         let class = match Class::parse(&hb.capabilities) {
             Ok(c) => c,
@@ -100,32 +183,26 @@ impl FleetView {
             }
         };
         let mut tenants = self.tenants.write().expect("not poisoned");
-        let robots = tenants.entry(hb.tenant.clone()).or_default();
-        let entry = robots.entry(hb.robot_id.clone()).or_insert_with(|| RobotEntry {
-            class: class.clone(),
-            max_jobs: hb.max_jobs,
-            running: 0,
-            state: hb.state,
-            session: hb.session_id,
-            online: false,
-            last_seen: Instant::now(),
-        });
-        let came_online =
-            !entry.online || entry.state != hb.state || entry.running as usize != hb.running.len();
+        let view = tenants.entry(hb.tenant.clone()).or_default();
+        let entry = view
+            .robots
+            .entry(hb.robot_id.clone())
+            .or_insert_with(|| RobotEntry::new(class.clone(), hb.max_jobs, hb.session_id));
+        let changed =
+            !entry.online || entry.state != hb.state || entry.class != class || entry.max_jobs != hb.max_jobs;
         entry.class = class;
         entry.max_jobs = hb.max_jobs;
-        entry.running = hb.running.len() as u32;
         entry.state = hb.state;
         entry.session = hb.session_id;
         entry.online = true;
         entry.last_seen = Instant::now();
-        came_online
+        changed
     }
 
     /// The robot's heartbeat expired. Returns true when it was online.
     pub fn offline(&self, tenant: &TenantId, robot: &RobotId) -> bool {
         let mut tenants = self.tenants.write().expect("not poisoned");
-        match tenants.get_mut(tenant).and_then(|r| r.get_mut(robot)) {
+        match tenants.get_mut(tenant).and_then(|v| v.robots.get_mut(robot)) {
             Some(e) if e.online => {
                 e.online = false;
                 true
@@ -139,8 +216,8 @@ impl FleetView {
         let tenants = self.tenants.read().expect("not poisoned");
         tenants
             .iter()
-            .flat_map(|(t, robots)| {
-                robots
+            .flat_map(|(t, view)| {
+                view.robots
                     .iter()
                     .filter(|(_, e)| e.online && e.last_seen.elapsed() > timeout)
                     .map(move |(r, _)| (t.clone(), r.clone()))
@@ -149,86 +226,284 @@ impl FleetView {
     }
 
     pub fn is_online(&self, tenant: &TenantId, robot: &RobotId) -> bool {
-        self.tenants
-            .read()
-            .expect("not poisoned")
-            .get(tenant)
-            .and_then(|r| r.get(robot))
-            .is_some_and(|e| e.online)
+        self.with_robot(tenant, robot, |e| e.online).unwrap_or(false)
     }
 
-    pub fn session(&self, tenant: &TenantId, robot: &RobotId) -> Option<SessionId> {
-        self.tenants.read().expect("not poisoned").get(tenant).and_then(|r| r.get(robot)).map(|e| e.session)
+    fn with_robot<T>(
+        &self,
+        tenant: &TenantId,
+        robot: &RobotId,
+        f: impl FnOnce(&RobotEntry) -> T,
+    ) -> Option<T> {
+        self.tenants.read().expect("not poisoned").get(tenant).and_then(|v| v.robots.get(robot)).map(f)
     }
 
-    /// Note locally that an offer went to a class robot or a claim took a slot, so the next
-    /// decision sees it before the next heartbeat.
-    pub fn note_claim(&self, tenant: &TenantId, robot: &RobotId) {
+    // ----- bookkeeping of the leader's own writes ---------------------------------------------
+
+    /// An offer was committed on `subject`.
+    pub fn offered(&self, tenant: &TenantId, subject: &str) {
         let mut tenants = self.tenants.write().expect("not poisoned");
-        if let Some(e) = tenants.get_mut(tenant).and_then(|r| r.get_mut(robot)) {
-            e.running = (e.running + 1).min(e.max_jobs);
+        *tenants.entry(tenant.clone()).or_default().offered.entry(subject.to_owned()).or_default() += 1;
+    }
+
+    /// An offer on `subject` is no longer waiting (claimed, recalled, rejected, cancelled).
+    pub fn unoffered(&self, tenant: &TenantId, subject: &str) {
+        let mut tenants = self.tenants.write().expect("not poisoned");
+        if let Some(n) = tenants.get_mut(tenant).and_then(|v| v.offered.get_mut(subject)) {
+            *n = n.saturating_sub(1);
         }
     }
 
-    /// Decide where a job goes. Best fit first (fewest capabilities beyond what the job needs),
-    /// then the class with the most free slots. Classes whose robots are all busy still take
-    /// the offer (it waits in the class's queue, served in order); the routing issue adds
-    /// capacity-bounded admission on top of this.
-    pub fn decide(&self, tenant: &TenantId, requires: &Class, target: Option<&RobotId>) -> Decision {
+    /// A claim was committed.
+    pub fn started(&self, tenant: &TenantId, robot: &RobotId, job: JobId) {
+        let mut tenants = self.tenants.write().expect("not poisoned");
+        if let Some(e) = tenants.get_mut(tenant).and_then(|v| v.robots.get_mut(robot)) {
+            e.running.insert(job);
+        }
+    }
+
+    /// A running job ended or went back to pending.
+    pub fn ended(&self, tenant: &TenantId, robot: &RobotId, job: JobId) {
+        let mut tenants = self.tenants.write().expect("not poisoned");
+        if let Some(e) = tenants.get_mut(tenant).and_then(|v| v.robots.get_mut(robot)) {
+            e.running.remove(&job);
+        }
+    }
+
+    /// Jobs already waiting for a class that could serve `requires` (for a new job's position).
+    pub fn waiting_ahead(&self, tenant: &TenantId, requires: &Class) -> u32 {
         let tenants = self.tenants.read().expect("not poisoned");
-        let robots = tenants.get(tenant);
-        if let Some(target) = target {
-            return match robots.and_then(|r| r.get(target)) {
-                Some(e) if e.takes_work() && e.class.is_superset(requires) => Decision::Offer {
-                    subject: subjects::robot_offers(tenant, target),
-                    target: format!("robot {target}"),
-                    class: None,
-                },
-                Some(e) if e.online && !e.class.is_superset(requires) => Decision::Wait {
-                    reason: format!(
-                        "target robot {target} lacks capabilities {}",
-                        missing(requires, &e.class).join("+")
-                    ),
-                },
-                Some(e) if e.online => {
-                    Decision::Wait { reason: format!("target robot {target} is not taking work") }
+        let Some(view) = tenants.get(tenant) else { return 0 };
+        view.blocked
+            .iter()
+            .filter(|(class, _)| class.is_superset(requires))
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0)
+    }
+
+    // ----- decisions ----------------------------------------------------------------------
+
+    /// Decide where a job goes and, for an offer, reserve its place (count it as offered), so
+    /// concurrent decisions never hand out more than the capacity. A caller whose write then
+    /// fails must call [`FleetView::unoffered`]. `position` is the job's place among the
+    /// tenant's waiting jobs (for the waiting reason); with `queue_behind`, a job does not take
+    /// a class's room while older jobs wait for that class (a new submission, as opposed to the
+    /// admission pass, which walks the waiting jobs in order).
+    pub fn reserve(&self, job: &Placing<'_>, position: u32, queue_behind: bool) -> Decision {
+        let mut tenants = self.tenants.write().expect("not poisoned");
+        let view = tenants.entry(job.tenant.clone()).or_default();
+        let decision = self.decide(view, job, position, queue_behind);
+        match &decision {
+            Decision::Offer { subject, .. } => *view.offered.entry(subject.clone()).or_default() += 1,
+            Decision::Wait { .. } if job.target.is_none() && job.rejected.is_empty() => {
+                // Waiting behind capacity (or for a robot at all): later submissions that
+                // these classes could serve queue behind it.
+                for e in view.robots.values() {
+                    if e.takes_work() && e.class.is_superset(job.requires) {
+                        *view.blocked.entry(e.class.clone()).or_default() += 1;
+                    }
                 }
-                _ => Decision::Wait { reason: format!("target robot {target} is offline") },
+            }
+            _ => {}
+        }
+        decision
+    }
+
+    /// Start of an admission pass: forget who was blocked; the pass records it anew.
+    pub fn begin_pass(&self) {
+        for view in self.tenants.write().expect("not poisoned").values_mut() {
+            view.blocked.clear();
+        }
+    }
+
+    fn decide(&self, view: &TenantView, job: &Placing<'_>, position: u32, queue_behind: bool) -> Decision {
+        if let Some(target) = job.target {
+            return self.decide_target(view, job, target);
+        }
+        let eligible: Vec<(&RobotId, &RobotEntry)> =
+            view.robots.iter().filter(|(_, e)| e.takes_work() && e.class.is_superset(job.requires)).collect();
+        if eligible.is_empty() {
+            let online_incapable =
+                view.robots.values().any(|e| e.online && e.class.is_superset(job.requires));
+            return Decision::Wait {
+                reason: match (online_incapable, job.requires.is_empty()) {
+                    (true, _) => format!(
+                        "every online robot of tenant {} that has capabilities {} is paused or draining",
+                        job.tenant,
+                        job.requires.name()
+                    ),
+                    (false, true) => format!("no online robot of tenant {}", job.tenant),
+                    (false, false) => {
+                        format!(
+                            "no online robot of tenant {} has capabilities {}",
+                            job.tenant,
+                            job.requires.name()
+                        )
+                    }
+                },
             };
         }
-        // class -> (online robots, free slots)
-        let mut classes: HashMap<&Class, (u32, u32)> = HashMap::new();
-        for e in robots.into_iter().flat_map(|r| r.values()) {
-            if e.takes_work() && e.class.is_superset(requires) {
-                let c = classes.entry(&e.class).or_default();
-                c.0 += 1;
-                c.1 += e.free_slots();
-            }
+        if !job.rejected.is_empty() {
+            return self.decide_after_rejection(view, job, &eligible);
         }
-        let best = classes.iter().min_by(|a, b| {
-            let extra_a = a.0.len() - requires.len();
-            let extra_b = b.0.len() - requires.len();
-            extra_a.cmp(&extra_b).then(b.1.1.cmp(&a.1.1)).then(a.0.name().cmp(&b.0.name()))
-        });
+        // class -> free slots, robots
+        let mut classes: HashMap<&Class, (u32, u32)> = HashMap::new();
+        for (_, e) in &eligible {
+            let c = classes.entry(&e.class).or_default();
+            c.0 += e.free_slots();
+            c.1 += 1;
+        }
+        let best = classes
+            .iter()
+            .filter(|(class, (free, _))| {
+                let waiting =
+                    view.offered.get(&subjects::class_offers(job.tenant, class)).copied().unwrap_or(0);
+                let queued_behind = queue_behind && view.blocked.get(**class).copied().unwrap_or(0) > 0;
+                waiting < free + self.prefetch && !queued_behind
+            })
+            .min_by(|a, b| {
+                let extra_a = a.0.len() - job.requires.len();
+                let extra_b = b.0.len() - job.requires.len();
+                extra_a.cmp(&extra_b).then(b.1.0.cmp(&a.1.0)).then(a.0.name().cmp(&b.0.name()))
+            });
         match best {
             Some((class, _)) => Decision::Offer {
-                subject: subjects::class_offers(tenant, class),
+                subject: subjects::class_offers(job.tenant, class),
                 target: format!("class {}", class.name()),
                 class: Some((*class).clone()),
+                robot: None,
             },
             None => Decision::Wait {
-                reason: if requires.is_empty() {
-                    format!("no online robot of tenant {tenant}")
-                } else {
-                    format!("no online robot of tenant {tenant} has capabilities {}", requires.name())
-                },
+                reason: format!(
+                    "all {} eligible robot{} busy (position {position} in queue)",
+                    eligible.len(),
+                    if eligible.len() == 1 { "" } else { "s" }
+                ),
             },
         }
+    }
+
+    fn decide_target(&self, view: &TenantView, job: &Placing<'_>, target: &RobotId) -> Decision {
+        let Some(e) = view.robots.get(target) else {
+            return Decision::Wait { reason: format!("target robot {target} is offline") };
+        };
+        if !e.online {
+            return Decision::Wait { reason: format!("target robot {target} is offline") };
+        }
+        if !e.class.is_superset(job.requires) {
+            let missing: Vec<String> = job
+                .requires
+                .iter()
+                .filter(|c| !e.class.contains(c.as_str()))
+                .map(|c| c.to_string())
+                .collect();
+            return Decision::Wait {
+                reason: format!("target robot {target} lacks capabilities {}", missing.join("+")),
+            };
+        }
+        if job.rejected.iter().any(|(r, _)| r == target.as_str()) {
+            return Decision::Fail { reason: rejection_summary(job.rejected) };
+        }
+        if !e.takes_work() {
+            return Decision::Wait {
+                reason: format!("target robot {target} is not taking work (paused or draining)"),
+            };
+        }
+        let subject = subjects::robot_offers(job.tenant, target);
+        let waiting = view.offered.get(&subject).copied().unwrap_or(0);
+        if waiting >= e.free_slots() + self.prefetch {
+            return Decision::Wait { reason: format!("target robot {target} is busy") };
+        }
+        Decision::Offer {
+            subject,
+            target: format!("robot {target}"),
+            class: None,
+            robot: Some(target.clone()),
+        }
+    }
+
+    /// A rejected job goes to one robot that has not rejected it, on that robot's own subject.
+    fn decide_after_rejection(
+        &self,
+        view: &TenantView,
+        job: &Placing<'_>,
+        eligible: &[(&RobotId, &RobotEntry)],
+    ) -> Decision {
+        let rejected: HashSet<&str> = job.rejected.iter().map(|(r, _)| r.as_str()).collect();
+        let candidates: Vec<&(&RobotId, &RobotEntry)> =
+            eligible.iter().filter(|(r, _)| !rejected.contains(r.as_str())).collect();
+        if candidates.is_empty() {
+            return Decision::Fail { reason: rejection_summary(job.rejected) };
+        }
+        let best = candidates
+            .iter()
+            .filter(|(r, e)| {
+                // No prefetch here: the job goes to one robot that has a slot now.
+                let waiting = view.offered.get(&subjects::robot_offers(job.tenant, r)).copied().unwrap_or(0);
+                waiting < e.free_slots()
+            })
+            .min_by(|(ra, a), (rb, b)| {
+                let extra_a = a.class.len() - job.requires.len();
+                let extra_b = b.class.len() - job.requires.len();
+                extra_a.cmp(&extra_b).then(b.free_slots().cmp(&a.free_slots())).then(ra.cmp(rb))
+            });
+        match best {
+            Some((robot, _)) => Decision::Offer {
+                subject: subjects::robot_offers(job.tenant, robot),
+                target: format!("robot {robot}"),
+                class: None,
+                robot: Some((*robot).clone()),
+            },
+            None => Decision::Wait {
+                reason: format!(
+                    "waiting for one of {} robot{} that have not rejected it",
+                    candidates.len(),
+                    if candidates.len() == 1 { "" } else { "s" }
+                ),
+            },
+        }
+    }
+
+    /// Per class of a tenant: online robots, total slots, running jobs, unclaimed offers.
+    pub fn classes(&self, tenant: &TenantId) -> Vec<ClassLoad> {
+        let tenants = self.tenants.read().expect("not poisoned");
+        let Some(view) = tenants.get(tenant) else { return Vec::new() };
+        let mut loads: HashMap<&Class, ClassLoad> = HashMap::new();
+        for e in view.robots.values() {
+            let load = loads.entry(&e.class).or_insert_with(|| ClassLoad {
+                class: e.class.clone(),
+                offered: view.offered.get(&subjects::class_offers(tenant, &e.class)).copied().unwrap_or(0),
+                ..ClassLoad::default()
+            });
+            load.robots += 1;
+            if e.online {
+                load.online_robots += 1;
+                load.capacity += e.max_jobs;
+            }
+            load.running += e.running.len() as u32;
+        }
+        let mut out: Vec<ClassLoad> = loads.into_values().collect();
+        out.sort_by_key(|l| l.class.name());
+        out
     }
 }
 
-fn missing(requires: &Class, has: &Class) -> Vec<String> {
-    requires.iter().filter(|c| !has.contains(c.as_str())).map(|c| c.to_string()).collect()
+/// Load of one class, for `GET /api/v1/queues`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClassLoad {
+    pub class: Class,
+    pub robots: u32,
+    pub online_robots: u32,
+    pub capacity: u32,
+    pub running: u32,
+    pub offered: u32,
+}
+
+/// "rejected by every robot it was offered to: r1 (draining), r2 (runner missing)".
+pub fn rejection_summary(rejected: &[(String, String)]) -> String {
+    let list: Vec<String> = rejected.iter().map(|(r, why)| format!("{r} ({why})")).collect();
+    format!("rejected by every eligible robot: {}", list.join(", "))
 }
 
 #[cfg(test)]
@@ -243,53 +518,136 @@ mod tests {
         view.register(&t(), &RobotId::new(id).unwrap(), Class::parse(caps).unwrap(), max, SessionId::new());
     }
 
+    fn place<'a>(tenant: &'a TenantId, requires: &'a Class) -> Placing<'a> {
+        Placing { tenant, requires, target: None, rejected: &[] }
+    }
+
+    fn subject_of(d: &Decision) -> &str {
+        match d {
+            Decision::Offer { subject, .. } => subject,
+            other => panic!("expected an offer, got {other:?}"),
+        }
+    }
+
     #[test]
     fn best_fit_then_most_free() {
-        let view = FleetView::new();
+        let view = FleetView::new(0);
         add(&view, "gpu", &["browser", "gpu", "shell"], 4);
         add(&view, "b1", &["browser", "shell"], 1);
         add(&view, "b2", &["browser", "shell"], 1);
-        let d = view.decide(&t(), &Class::parse(["browser"]).unwrap(), None);
+        let (tenant, browser, gpu) =
+            (t(), Class::parse(["browser"]).unwrap(), Class::parse(["gpu"]).unwrap());
+        let browser_class = "fleet.jobs.acme.browser+shell";
+        let gpu_class = "fleet.jobs.acme.browser+gpu+shell";
+        assert_eq!(subject_of(&view.reserve(&place(&tenant, &browser), 1, false)), browser_class);
+        assert_eq!(subject_of(&view.reserve(&place(&tenant, &gpu), 1, false)), gpu_class);
+        assert_eq!(subject_of(&view.reserve(&place(&tenant, &browser), 1, false)), browser_class);
+        // Both browser robots have an offer each: the next browser job may use the GPU robot
+        // rather than wait.
+        assert_eq!(subject_of(&view.reserve(&place(&tenant, &browser), 1, false)), gpu_class);
+    }
+
+    #[test]
+    fn capacity_and_prefetch_bound_the_offers() {
+        let view = FleetView::new(1);
+        add(&view, "r1", &["shell"], 2);
+        let (tenant, any) = (t(), Class::default());
+        let subject = "fleet.jobs.acme.shell";
+        for _ in 0..3 {
+            assert_eq!(subject_of(&view.reserve(&place(&tenant, &any), 1, false)), subject);
+        }
         assert_eq!(
-            d,
-            Decision::Offer {
-                subject: "fleet.jobs.acme.browser+shell".into(),
-                target: "class browser+shell".into(),
-                class: Some(Class::parse(["browser", "shell"]).unwrap())
-            }
+            view.reserve(&place(&tenant, &any), 4, false),
+            Decision::Wait { reason: "all 1 eligible robot busy (position 4 in queue)".into() }
         );
-        let d = view.decide(&t(), &Class::parse(["gpu"]).unwrap(), None);
-        assert!(
-            matches!(d, Decision::Offer { subject, .. } if subject == "fleet.jobs.acme.browser+gpu+shell")
-        );
+        // A claim turns an offer into a running job: no room yet (2 slots, 1 running, 2 offered).
+        let r1 = RobotId::new("r1").unwrap();
+        let job = JobId::new();
+        view.unoffered(&tenant, subject);
+        view.started(&tenant, &r1, job);
+        assert!(matches!(view.reserve(&place(&tenant, &any), 1, false), Decision::Wait { .. }));
+        view.ended(&tenant, &r1, job);
+        assert_eq!(subject_of(&view.reserve(&place(&tenant, &any), 1, false)), subject);
+    }
+
+    #[test]
+    fn new_submissions_queue_behind_waiting_jobs() {
+        let view = FleetView::new(0);
+        add(&view, "r1", &["shell"], 1);
+        let (tenant, any) = (t(), Class::default());
+        view.begin_pass();
+        assert!(matches!(view.reserve(&place(&tenant, &any), 1, true), Decision::Offer { .. }));
+        // Full: this one waits, and blocks the class for later submissions…
+        assert!(matches!(view.reserve(&place(&tenant, &any), 1, true), Decision::Wait { .. }));
+        view.unoffered(&tenant, "fleet.jobs.acme.shell");
+        assert!(matches!(view.reserve(&place(&tenant, &any), 2, true), Decision::Wait { .. }));
+        // …but not for the admission pass, which walks the waiting jobs in order.
+        view.begin_pass();
+        assert!(matches!(view.reserve(&place(&tenant, &any), 1, false), Decision::Offer { .. }));
     }
 
     #[test]
     fn waiting_reasons() {
-        let view = FleetView::new();
-        let d = view.decide(&t(), &Class::parse(["gpu", "secure"]).unwrap(), None);
+        let view = FleetView::new(0);
+        let tenant = t();
+        let d = view.reserve(&place(&tenant, &Class::parse(["gpu", "secure"]).unwrap()), 1, false);
         assert_eq!(
             d,
             Decision::Wait { reason: "no online robot of tenant acme has capabilities gpu+secure".into() }
         );
         let r7 = RobotId::new("r7").unwrap();
-        let d = view.decide(&t(), &Class::default(), Some(&r7));
-        assert_eq!(d, Decision::Wait { reason: "target robot r7 is offline".into() });
+        let any = Class::default();
+        let targeted = Placing { tenant: &tenant, requires: &any, target: Some(&r7), rejected: &[] };
+        assert_eq!(
+            view.reserve(&targeted, 1, false),
+            Decision::Wait { reason: "target robot r7 is offline".into() }
+        );
         add(&view, "r7", &["shell"], 1);
-        let d = view.decide(&t(), &Class::default(), Some(&r7));
-        assert!(matches!(d, Decision::Offer { subject, .. } if subject == "fleet.jobs.acme.robot.r7"));
-        assert!(view.offline(&t(), &r7));
-        assert!(!view.offline(&t(), &r7));
-        let d = view.decide(&t(), &Class::default(), None);
-        assert_eq!(d, Decision::Wait { reason: "no online robot of tenant acme".into() });
+        assert_eq!(subject_of(&view.reserve(&targeted, 1, false)), "fleet.jobs.acme.robot.r7");
+        assert_eq!(
+            view.reserve(&targeted, 1, false),
+            Decision::Wait { reason: "target robot r7 is busy".into() }
+        );
+        let gpu = Class::parse(["gpu"]).unwrap();
+        let lacking = Placing { tenant: &tenant, requires: &gpu, target: Some(&r7), rejected: &[] };
+        assert_eq!(
+            view.reserve(&lacking, 1, false),
+            Decision::Wait { reason: "target robot r7 lacks capabilities gpu".into() }
+        );
+        assert!(view.offline(&tenant, &r7));
+        assert!(!view.offline(&tenant, &r7));
+        assert_eq!(
+            view.reserve(&place(&tenant, &any), 1, false),
+            Decision::Wait { reason: "no online robot of tenant acme".into() }
+        );
+    }
+
+    #[test]
+    fn rejected_jobs_avoid_the_robots_that_rejected_them() {
+        let view = FleetView::new(0);
+        add(&view, "r1", &["shell"], 1);
+        add(&view, "r2", &["shell"], 1);
+        let (tenant, any) = (t(), Class::default());
+        let rejected = vec![("r1".to_owned(), "draining".to_owned())];
+        let job = Placing { tenant: &tenant, requires: &any, target: None, rejected: &rejected };
+        assert_eq!(subject_of(&view.reserve(&job, 1, false)), "fleet.jobs.acme.robot.r2");
+        let both = vec![("r1".to_owned(), "draining".to_owned()), ("r2".to_owned(), "no runner".to_owned())];
+        let job = Placing { tenant: &tenant, requires: &any, target: None, rejected: &both };
+        assert_eq!(
+            view.reserve(&job, 1, false),
+            Decision::Fail {
+                reason: "rejected by every eligible robot: r1 (draining), r2 (no runner)".into()
+            }
+        );
     }
 
     #[test]
     fn tenants_are_separate() {
-        let view = FleetView::new();
+        let view = FleetView::new(0);
         add(&view, "r1", &["shell"], 1);
         let other = TenantId::new("other").unwrap();
-        assert!(matches!(view.decide(&other, &Class::default(), None), Decision::Wait { .. }));
+        let any = Class::default();
+        assert!(matches!(view.reserve(&place(&other, &any), 1, false), Decision::Wait { .. }));
         assert!(!view.is_online(&other, &RobotId::new("r1").unwrap()));
     }
 }

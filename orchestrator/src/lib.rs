@@ -92,7 +92,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         client: client.clone(),
         fabric,
         store,
-        fleet: FleetView::new(),
+        fleet: FleetView::new(config.prefetch),
         leadership: leadership.clone(),
         wake_relay: Notify::new(),
         wake_admission: Notify::new(),

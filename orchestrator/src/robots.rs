@@ -18,11 +18,8 @@ use fleet_schemas::{Class, RobotId, TenantId};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::{StoreError, Verdict};
+use crate::store::{GivenBack, StoreError, Verdict};
 use crate::{Core, reply};
-
-/// Rejections after which a job fails instead of being offered again.
-pub const MAX_REJECTIONS: i32 = 5;
 
 pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
     let Some((tenant, robot, verb)) = subjects::parse_robot_request(&msg.subject) else {
@@ -145,8 +142,11 @@ async fn register(
 async fn claim(core: &Core, tenant: &TenantId, robot: &RobotId, req: ClaimRequest) -> RobotReply<ClaimGrant> {
     let lease = core.config.job_lease;
     let result = core.store.claim(tenant, robot, req.session_id, req.job_id, req.offer_no, lease).await;
-    if matches!(result, Ok(Verdict::Accepted(_))) {
-        core.fleet.note_claim(tenant, robot);
+    if let Ok(Verdict::Accepted(claimed)) = &result {
+        if let Some(subject) = &claimed.offer_subject {
+            core.fleet.unoffered(tenant, subject);
+        }
+        core.fleet.started(tenant, robot, req.job_id);
         core.wake_relay.notify_one();
     }
     verdict(result, |c| ClaimGrant {
@@ -193,44 +193,43 @@ async fn complete(core: &Core, tenant: &TenantId, robot: &RobotId, req: Complete
         )
         .await;
     if matches!(result, Ok(Verdict::Accepted(()))) {
+        core.fleet.ended(tenant, robot, req.job_id);
         core.wake_relay.notify_one();
         core.wake_admission.notify_one();
     }
     verdict(result, |()| Ack {})
+}
+
+/// Bookkeeping after a job was given back (rejected or released).
+fn given_back(core: &Core, tenant: &TenantId, robot: &RobotId, job: fleet_schemas::JobId, back: &GivenBack) {
+    if let Some(subject) = &back.offered_on {
+        core.fleet.unoffered(tenant, subject);
+    } else {
+        core.fleet.ended(tenant, robot, job);
+    }
+    core.wake_relay.notify_one();
+    core.wake_admission.notify_one();
 }
 
 async fn reject(core: &Core, tenant: &TenantId, robot: &RobotId, req: RejectRequest) -> RobotReply<Ack> {
-    let result = core
-        .store
-        .give_back(
-            tenant,
-            robot,
-            req.job_id,
-            Some(req.offer_no),
-            req.attempt,
-            &req.reason,
-            true,
-            MAX_REJECTIONS,
-        )
-        .await;
-    if matches!(result, Ok(Verdict::Accepted(()))) {
-        tracing::info!(%robot, job_id = %req.job_id, reason = %req.reason, "offer rejected");
-        core.wake_relay.notify_one();
-        core.wake_admission.notify_one();
+    let max = core.config.max_rejections;
+    let (job, offer, attempt) = (req.job_id, Some(req.offer_no), req.attempt);
+    let result = core.store.give_back(tenant, robot, job, offer, attempt, &req.reason, true, max).await;
+    if let Ok(Verdict::Accepted(back)) = &result {
+        tracing::info!(%robot, job_id = %job, reason = %req.reason, failed = back.failed, "offer rejected");
+        given_back(core, tenant, robot, job, back);
     }
-    verdict(result, |()| Ack {})
+    verdict(result, |_| Ack {})
 }
 
 async fn release(core: &Core, tenant: &TenantId, robot: &RobotId, req: ReleaseRequest) -> RobotReply<Ack> {
-    let result = core
-        .store
-        .give_back(tenant, robot, req.job_id, None, Some(req.attempt), &req.reason, false, MAX_REJECTIONS)
-        .await;
-    if matches!(result, Ok(Verdict::Accepted(()))) {
-        core.wake_relay.notify_one();
-        core.wake_admission.notify_one();
+    let max = core.config.max_rejections;
+    let (job, attempt) = (req.job_id, Some(req.attempt));
+    let result = core.store.give_back(tenant, robot, job, None, attempt, &req.reason, false, max).await;
+    if let Ok(Verdict::Accepted(back)) = &result {
+        given_back(core, tenant, robot, job, back);
     }
-    verdict(result, |()| Ack {})
+    verdict(result, |_| Ack {})
 }
 
 async fn progress(core: &Core, tenant: &TenantId, payload: &[u8]) {

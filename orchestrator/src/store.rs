@@ -123,6 +123,8 @@ pub struct Inserted {
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub attempt: i32,
+    /// Where the claimed offer was (its place in the bookkeeping is freed).
+    pub offer_subject: Option<String>,
     pub format: String,
     pub workflow: Value,
     pub variables: serde_json::Map<String, Value>,
@@ -135,6 +137,15 @@ pub struct Claimed {
 pub enum Verdict<T> {
     Accepted(T),
     Refused(String),
+}
+
+/// What giving a job back did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GivenBack {
+    /// The job failed (too many rejections) instead of going back to pending.
+    pub failed: bool,
+    /// The subject of the offer it had, when it was given back before a claim.
+    pub offered_on: Option<String>,
 }
 
 /// A job that must be offered (again).
@@ -154,6 +165,14 @@ pub struct PendingJob {
     pub target_robot_id: Option<String>,
     pub waiting_reason: Option<String>,
     pub priority: i16,
+    /// `[{"robot_id", "reason", "at"}]` of the robots that rejected it.
+    pub rejections: Json<Vec<Rejection>>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Rejection {
+    pub robot_id: String,
+    pub reason: String,
 }
 
 #[derive(Clone)]
@@ -320,7 +339,7 @@ impl Store {
     /// Pending jobs, highest priority first, then oldest.
     pub async fn pending_jobs(&self, limit: i64) -> StoreResult<Vec<PendingJob>> {
         Ok(sqlx::query_as(
-            "SELECT job_id, tenant, requires, target_robot_id, waiting_reason, priority FROM jobs
+            "SELECT job_id, tenant, requires, target_robot_id, waiting_reason, priority, rejections FROM jobs
              WHERE status = 'pending' ORDER BY priority DESC, created_at LIMIT $1",
         )
         .bind(limit)
@@ -372,6 +391,51 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// What is in flight, to rebuild the leader's bookkeeping ([`crate::fleet::Snapshot`]).
+    pub async fn snapshot(&self) -> StoreResult<crate::fleet::Snapshot> {
+        let running: Vec<(String, String, Uuid)> = sqlx::query_as(
+            "SELECT tenant, robot_id, job_id FROM jobs WHERE status = 'running' AND robot_id IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let offered: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT tenant, offer_subject, count(*) FROM jobs
+             WHERE status = 'queued' AND offer_subject IS NOT NULL GROUP BY tenant, offer_subject",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(crate::fleet::Snapshot {
+            running: running.into_iter().map(|(t, r, j)| (t, r, JobId(j))).collect(),
+            offered,
+        })
+    }
+
+    /// `pending` → `failed` (every eligible robot rejected it).
+    pub async fn fail_pending(&self, job_id: JobId, message: &str, error_type: &str) -> StoreResult<bool> {
+        let epoch = self.epoch()?;
+        let sql = format!(
+            "WITH j AS (
+                UPDATE jobs SET status = 'failed', error_message = $2, error_type = $3, completed_at = now(),
+                    waiting_reason = NULL, history_seq = history_seq + 1
+                WHERE job_id = $1 AND status = 'pending' AND {}
+                RETURNING tenant, job_id, history_seq, attempt
+            ), h AS (
+                INSERT INTO job_history (tenant, job_id, seq, kind, attempt, data)
+                SELECT tenant, job_id, history_seq, 'job.failed', attempt, jsonb_build_object('error', $2::text) FROM j
+            )
+            SELECT count(*) FROM j",
+            fenced(4)
+        );
+        let (n,): (i64,) = sqlx::query_as(&sql)
+            .bind(uuid(job_id))
+            .bind(message)
+            .bind(error_type)
+            .bind(epoch)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
     }
 
     /// Queued jobs whose offer may be missing: never recorded in the stream (the orchestrator
@@ -478,7 +542,7 @@ impl Store {
                 SELECT tenant, job_id, robot_id, history_seq, 'job.started', attempt,
                        jsonb_build_object('robot_id', robot_id, 'offer_no', offer_no) FROM j
             )
-            SELECT attempt, format, workflow, variables, timeout_s, workflow_name FROM j",
+            SELECT attempt, format, workflow, variables, timeout_s, workflow_name, offer_subject FROM j",
             fenced(7)
         );
         let row = sqlx::query(&sql)
@@ -497,7 +561,7 @@ impl Store {
         // Not claimed: a repeat of our own claim, or refused. Read the job to tell.
         let row = sqlx::query(
             "SELECT status, offer_no, robot_id, session_id, attempt, format, workflow, variables, timeout_s,
-                    workflow_name
+                    workflow_name, NULL::text AS offer_subject
              FROM jobs WHERE job_id = $1 AND tenant = $2",
         )
         .bind(uuid(job_id))
@@ -643,11 +707,14 @@ impl Store {
         reason: &str,
         rejection: bool,
         max_rejections: i32,
-    ) -> StoreResult<Verdict<()>> {
+    ) -> StoreResult<Verdict<GivenBack>> {
         let epoch = self.epoch()?;
         let rejection_entry = json!([{ "robot_id": robot, "reason": reason, "at": OffsetDateTime::now_utc().unix_timestamp() }]);
         let sql = format!(
-            "WITH j AS (
+            "WITH prev AS (
+                SELECT job_id, status AS prev_status, offer_subject AS prev_subject FROM jobs
+                WHERE job_id = $1 AND tenant = $2 FOR UPDATE
+            ), j AS (
                 UPDATE jobs SET
                     rejections = CASE WHEN $7 THEN rejections || $8 ELSE rejections END,
                     status = CASE WHEN $7 AND jsonb_array_length(rejections) + 1 >= $9 THEN 'failed' ELSE 'pending' END,
@@ -673,10 +740,10 @@ impl Store {
                            'rejected_by_count', jsonb_array_length(rejections), 'error', error_message)
                 FROM j
             )
-            SELECT count(*) FROM j",
+            SELECT j.status, prev.prev_status, prev.prev_subject FROM j, prev",
             fenced(6)
         );
-        let (n,): (i64,) = sqlx::query_as(&sql)
+        let row: Option<(String, String, Option<String>)> = sqlx::query_as(&sql)
             .bind(uuid(job_id))
             .bind(tenant.as_str())
             .bind(offer_no)
@@ -687,10 +754,13 @@ impl Store {
             .bind(Json(rejection_entry))
             .bind(max_rejections)
             .bind(reason)
-            .fetch_one(&self.pool)
+            .fetch_optional(&self.pool)
             .await?;
-        if n > 0 {
-            Ok(Verdict::Accepted(()))
+        if let Some((status, prev_status, prev_subject)) = row {
+            Ok(Verdict::Accepted(GivenBack {
+                failed: status == "failed",
+                offered_on: if prev_status == "queued" { prev_subject } else { None },
+            }))
         } else {
             self.check_fence(epoch).await?;
             Ok(Verdict::Refused("the job is no longer held by this offer or attempt".into()))
@@ -1065,6 +1135,7 @@ fn claimed(row: &PgRow) -> Claimed {
     let workflow: Json<Value> = row.get("workflow");
     Claimed {
         attempt: row.get("attempt"),
+        offer_subject: row.get("offer_subject"),
         format: row.get("format"),
         workflow: workflow.0,
         variables: variables.0,

@@ -2,6 +2,7 @@
 //! offer watchdog and stale robots. Each pass looks at the record and moves it one step toward
 //! what it should be; every step is a compare-and-set, so running a pass twice is harmless.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,11 +11,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Core;
-use crate::fleet::Decision;
+use crate::fleet::{Decision, Placing};
 use crate::store::ToOffer;
 
 /// Pending jobs looked at per admission pass.
 const ADMIT_BATCH: i64 = 500;
+/// How often the bookkeeping is rebuilt from the database when nothing else triggers it.
+const RELOAD_EVERY: Duration = Duration::from_secs(5);
 
 /// Since when the leader has had both PostgreSQL and NATS. Leases are only expired after a full
 /// lease period of health, so an outage (during which robots cannot renew) does not make the
@@ -46,13 +49,19 @@ impl Health {
 pub async fn run(core: Arc<Core>, token: CancellationToken) {
     // Offers a previous leader may have committed but not published.
     republish_unrecorded(&core).await;
+    reload(&core).await;
     let mut last_watchdog = Instant::now();
+    let mut last_reload = Instant::now();
     loop {
         let db_ok = sqlx::query("SELECT 1").execute(&core.store.pool).await.is_ok();
         let nats_ok = core.client.connection_state() == async_nats::connection::State::Connected;
         core.health.observe(db_ok && nats_ok);
         if db_ok && nats_ok {
             pass(&core).await;
+            if last_reload.elapsed() >= RELOAD_EVERY {
+                last_reload = Instant::now();
+                reload(&core).await;
+            }
             if last_watchdog.elapsed() >= watchdog_interval(&core) {
                 last_watchdog = Instant::now();
                 watchdog(&core).await;
@@ -76,6 +85,7 @@ async fn pass(core: &Core) {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(jobs = n, "expired lapsed leases");
+                reload(core).await;
                 core.wake_relay.notify_one();
             }
             Err(e) => tracing::warn!(error = %e, "lease sweep failed"),
@@ -85,6 +95,7 @@ async fn pass(core: &Core) {
         Ok(0) => {}
         Ok(n) => {
             tracing::info!(jobs = n, "jobs timed out");
+            reload(core).await;
             core.wake_relay.notify_one();
         }
         Err(e) => tracing::warn!(error = %e, "timeout sweep failed"),
@@ -98,7 +109,7 @@ async fn pass(core: &Core) {
 }
 
 /// Offer pending jobs, highest priority first, where a robot can take them; record why the
-/// others wait.
+/// others wait; fail those every eligible robot rejected.
 async fn admit_pending(core: &Core) {
     let pending = match core.store.pending_jobs(ADMIT_BATCH).await {
         Ok(p) => p,
@@ -107,7 +118,9 @@ async fn admit_pending(core: &Core) {
             return;
         }
     };
+    core.fleet.begin_pass();
     let mut reasons = Vec::new();
+    let mut waiting: HashMap<TenantId, u32> = HashMap::new();
     for job in pending {
         let (Ok(tenant), Ok(requires)) = (TenantId::new(job.tenant.as_str()), Class::parse(&job.requires))
         else {
@@ -115,17 +128,18 @@ async fn admit_pending(core: &Core) {
             continue;
         };
         let target = job.target_robot_id.as_deref().and_then(|r| RobotId::new(r).ok());
-        match core.fleet.decide(&tenant, &requires, target.as_ref()) {
-            Decision::Offer { subject, target: to, class } => {
-                let ensured = match (&class, &target) {
-                    (Some(class), _) => core.fabric.ensure_class_consumer(&tenant, class).await.map(|_| ()),
-                    (None, Some(robot)) => {
-                        core.fabric.ensure_robot_consumer(&tenant, robot).await.map(|_| ())
-                    }
-                    (None, None) => Ok(()),
-                };
-                if let Err(e) = ensured {
+        let rejected: Vec<(String, String)> =
+            job.rejections.0.iter().map(|r| (r.robot_id.clone(), r.reason.clone())).collect();
+        let position = waiting.get(&tenant).copied().unwrap_or(0) + 1;
+        let placing =
+            Placing { tenant: &tenant, requires: &requires, target: target.as_ref(), rejected: &rejected };
+        match core.fleet.reserve(&placing, position, false) {
+            Decision::Offer { subject, target: to, class, robot } => {
+                if let Err(e) =
+                    crate::api::ensure_consumer(core, &tenant, class.as_ref(), robot.as_ref()).await
+                {
                     tracing::warn!(error = %e, "consumer not ready");
+                    core.fleet.unoffered(&tenant, &subject);
                     continue;
                 }
                 match core.store.admit(JobId(job.job_id), &subject, &to).await {
@@ -133,22 +147,39 @@ async fn admit_pending(core: &Core) {
                         core.wake_relay.notify_one();
                         core.offers.publish_or_log(&offer).await;
                     }
-                    Ok(None) => {}
+                    Ok(None) => core.fleet.unoffered(&tenant, &subject),
                     Err(e) => {
+                        core.fleet.unoffered(&tenant, &subject);
                         tracing::warn!(error = %e, "admission failed");
                         return;
                     }
                 }
             }
             Decision::Wait { reason } => {
+                *waiting.entry(tenant).or_default() += 1;
                 if job.waiting_reason.as_deref() != Some(reason.as_str()) {
                     reasons.push((job.job_id, reason));
+                }
+            }
+            Decision::Fail { reason } => {
+                match core.store.fail_pending(JobId(job.job_id), &reason, "rejected").await {
+                    Ok(_) => core.wake_relay.notify_one(),
+                    Err(e) => tracing::warn!(error = %e, "could not fail a rejected job"),
                 }
             }
         }
     }
     if let Err(e) = core.store.set_waiting_reasons(&reasons).await {
         tracing::warn!(error = %e, "cannot record waiting reasons");
+    }
+}
+
+/// Rebuild the leader's bookkeeping (running jobs per robot, waiting offers per subject) from
+/// the database, correcting any drift.
+pub(crate) async fn reload(core: &Core) {
+    match core.store.snapshot().await {
+        Ok(snap) => core.fleet.reload(&snap),
+        Err(e) => tracing::warn!(error = %e, "cannot reload the fleet bookkeeping"),
     }
 }
 
@@ -168,6 +199,7 @@ async fn watchdog(core: &Core) {
                 if core.fabric.jobs.get_raw_message(seq as u64).await.is_err()
                     && let Ok(true) = core.store.recall(job_id, offer_no, "offer message vanished").await
                 {
+                    reload(core).await;
                     tracing::warn!(%job_id, offer_no, "offer vanished from the stream; re-admitting");
                     core.wake_relay.notify_one();
                     core.wake_admission.notify_one();
