@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use fleet_schemas::api::{
     API_VERSION, ApiError, ApiRequest, ApiResult, Cancelled, Empty, Endpoint, GetById, JobStatus, ListJobs,
-    ListRobots, Pong, SubmitJob, Submitted,
+    ListRobots, Pong, QueueView, SubmitJob, Submitted,
 };
 use fleet_schemas::codec::{decode, encode};
 use fleet_schemas::workflow::{self, ParsedWorkflow};
@@ -45,6 +45,7 @@ pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
             })
             .await
         }
+        Some(Endpoint::ListQueues) => call(&msg.payload, |r: ApiRequest<Empty>| list_queues(&core, r)).await,
         Some(Endpoint::Ping) => {
             call(&msg.payload, |_: ApiRequest<Empty>| async {
                 Ok(Pong {
@@ -272,6 +273,29 @@ async fn get_robot(
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::NotFound { what: "robot".into() })
+}
+
+async fn list_queues(core: &Core, req: ApiRequest<Empty>) -> ApiResult<Vec<QueueView>> {
+    let waiting = core.store.pending_requirements(&req.tenant).await?;
+    Ok(core
+        .fleet
+        .classes(&req.tenant)
+        .into_iter()
+        .map(|load| QueueView {
+            class: load.class.name(),
+            capabilities: load.class.to_strings(),
+            waiting: waiting
+                .iter()
+                .filter(|(requires, _)| Class::parse(requires).is_ok_and(|r| load.class.is_superset(&r)))
+                .map(|(_, n)| *n as u32)
+                .sum(),
+            offered: load.offered,
+            running: load.running,
+            capacity: load.capacity,
+            online_robots: load.online_robots,
+            robots: load.robots,
+        })
+        .collect())
 }
 
 async fn cancel(core: &Core, req: ApiRequest<GetById<JobId>>) -> ApiResult<Cancelled> {

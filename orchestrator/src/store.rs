@@ -347,6 +347,16 @@ impl Store {
         .await?)
     }
 
+    /// Pending jobs of a tenant grouped by what they require.
+    pub async fn pending_requirements(&self, tenant: &TenantId) -> StoreResult<Vec<(Vec<String>, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT requires, count(*) FROM jobs WHERE tenant = $1 AND status = 'pending' GROUP BY requires",
+        )
+        .bind(tenant.as_str())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// `pending` → `queued` with the next offer number.
     pub async fn admit(&self, job_id: JobId, subject: &str, target: &str) -> StoreResult<Option<ToOffer>> {
         let epoch = self.epoch()?;

@@ -23,11 +23,12 @@ pub enum Endpoint {
     ListRobots,
     GetRobot,
     FleetSummary,
+    ListQueues,
     Ping,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 8] = [
+    pub const ALL: [Endpoint; 9] = [
         Endpoint::SubmitJob,
         Endpoint::GetJob,
         Endpoint::ListJobs,
@@ -35,6 +36,7 @@ impl Endpoint {
         Endpoint::ListRobots,
         Endpoint::GetRobot,
         Endpoint::FleetSummary,
+        Endpoint::ListQueues,
         Endpoint::Ping,
     ];
 
@@ -47,6 +49,7 @@ impl Endpoint {
             Endpoint::ListRobots => ("robots", "list"),
             Endpoint::GetRobot => ("robots", "get"),
             Endpoint::FleetSummary => ("fleet", "summary"),
+            Endpoint::ListQueues => ("queues", "list"),
             Endpoint::Ping => ("system", "ping"),
         }
     }
@@ -317,6 +320,24 @@ pub struct FleetSummary {
     pub total_jobs_today: u32,
     pub average_job_duration_seconds: f64,
     pub jobs_by_status: std::collections::BTreeMap<String, u32>,
+}
+
+/// One robot class of a tenant, for `GET /api/v1/queues`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueView {
+    /// The class name (`browser+shell`, or `any`).
+    pub class: String,
+    pub capabilities: Vec<String>,
+    /// Pending jobs this class could run (they may also fit other classes).
+    pub waiting: u32,
+    /// Offers handed to the class and not claimed yet.
+    pub offered: u32,
+    /// Jobs running on the class's robots.
+    pub running: u32,
+    /// Slots of the class's online robots.
+    pub capacity: u32,
+    pub online_robots: u32,
+    pub robots: u32,
 }
 
 #[cfg(test)]

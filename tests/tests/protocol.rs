@@ -508,7 +508,9 @@ async fn a_bad_database_url_is_a_clear_error_not_a_retry_loop() {
     let nats = NatsServer::start().await.unwrap();
     let config = fleet_orchestrator::Config {
         nats_url: nats.url(),
-        database_url: fleet_orchestrator::config::Secret("postgres://no-such-role@127.0.0.1:5432/fleet".into()),
+        database_url: fleet_orchestrator::config::Secret(
+            "postgres://no-such-role@127.0.0.1:5432/fleet".into(),
+        ),
         ..Default::default()
     };
     let result = tokio::time::timeout(WAIT, fleet_orchestrator::run(config, CancellationToken::new()))

@@ -1,10 +1,11 @@
-//! `GET /api/v1/metrics/fleet`: the orchestrator's `FleetSummary`, as is.
+//! `GET /api/v1/metrics/fleet` (the orchestrator's `FleetSummary`) and `GET /api/v1/queues`
+//! (one object per robot class: waiting, offered and running jobs, capacity, online robots).
 
 use axum::Extension;
 use axum::Json;
 use axum::extract::State;
 use fleet_schemas::RequestId;
-use fleet_schemas::api::{Empty, Endpoint, FleetSummary};
+use fleet_schemas::api::{Empty, Endpoint, FleetSummary, QueueView};
 
 use super::call;
 use crate::AppState;
@@ -17,4 +18,12 @@ pub async fn summary(
     Extension(request_id): Extension<RequestId>,
 ) -> Result<Json<FleetSummary>, HttpError> {
     call(&state, Endpoint::FleetSummary, request_id, &caller, Empty {}, CallKind::Retryable).await.map(Json)
+}
+
+pub async fn queues(
+    caller: Caller,
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+) -> Result<Json<Vec<QueueView>>, HttpError> {
+    call(&state, Endpoint::ListQueues, request_id, &caller, Empty {}, CallKind::Retryable).await.map(Json)
 }

@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/metrics/robots", get(robots::list))
         .route("/api/v1/metrics/robots/{robot_id}", get(robots::get))
         .route("/api/v1/metrics/fleet", get(fleet::summary))
+        .route("/api/v1/queues", get(fleet::queues))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

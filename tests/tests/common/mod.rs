@@ -69,10 +69,19 @@ pub fn orchestrator_config(nats: &NatsServer, db: &TestDb) -> fleet_orchestrator
 impl Stack {
     /// nats-server, database, orchestrator and gateway (dev mode); no robots yet.
     pub async fn start() -> Stack {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`Stack::start`], with the orchestrator's configuration adjusted.
+    pub async fn start_with(adjust: impl FnOnce(&mut fleet_orchestrator::Config)) -> Stack {
         fleet_tests::init_tracing();
         let nats = NatsServer::start().await.expect("nats-server starts");
         let db = TestDb::create().await.expect("test database");
-        let orchestrator = Some(Self::spawn_orchestrator(&nats, &db));
+        let mut config = orchestrator_config(&nats, &db);
+        adjust(&mut config);
+        let token = CancellationToken::new();
+        let task = tokio::spawn(fleet_orchestrator::run(config, token.clone()));
+        let orchestrator = Some(Part { token, task });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let token = CancellationToken::new();
@@ -128,6 +137,24 @@ impl Stack {
         let token = CancellationToken::new();
         let task = tokio::spawn(fleet_robot::run(config, token.clone()));
         self.robots.push(Part { token, task });
+    }
+
+    /// A robot with executors of the test's choosing.
+    pub fn start_robot_with(&mut self, config: fleet_robot::RobotConfig, executors: fleet_robot::Executors) {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(fleet_robot::run_with_executors(config, executors, token.clone()));
+        self.robots.push(Part { token, task });
+    }
+
+    /// Wait until `n` robots are online (registered and heartbeating).
+    pub async fn wait_robots_online(&self, n: usize) {
+        wait_for(format!("{n} robots online"), WAIT, || async {
+            let (_, robots) = self.get("/api/v1/metrics/robots").await;
+            let online = robots.as_array()?.iter().filter(|r| r["status"] != "offline").count();
+            (online >= n).then_some(())
+        })
+        .await
+        .unwrap();
     }
 
     pub fn dir(&self, name: &str) -> PathBuf {
