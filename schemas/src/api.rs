@@ -24,11 +24,12 @@ pub enum Endpoint {
     GetRobot,
     FleetSummary,
     ListQueues,
+    RobotCommand,
     Ping,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 9] = [
+    pub const ALL: [Endpoint; 10] = [
         Endpoint::SubmitJob,
         Endpoint::GetJob,
         Endpoint::ListJobs,
@@ -37,6 +38,7 @@ impl Endpoint {
         Endpoint::GetRobot,
         Endpoint::FleetSummary,
         Endpoint::ListQueues,
+        Endpoint::RobotCommand,
         Endpoint::Ping,
     ];
 
@@ -50,6 +52,7 @@ impl Endpoint {
             Endpoint::GetRobot => ("robots", "get"),
             Endpoint::FleetSummary => ("fleet", "summary"),
             Endpoint::ListQueues => ("queues", "list"),
+            Endpoint::RobotCommand => ("robots", "command"),
             Endpoint::Ping => ("system", "ping"),
         }
     }
@@ -320,6 +323,47 @@ pub struct FleetSummary {
     pub total_jobs_today: u32,
     pub average_job_duration_seconds: f64,
     pub jobs_by_status: std::collections::BTreeMap<String, u32>,
+}
+
+/// A command to one robot or to every robot matching a filter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RobotCommandRequest {
+    pub target: CommandTarget,
+    pub command: RobotCommand,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CommandTarget {
+    /// One robot (404 when it is not in the tenant).
+    Robot { robot_id: RobotId },
+    /// Every robot of the tenant with this status (if given) that has all these capabilities.
+    Filter { status: Option<RobotStatus>, capabilities: Vec<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RobotCommand {
+    /// Finish running jobs, take no new ones, stay online.
+    Pause,
+    /// Take work again (ends pause and maintenance).
+    Resume,
+    /// Maintenance on (like pause, status `maintenance`) or off.
+    Maintenance { on: bool },
+    /// Finish running jobs, then exit.
+    Drain,
+    /// Exit: like drain; with `force`, release running jobs at once.
+    Stop { force: bool },
+    /// Drain, then start again.
+    Restart,
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    /// Robots told (their desired state changed).
+    pub robots: Vec<String>,
+    pub command: RobotCommand,
 }
 
 /// One robot class of a tenant, for `GET /api/v1/queues`.

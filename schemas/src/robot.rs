@@ -192,6 +192,40 @@ pub enum RobotRunState {
     Stopping,
 }
 
+/// What a robot should be doing, as the orchestrator keeps it (PostgreSQL and the
+/// `fleet_commands` bucket). `mode` persists across restarts of the robot; `stop` applies only to
+/// the session it names, so a robot started again after a stop does not stop at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub v: u32,
+    pub mode: RobotMode,
+    pub stop: Option<StopOrder>,
+    /// Increases with every command, so a robot can tell a new one from one it already obeyed.
+    pub revision: i64,
+}
+
+/// Whether a robot takes new work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RobotMode {
+    /// Take work.
+    Online,
+    /// Finish running jobs, take no new ones, stay online.
+    Paused,
+    /// Like paused, shown as `maintenance`.
+    Maintenance,
+}
+
+/// Stop one session of a robot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopOrder {
+    pub session_id: SessionId,
+    /// Release running jobs at once instead of letting them finish (within the grace period).
+    pub force: bool,
+    /// Start again after stopping (the binary re-executes itself).
+    pub restart: bool,
+}
+
 /// A running job in a heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunningJob {
@@ -248,6 +282,18 @@ mod tests {
         let r: RobotReply<Ack> = RobotReply::Refused { reason: "superseded".into() };
         let back: RobotReply<Ack> = decode("reply", &encode(&r)).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn desired_state_roundtrip() {
+        let d = DesiredState {
+            v: 1,
+            mode: RobotMode::Maintenance,
+            stop: Some(StopOrder { session_id: SessionId::new(), force: true, restart: false }),
+            revision: 7,
+        };
+        let back: DesiredState = decode("desired state", &encode(&d)).unwrap();
+        assert_eq!(back, d);
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub const LOGS_STREAM: &str = "FLEET_LOGS";
 pub const LOGS_SUBJECTS: &str = "fleet.logs.>";
 /// KV bucket of robot heartbeats.
 pub const ROBOTS_BUCKET: &str = "fleet_robots";
+/// KV bucket of robots' desired state (commands), written by the orchestrator, watched by each
+/// robot for its own key. A robot that was disconnected when a command was given reads the latest
+/// value when it comes back.
+pub const COMMANDS_BUCKET: &str = "fleet_commands";
 /// Priority group every robot pulls in (consumers use the `prioritized` policy).
 pub const PULL_GROUP: &str = "robots";
 /// Queue group the orchestrators serve API and robot requests in.
@@ -87,6 +91,11 @@ pub fn heartbeat_key(tenant: &TenantId, robot: &RobotId) -> String {
 /// Subject a heartbeat is published to (the KV bucket's subject for the key).
 pub fn heartbeat_subject(tenant: &TenantId, robot: &RobotId) -> String {
     format!("$KV.{ROBOTS_BUCKET}.{tenant}.{robot}")
+}
+
+/// Key of a robot in [`COMMANDS_BUCKET`] (same shape as its heartbeat key).
+pub fn command_key(tenant: &TenantId, robot: &RobotId) -> String {
+    heartbeat_key(tenant, robot)
 }
 
 /// Split a heartbeat key back into tenant and robot.
