@@ -73,6 +73,8 @@ fn robot_view(id: &str) -> RobotView {
         name: id.into(),
         hostname: "host".into(),
         status: RobotStatus::Busy,
+        state: "online".into(),
+        desired_state: "online".into(),
         environment: "default".into(),
         capabilities: vec!["shell".into()],
         tags: vec![],

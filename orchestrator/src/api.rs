@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use fleet_schemas::api::{
     API_VERSION, ApiError, ApiRequest, ApiResult, Cancelled, Empty, Endpoint, GetById, JobStatus, ListJobs,
-    ListRobots, Pong, QueueView, SubmitJob, Submitted,
+    ListRobots, Pong, QueueView, RobotCommandRequest, SubmitJob, Submitted,
 };
 use fleet_schemas::codec::{decode, encode};
 use fleet_schemas::workflow::{self, ParsedWorkflow};
@@ -44,6 +44,9 @@ pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
                 Ok(core.store.fleet_summary(&r.tenant).await?)
             })
             .await
+        }
+        Some(Endpoint::RobotCommand) => {
+            call(&msg.payload, |r: ApiRequest<RobotCommandRequest>| crate::commands::command(&core, r)).await
         }
         Some(Endpoint::ListQueues) => call(&msg.payload, |r: ApiRequest<Empty>| list_queues(&core, r)).await,
         Some(Endpoint::Ping) => {
@@ -81,11 +84,11 @@ where
     encode(&result)
 }
 
-fn past_deadline<T>(req: &ApiRequest<T>) -> bool {
+pub(crate) fn past_deadline<T>(req: &ApiRequest<T>) -> bool {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64 > req.deadline_unix_ms
 }
 
-fn deadline_error() -> ApiError {
+pub(crate) fn deadline_error() -> ApiError {
     ApiError::Unavailable {
         message: "request deadline passed before it could be committed".into(),
         retry_after_s: 1,

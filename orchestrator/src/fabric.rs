@@ -52,6 +52,8 @@ pub struct Fabric {
     pub js: jetstream::Context,
     pub jobs: stream::Stream,
     pub robots_kv: kv::Store,
+    /// Desired state of each robot (commands); each robot watches its own key.
+    pub commands_kv: kv::Store,
     known_consumers: Mutex<HashSet<String>>,
     ack_wait: Duration,
 }
@@ -115,10 +117,26 @@ impl Fabric {
                 .await
                 .map_err(|e| setup(subjects::ROBOTS_BUCKET)(e.into()))?,
         };
+        let commands_kv = match js.get_key_value(subjects::COMMANDS_BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: subjects::COMMANDS_BUCKET.to_owned(),
+                    description:
+                        "Fleet robots' desired state (pause, maintenance, stop); robots watch their key"
+                            .into(),
+                    history: 1,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| setup(subjects::COMMANDS_BUCKET)(e.into()))?,
+        };
         Ok(Self {
             js,
             jobs,
             robots_kv,
+            commands_kv,
             known_consumers: Mutex::new(HashSet::new()),
             ack_wait: config.offer_ack_wait,
         })

@@ -71,6 +71,19 @@ struct TenantView {
     blocked: HashMap<Class, u32>,
 }
 
+/// What a heartbeat changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeartbeatChange {
+    /// Admission should run again.
+    pub admission: bool,
+    /// The robot's status changed: (from, to).
+    pub status: Option<(&'static str, &'static str)>,
+}
+
+fn state_name(s: RobotRunState) -> &'static str {
+    crate::store::run_state_str(s)
+}
+
 /// Where admission sends a job, or why it waits, or why it can never run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -172,22 +185,29 @@ impl FleetView {
         entry.last_seen = Instant::now();
     }
 
-    /// A heartbeat arrived. Returns true when something admission cares about changed (the
-    /// robot came online, changed state, class or slots).
-    pub fn heartbeat(&self, hb: &Heartbeat) -> bool {
+    /// A heartbeat arrived. Says whether something admission cares about changed (the robot
+    /// came online, changed state, class or slots) and, when its status changed, from what.
+    pub fn heartbeat(&self, hb: &Heartbeat) -> HeartbeatChange {
         let class = match Class::parse(&hb.capabilities) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(robot = %hb.robot_id, error = %e, "heartbeat with invalid capabilities ignored");
-                return false;
+                return HeartbeatChange::default();
             }
         };
         let mut tenants = self.tenants.write().expect("not poisoned");
         let view = tenants.entry(hb.tenant.clone()).or_default();
+        let known = view.robots.contains_key(&hb.robot_id);
         let entry = view
             .robots
             .entry(hb.robot_id.clone())
             .or_insert_with(|| RobotEntry::new(class.clone(), hb.max_jobs, hb.session_id));
+        let before = match (known, entry.online) {
+            (false, _) => None,
+            (true, true) => Some(state_name(entry.state)),
+            (true, false) => Some("offline"),
+        };
+        let status = before.filter(|b| *b != state_name(hb.state)).map(|b| (b, state_name(hb.state)));
         let changed =
             !entry.online || entry.state != hb.state || entry.class != class || entry.max_jobs != hb.max_jobs;
         entry.class = class;
@@ -196,7 +216,7 @@ impl FleetView {
         entry.session = hb.session_id;
         entry.online = true;
         entry.last_seen = Instant::now();
-        changed
+        HeartbeatChange { admission: changed, status }
     }
 
     /// The robot's heartbeat expired. Returns true when it was online.

@@ -95,8 +95,16 @@ async fn on_entry(core: &Core, entry: async_nats::jetstream::kv::Entry) {
                 tracing::warn!(key = %entry.key, "ignoring heartbeat whose body names another robot");
                 return;
             }
-            if core.fleet.heartbeat(&hb) {
+            let change = core.fleet.heartbeat(&hb);
+            if change.admission {
                 core.wake_admission.notify_one();
+            }
+            if let Some((from, to)) = change.status {
+                let data = serde_json::json!({"from": from, "to": to});
+                match core.store.robot_event(&tenant, &robot, "robot.status_changed", data).await {
+                    Ok(()) => core.wake_relay.notify_one(),
+                    Err(e) => tracing::debug!(error = %e, "status change not recorded"),
+                }
             }
             if let Err(e) = core.store.robot_heartbeat(&hb).await {
                 tracing::debug!(error = %e, "heartbeat not recorded");

@@ -6,6 +6,7 @@
 //! may run; one leads (see [`leader`]) and the others stand by.
 
 pub mod api;
+pub mod commands;
 pub mod config;
 pub mod fabric;
 pub mod fleet;

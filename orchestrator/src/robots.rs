@@ -126,6 +126,12 @@ async fn register(
         Ok(_) => {}
         Err(e) => return unavailable(e),
     }
+    // Re-send the robot's desired state, in case the bucket lost it (or it never got it).
+    match core.store.desired_state(tenant, robot).await {
+        Ok(Some(desired)) => crate::commands::publish_desired(core, tenant, robot, &desired).await,
+        Ok(None) => {}
+        Err(e) => return unavailable(e),
+    }
     core.fleet.register(tenant, robot, class, req.max_jobs, req.session_id);
     core.wake_relay.notify_one();
     core.wake_admission.notify_one();

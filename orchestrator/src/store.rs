@@ -974,6 +974,91 @@ impl Store {
         Ok(true)
     }
 
+    /// Apply a command to a robot's desired state; returns the new state, or `None` when the
+    /// command stops a session and the robot has none.
+    pub async fn apply_command(
+        &self,
+        tenant: &TenantId,
+        robot: &RobotId,
+        command: fleet_schemas::api::RobotCommand,
+    ) -> StoreResult<Option<fleet_schemas::robot::DesiredState>> {
+        let epoch = self.epoch()?;
+        let (mode, stop) = crate::commands::effect(command);
+        let sql = format!(
+            "WITH up AS (
+                UPDATE robots SET
+                    desired_mode = coalesce($3, desired_mode),
+                    desired_stop = CASE WHEN $4 THEN jsonb_build_object('session_id', session_id, 'force', $5::bool,
+                                                                     'restart', $6::bool)
+                                        ELSE desired_stop END,
+                    command_revision = command_revision + 1, updated_at = now()
+                WHERE tenant = $1 AND robot_id = $2 AND (NOT $4 OR session_id IS NOT NULL) AND {}
+                RETURNING tenant, robot_id, desired_mode, desired_stop, command_revision
+             ), h AS (
+                INSERT INTO job_history (tenant, robot_id, kind, data)
+                SELECT tenant, robot_id, 'robot.command', jsonb_build_object('command', $8::jsonb,
+                    'desired_mode', desired_mode, 'stop', desired_stop) FROM up
+             )
+             SELECT desired_mode, desired_stop, command_revision FROM up",
+            fenced(7)
+        );
+        let row: Option<(String, Option<Json<Value>>, i64)> = sqlx::query_as(&sql)
+            .bind(tenant.as_str())
+            .bind(robot.as_str())
+            .bind(mode)
+            .bind(stop.is_some())
+            .bind(stop.is_some_and(|s| s.0))
+            .bind(stop.is_some_and(|s| s.1))
+            .bind(epoch)
+            .bind(Json(serde_json::to_value(command).unwrap_or_default()))
+            .fetch_optional(&self.pool)
+            .await?;
+        if row.is_none() {
+            self.check_fence(epoch).await?;
+        }
+        Ok(row.map(desired_state))
+    }
+
+    /// A robot's desired state as recorded.
+    pub async fn desired_state(
+        &self,
+        tenant: &TenantId,
+        robot: &RobotId,
+    ) -> StoreResult<Option<fleet_schemas::robot::DesiredState>> {
+        let row: Option<(String, Option<Json<Value>>, i64)> = sqlx::query_as(
+            "SELECT desired_mode, desired_stop, command_revision FROM robots WHERE tenant = $1 AND robot_id = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(robot.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(desired_state))
+    }
+
+    /// Record a robot event (status change) as a history row, published as an event.
+    pub async fn robot_event(
+        &self,
+        tenant: &TenantId,
+        robot: &RobotId,
+        kind: &str,
+        data: Value,
+    ) -> StoreResult<()> {
+        let epoch = self.epoch()?;
+        let sql = format!(
+            "INSERT INTO job_history (tenant, robot_id, kind, data) SELECT $1, $2, $3, $4 WHERE {}",
+            fenced(5)
+        );
+        sqlx::query(&sql)
+            .bind(tenant.as_str())
+            .bind(robot.as_str())
+            .bind(kind)
+            .bind(Json(data))
+            .bind(epoch)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Record a heartbeat's figures (not a state change: no history row).
     pub async fn robot_heartbeat(&self, hb: &fleet_schemas::robot::Heartbeat) -> StoreResult<()> {
         sqlx::query(
@@ -1130,6 +1215,24 @@ impl Store {
     }
 }
 
+fn desired_state(row: (String, Option<Json<Value>>, i64)) -> fleet_schemas::robot::DesiredState {
+    use fleet_schemas::robot::{DesiredState, RobotMode, StopOrder};
+    let (mode, stop, revision) = row;
+    let mode = match mode.as_str() {
+        "paused" => RobotMode::Paused,
+        "maintenance" => RobotMode::Maintenance,
+        _ => RobotMode::Online,
+    };
+    let stop = stop.and_then(|Json(v)| {
+        Some(StopOrder {
+            session_id: SessionId(v.get("session_id")?.as_str()?.parse().ok()?),
+            force: v.get("force")?.as_bool()?,
+            restart: v.get("restart")?.as_bool()?,
+        })
+    });
+    DesiredState { v: 1, mode, stop, revision }
+}
+
 pub fn run_state_str(s: RobotRunState) -> &'static str {
     match s {
         RobotRunState::Online => "online",
@@ -1218,6 +1321,8 @@ fn robot_view(row: &PgRow) -> RobotView {
         name: row.get("name"),
         hostname: row.get("hostname"),
         status,
+        state: run_state,
+        desired_state: row.get("desired_mode"),
         environment: row.get("environment"),
         capabilities: row.get("capabilities"),
         tags: row.get("tags"),

@@ -292,6 +292,11 @@ pub struct RobotView {
     pub name: String,
     pub hostname: String,
     pub status: RobotStatus,
+    /// What the robot reports it is doing: `online`, `paused`, `maintenance`, `draining`,
+    /// `stopping`.
+    pub state: String,
+    /// What it was told to do: `online`, `paused` or `maintenance`.
+    pub desired_state: String,
     pub environment: String,
     pub capabilities: Vec<String>,
     pub tags: Vec<String>,

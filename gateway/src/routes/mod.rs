@@ -8,6 +8,7 @@
 //! Ids in paths that are not even well-formed answer 404, exactly like ids that do not exist or
 //! belong to another tenant, so a response never tells them apart.
 
+pub mod commands;
 pub mod fleet;
 pub mod health;
 pub mod jobs;
@@ -41,6 +42,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{job_id}/cancel", post(jobs::cancel))
         .route("/api/v1/metrics/robots", get(robots::list))
         .route("/api/v1/metrics/robots/{robot_id}", get(robots::get))
+        .route("/api/v1/robots/commands", post(commands::bulk))
+        .route("/api/v1/robots/{robot_id}/status", axum::routing::put(commands::set_status))
+        .route("/api/v1/robots/{robot_id}/{action}", post(commands::robot_action))
         .route("/api/v1/metrics/fleet", get(fleet::summary))
         .route("/api/v1/queues", get(fleet::queues))
         .fallback(no_route)

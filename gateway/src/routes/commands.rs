@@ -1,0 +1,188 @@
+//! Robot commands: `POST /api/v1/robots/{robot_id}/{start|stop|pause|resume|restart}`,
+//! `PUT /api/v1/robots/{robot_id}/status` and `POST /api/v1/robots/commands` (bulk).
+//!
+//! A command changes the robot's desired state in the orchestrator, which the robot obeys (also
+//! when it comes back after being disconnected). The Canvas posts the per-robot commands with
+//! no body and tests the answer for truth, so every answer is a non-empty object; `stop` takes
+//! an optional `{"force": true}`.
+
+use axum::Extension;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use fleet_schemas::api::{
+    CommandResult, CommandTarget, Endpoint, GetById, RobotCommand, RobotCommandRequest, RobotStatus,
+    RobotView,
+};
+use fleet_schemas::{RequestId, RobotId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::call;
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::{CallKind, HttpError};
+use crate::extract::{JsonBody, parse_json};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopBody {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /api/v1/robots/{robot_id}/{action}`.
+pub async fn robot_action(
+    caller: Caller,
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    Path((robot_id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, HttpError> {
+    let robot_id = RobotId::new(robot_id).map_err(|_| HttpError::not_found("robot"))?;
+    let command = match action.as_str() {
+        "start" | "resume" => RobotCommand::Resume,
+        "pause" => RobotCommand::Pause,
+        "restart" => RobotCommand::Restart,
+        "stop" => {
+            // The body is optional; when present it must be `{"force": bool}`.
+            let stop: StopBody = if body.iter().all(u8::is_ascii_whitespace) {
+                StopBody::default()
+            } else {
+                parse_json(&body)?
+            };
+            RobotCommand::Stop { force: stop.force }
+        }
+        _ => return Err(HttpError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+    };
+    let result =
+        send(&state, request_id, &caller, CommandTarget::Robot { robot_id: robot_id.clone() }, command)
+            .await?;
+    Ok(Json(json!({
+        "robot_id": robot_id,
+        "action": action,
+        "accepted": !result.robots.is_empty(),
+        "message": message(command, result.robots.len()),
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusBody {
+    status: String,
+}
+
+/// `PUT /api/v1/robots/{robot_id}/status` with `{"status": "maintenance"}` or `"online"`/`"idle"`;
+/// answers the robot object.
+pub async fn set_status(
+    caller: Caller,
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    Path(robot_id): Path<String>,
+    JsonBody(body): JsonBody<StatusBody>,
+) -> Result<Json<Value>, HttpError> {
+    let robot_id = RobotId::new(robot_id).map_err(|_| HttpError::not_found("robot"))?;
+    let command = match body.status.as_str() {
+        "maintenance" => RobotCommand::Maintenance { on: true },
+        "online" | "idle" => RobotCommand::Maintenance { on: false },
+        "paused" => RobotCommand::Pause,
+        _ => {
+            return Err(HttpError::invalid(
+                "status",
+                "can be set to maintenance, online (or idle) or paused; busy, offline and error are reported by the robot",
+            ));
+        }
+    };
+    send(&state, request_id, &caller, CommandTarget::Robot { robot_id: robot_id.clone() }, command).await?;
+    let robot: RobotView =
+        call(&state, Endpoint::GetRobot, request_id, &caller, GetById { id: robot_id }, CallKind::Retryable)
+            .await?;
+    Ok(Json(serde_json::to_value(robot).map_err(|e| HttpError::internal(e.to_string()))?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkBody {
+    /// pause, resume, maintenance, online, drain, stop, restart
+    command: String,
+    #[serde(default)]
+    force: bool,
+    /// Only robots with this status (idle = online).
+    #[serde(default)]
+    status: Option<String>,
+    /// Only robots with all these capabilities.
+    #[serde(default)]
+    capabilities: Vec<String>,
+}
+
+/// `POST /api/v1/robots/commands`: one command for every robot of the tenant matching the filter.
+pub async fn bulk(
+    caller: Caller,
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    JsonBody(body): JsonBody<BulkBody>,
+) -> Result<Json<Value>, HttpError> {
+    let command = match body.command.as_str() {
+        "pause" => RobotCommand::Pause,
+        "resume" | "start" => RobotCommand::Resume,
+        "maintenance" => RobotCommand::Maintenance { on: true },
+        "online" => RobotCommand::Maintenance { on: false },
+        "drain" => RobotCommand::Drain,
+        "stop" => RobotCommand::Stop { force: body.force },
+        "restart" => RobotCommand::Restart,
+        _ => {
+            return Err(HttpError::invalid(
+                "command",
+                "must be one of pause, resume, maintenance, online, drain, stop, restart",
+            ));
+        }
+    };
+    let status = body
+        .status
+        .as_deref()
+        .map(|s| {
+            RobotStatus::parse(s).ok_or_else(|| {
+                HttpError::invalid("status", "must be one of idle, online, busy, offline, maintenance, error")
+            })
+        })
+        .transpose()?;
+    for (i, cap) in body.capabilities.iter().enumerate() {
+        fleet_schemas::Capability::new(cap.as_str())
+            .map_err(|e| HttpError::invalid(format!("capabilities[{i}]"), e.to_string()))?;
+    }
+    let target = CommandTarget::Filter { status, capabilities: body.capabilities };
+    let result = send(&state, request_id, &caller, target, command).await?;
+    Ok(Json(json!({
+        "command": body.command,
+        "count": result.robots.len(),
+        "robots": result.robots,
+        "message": message(command, result.robots.len()),
+    })))
+}
+
+async fn send(
+    state: &AppState,
+    request_id: RequestId,
+    caller: &Caller,
+    target: CommandTarget,
+    command: RobotCommand,
+) -> Result<CommandResult, HttpError> {
+    // Commands set a desired state: repeating one is harmless, so a lost answer is retryable.
+    let req = RobotCommandRequest { target, command };
+    call(state, Endpoint::RobotCommand, request_id, caller, req, CallKind::Retryable).await
+}
+
+fn message(command: RobotCommand, n: usize) -> String {
+    let what = match command {
+        RobotCommand::Pause => "pause (finish running jobs, take no new ones)",
+        RobotCommand::Resume => "resume taking work",
+        RobotCommand::Maintenance { on: true } => "enter maintenance",
+        RobotCommand::Maintenance { on: false } => "leave maintenance",
+        RobotCommand::Drain => "drain and exit",
+        RobotCommand::Stop { force: false } => "finish running jobs and stop",
+        RobotCommand::Stop { force: true } => "hand back running jobs and stop now",
+        RobotCommand::Restart => "drain and restart",
+    };
+    format!("{n} robot{} told to {what}", if n == 1 { "" } else { "s" })
+}
