@@ -48,6 +48,12 @@ pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
         Some(Endpoint::RobotCommand) => {
             call(&msg.payload, |r: ApiRequest<RobotCommandRequest>| crate::commands::command(&core, r)).await
         }
+        Some(Endpoint::VerifyKey) => call(&msg.payload, |r| crate::keys::verify(&core, r)).await,
+        Some(Endpoint::CreateKey) => call(&msg.payload, |r| crate::keys::create_api(&core, r)).await,
+        Some(Endpoint::ListKeys) => call(&msg.payload, |r| crate::keys::list(&core, r)).await,
+        Some(Endpoint::RevokeKey) => call(&msg.payload, |r| crate::keys::revoke(&core, r)).await,
+        Some(Endpoint::RotateKey) => call(&msg.payload, |r| crate::keys::rotate(&core, r)).await,
+        Some(Endpoint::DeleteKey) => call(&msg.payload, |r| crate::keys::delete(&core, r)).await,
         Some(Endpoint::ListQueues) => call(&msg.payload, |r: ApiRequest<Empty>| list_queues(&core, r)).await,
         Some(Endpoint::Ping) => {
             call(&msg.payload, |_: ApiRequest<Empty>| async {

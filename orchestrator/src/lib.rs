@@ -11,6 +11,7 @@ pub mod config;
 pub mod fabric;
 pub mod fleet;
 pub mod heartbeats;
+pub mod keys;
 pub mod leader;
 pub mod offers;
 pub mod relay;
@@ -144,7 +145,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-async fn connect_db(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Option<sqlx::PgPool>> {
+pub(crate) async fn connect_db(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Option<sqlx::PgPool>> {
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt = PgPoolOptions::new()

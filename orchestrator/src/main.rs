@@ -11,10 +11,38 @@ use tokio_util::sync::CancellationToken;
 /// Start as many as you like: one leads, the others stand by and take over within seconds.
 #[derive(Parser, Debug)]
 #[command(name = "fleet-orchestrator", version, about, long_about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Run the orchestrator (the default).
+    Run,
+    /// Manage API keys directly in the database (for the first admin key of a tenant).
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ApiKeyCommand {
+    /// Create a key and print it once (only its hash is stored).
+    Create {
+        /// The tenant the key belongs to ([a-z0-9-]{1,63}).
+        #[arg(long)]
+        tenant: String,
+        /// admin (keys, robots), operator (submit, cancel, retry, robot commands) or viewer (read only).
+        #[arg(long, default_value = "admin")]
+        role: String,
+        /// A name to recognise the key by.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+}
 
 fn main() -> std::process::ExitCode {
-    let _cli = Cli::parse();
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -37,6 +65,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Some(Command::ApiKey(ApiKeyCommand::Create { tenant, role, name })) = cli.command {
+        return runtime.block_on(create_key(config, tenant, role, name));
+    }
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
@@ -73,4 +104,34 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+async fn create_key(
+    config: fleet_orchestrator::Config,
+    tenant: String,
+    role: String,
+    name: String,
+) -> std::process::ExitCode {
+    let tenant = match fleet_schemas::TenantId::new(tenant) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("fleet-orchestrator: --tenant: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let Some(role) = fleet_schemas::keys::Role::parse(&role) else {
+        eprintln!("fleet-orchestrator: --role must be admin, operator or viewer");
+        return std::process::ExitCode::from(2);
+    };
+    match fleet_orchestrator::keys::create_with_config(&config, &tenant, role, &name).await {
+        Ok(key) => {
+            println!("{key}");
+            eprintln!("API key for tenant {tenant} with role {role} created; it is shown only this once.");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleet-orchestrator: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

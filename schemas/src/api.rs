@@ -25,11 +25,17 @@ pub enum Endpoint {
     FleetSummary,
     ListQueues,
     RobotCommand,
+    VerifyKey,
+    CreateKey,
+    ListKeys,
+    RevokeKey,
+    RotateKey,
+    DeleteKey,
     Ping,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 10] = [
+    pub const ALL: [Endpoint; 16] = [
         Endpoint::SubmitJob,
         Endpoint::GetJob,
         Endpoint::ListJobs,
@@ -39,6 +45,12 @@ impl Endpoint {
         Endpoint::FleetSummary,
         Endpoint::ListQueues,
         Endpoint::RobotCommand,
+        Endpoint::VerifyKey,
+        Endpoint::CreateKey,
+        Endpoint::ListKeys,
+        Endpoint::RevokeKey,
+        Endpoint::RotateKey,
+        Endpoint::DeleteKey,
         Endpoint::Ping,
     ];
 
@@ -53,6 +65,12 @@ impl Endpoint {
             Endpoint::FleetSummary => ("fleet", "summary"),
             Endpoint::ListQueues => ("queues", "list"),
             Endpoint::RobotCommand => ("robots", "command"),
+            Endpoint::VerifyKey => ("keys", "verify"),
+            Endpoint::CreateKey => ("keys", "create"),
+            Endpoint::ListKeys => ("keys", "list"),
+            Endpoint::RevokeKey => ("keys", "revoke"),
+            Endpoint::RotateKey => ("keys", "rotate"),
+            Endpoint::DeleteKey => ("keys", "delete"),
             Endpoint::Ping => ("system", "ping"),
         }
     }
@@ -369,6 +387,97 @@ pub struct CommandResult {
     /// Robots told (their desired state changed).
     pub robots: Vec<String>,
     pub command: RobotCommand,
+}
+
+/// Check a presented key (`Endpoint::VerifyKey`). The envelope's tenant is ignored: the key
+/// says which tenant it belongs to.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyKey {
+    pub key_id: String,
+    /// Hex SHA-256 of the secret ([`crate::keys::secret_hash`]); the secret itself never travels.
+    pub secret_sha256: String,
+}
+
+impl std::fmt::Debug for VerifyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VerifyKey({})", self.key_id)
+    }
+}
+
+/// Who a valid key is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyIdentity {
+    pub key_id: String,
+    pub tenant: TenantId,
+    pub role: crate::keys::Role,
+}
+
+/// Create a key in the caller's tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateKey {
+    pub name: String,
+    pub role: crate::keys::Role,
+    pub description: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    /// A key for one robot (the Canvas's robot keys).
+    pub robot_id: Option<RobotId>,
+}
+
+/// A key as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyView {
+    pub id: String,
+    pub name: String,
+    pub key_name: String,
+    pub description: Option<String>,
+    pub role: crate::keys::Role,
+    /// `active`, `revoked` or `expired`.
+    pub status: String,
+    pub robot_id: Option<String>,
+    pub robot_name: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<OffsetDateTime>,
+    pub last_used_ip: Option<String>,
+}
+
+/// A new key: shown once.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedKey {
+    pub api_key: String,
+    pub key: KeyView,
+}
+
+impl std::fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CreatedKey({:?})", self.key)
+    }
+}
+
+/// List keys of the caller's tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListKeys {
+    pub robot_id: Option<String>,
+    pub status: Option<String>,
+    pub limit: u32,
+    pub offset: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyList {
+    pub keys: Vec<KeyView>,
+    pub total: u32,
+}
+
+/// Revoke, rotate or delete one key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyAction {
+    pub id: String,
+    pub reason: Option<String>,
 }
 
 /// One robot class of a tenant, for `GET /api/v1/queues`.

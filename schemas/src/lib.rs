@@ -7,6 +7,7 @@ pub mod api;
 pub mod codec;
 pub mod event;
 pub mod ids;
+pub mod keys;
 pub mod robot;
 pub mod subjects;
 pub mod workflow;

@@ -1,0 +1,216 @@
+//! API keys: creation (once shown, then only a hash is kept), verification for the gateway,
+//! listing, revocation, rotation.
+//!
+//! Keys are not job state, so these writes are not leader-fenced: any instance may create one
+//! (`fleet-orchestrator api-key create` runs without NATS), and a revocation is a plain update.
+//! Verification is one indexed lookup that also records when the key was last used; the gateway
+//! caches the answer for a few seconds, which bounds how late a revocation takes effect.
+
+use fleet_schemas::TenantId;
+use fleet_schemas::api::{
+    ApiError, ApiRequest, ApiResult, CreateKey, CreatedKey, KeyAction, KeyIdentity, KeyList, KeyView, ListKeys,
+    VerifyKey,
+};
+use fleet_schemas::keys::{self, Role};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+
+use crate::Core;
+use crate::store::StoreError;
+
+/// Longest key name.
+const MAX_NAME: usize = 200;
+
+const SELECT: &str = "SELECT k.*, r.name AS robot_name FROM api_keys k
+    LEFT JOIN robots r ON r.tenant = k.tenant AND r.robot_id = k.robot_id";
+
+fn view(row: &PgRow) -> KeyView {
+    let revoked: Option<time::OffsetDateTime> = row.get("revoked_at");
+    let expires_at: Option<time::OffsetDateTime> = row.get("expires_at");
+    let status = if revoked.is_some() {
+        "revoked"
+    } else if expires_at.is_some_and(|e| e <= time::OffsetDateTime::now_utc()) {
+        "expired"
+    } else {
+        "active"
+    };
+    let name: String = row.get("name");
+    let role: String = row.get("role");
+    KeyView {
+        id: row.get("key_id"),
+        key_name: name.clone(),
+        name,
+        description: row.get("description"),
+        role: Role::parse(&role).unwrap_or(Role::Viewer),
+        status: status.to_owned(),
+        robot_id: row.get("robot_id"),
+        robot_name: row.get("robot_name"),
+        created_at: row.get("created_at"),
+        expires_at,
+        last_used_at: row.get("last_used_at"),
+        last_used_ip: row.get("last_used_ip"),
+    }
+}
+
+/// Create a key; returns the raw key (shown once) and its record.
+pub async fn create(pool: &PgPool, tenant: &TenantId, req: &CreateKey) -> Result<CreatedKey, ApiError> {
+    let name = req.name.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME {
+        return Err(ApiError::Invalid { field: "name".into(), message: format!("must be 1 to {MAX_NAME} characters") });
+    }
+    if req.expires_at.is_some_and(|e| e <= time::OffsetDateTime::now_utc()) {
+        return Err(ApiError::Invalid { field: "expires_at".into(), message: "must be in the future".into() });
+    }
+    let (key_id, secret, full) = keys::new_key();
+    sqlx::query(
+        "INSERT INTO api_keys (key_id, tenant, name, description, role, secret_sha256, robot_id, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&key_id)
+    .bind(tenant.as_str())
+    .bind(name)
+    .bind(req.description.as_deref())
+    .bind(req.role.as_str())
+    .bind(keys::secret_hash(&secret))
+    .bind(req.robot_id.as_ref().map(|r| r.as_str()))
+    .bind(req.expires_at)
+    .execute(pool)
+    .await
+    .map_err(StoreError::from)?;
+    let key = get(pool, tenant, &key_id).await?.ok_or_else(|| ApiError::Internal { message: "key vanished".into() })?;
+    Ok(CreatedKey { api_key: full, key })
+}
+
+async fn get(pool: &PgPool, tenant: &TenantId, key_id: &str) -> Result<Option<KeyView>, ApiError> {
+    let row = sqlx::query(&format!("{SELECT} WHERE k.tenant = $1 AND k.key_id = $2"))
+        .bind(tenant.as_str())
+        .bind(key_id)
+        .fetch_optional(pool)
+        .await
+        .map_err(StoreError::from)?;
+    Ok(row.as_ref().map(view))
+}
+
+pub async fn verify(core: &Core, req: ApiRequest<VerifyKey>) -> ApiResult<KeyIdentity> {
+    let row: Option<(String, String)> = sqlx::query_as(
+        "UPDATE api_keys SET last_used_at = now()
+         WHERE key_id = $1 AND secret_sha256 = $2 AND revoked_at IS NULL
+           AND (expires_at IS NULL OR expires_at > now())
+         RETURNING tenant, role",
+    )
+    .bind(&req.body.key_id)
+    .bind(&req.body.secret_sha256)
+    .fetch_optional(&core.store.pool)
+    .await
+    .map_err(StoreError::from)?;
+    let (tenant, role) = row.ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
+    Ok(KeyIdentity {
+        key_id: req.body.key_id,
+        tenant: TenantId::new(tenant).map_err(|e| ApiError::Internal { message: e.to_string() })?,
+        role: Role::parse(&role).unwrap_or(Role::Viewer),
+    })
+}
+
+pub async fn create_api(core: &Core, req: ApiRequest<CreateKey>) -> ApiResult<CreatedKey> {
+    if let Some(robot) = &req.body.robot_id
+        && !core.store.robot_exists(&req.tenant, robot).await?
+    {
+        return Err(ApiError::Invalid { field: "robot_id".into(), message: format!("no robot {robot} in this tenant") });
+    }
+    create(&core.store.pool, &req.tenant, &req.body).await
+}
+
+pub async fn list(core: &Core, req: ApiRequest<ListKeys>) -> ApiResult<KeyList> {
+    let q = &req.body;
+    let rows = sqlx::query(&format!(
+        "{SELECT} WHERE k.tenant = $1 AND ($2::text IS NULL OR k.robot_id = $2)
+         ORDER BY k.created_at DESC, k.key_id"
+    ))
+    .bind(req.tenant.as_str())
+    .bind(q.robot_id.as_deref())
+    .fetch_all(&core.store.pool)
+    .await
+    .map_err(StoreError::from)?;
+    let all: Vec<KeyView> =
+        rows.iter().map(view).filter(|k| q.status.as_deref().is_none_or(|s| k.status == s)).collect();
+    let total = all.len() as u32;
+    let keys = all.into_iter().skip(q.offset as usize).take(q.limit.clamp(1, 1000) as usize).collect();
+    Ok(KeyList { keys, total })
+}
+
+pub async fn revoke(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyView> {
+    let n = sqlx::query(
+        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()), revoke_reason = coalesce($3, revoke_reason)
+         WHERE tenant = $1 AND key_id = $2",
+    )
+    .bind(req.tenant.as_str())
+    .bind(&req.body.id)
+    .bind(req.body.reason.as_deref())
+    .execute(&core.store.pool)
+    .await
+    .map_err(StoreError::from)?
+    .rows_affected();
+    if n == 0 {
+        return Err(ApiError::NotFound { what: "key".into() });
+    }
+    get(&core.store.pool, &req.tenant, &req.body.id).await?.ok_or_else(|| ApiError::NotFound { what: "key".into() })
+}
+
+/// A new secret for the same key record; the old secret stops working at once.
+pub async fn rotate(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<CreatedKey> {
+    let (_, secret, _) = keys::new_key();
+    let n = sqlx::query(
+        "UPDATE api_keys SET secret_sha256 = $3 WHERE tenant = $1 AND key_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(req.tenant.as_str())
+    .bind(&req.body.id)
+    .bind(keys::secret_hash(&secret))
+    .execute(&core.store.pool)
+    .await
+    .map_err(StoreError::from)?
+    .rows_affected();
+    if n == 0 {
+        return Err(ApiError::NotFound { what: "active key".into() });
+    }
+    let key =
+        get(&core.store.pool, &req.tenant, &req.body.id).await?.ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
+    Ok(CreatedKey { api_key: format!("{}{}_{secret}", keys::KEY_PREFIX, req.body.id), key })
+}
+
+pub async fn delete(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyView> {
+    let key =
+        get(&core.store.pool, &req.tenant, &req.body.id).await?.ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
+    sqlx::query("DELETE FROM api_keys WHERE tenant = $1 AND key_id = $2")
+        .bind(req.tenant.as_str())
+        .bind(&req.body.id)
+        .execute(&core.store.pool)
+        .await
+        .map_err(StoreError::from)?;
+    Ok(key)
+}
+
+/// For `fleet-orchestrator api-key create`: connect, migrate, create, return the raw key.
+pub async fn create_with_config(
+    config: &crate::Config,
+    tenant: &TenantId,
+    role: Role,
+    name: &str,
+) -> anyhow::Result<String> {
+    use anyhow::Context;
+    // Same connection rules as the orchestrator (a missing database is created), but give up
+    // after a while instead of waiting for PostgreSQL forever.
+    let give_up = tokio_util::sync::CancellationToken::new();
+    let timer = give_up.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        timer.cancel();
+    });
+    let pool = crate::connect_db(config, &give_up)
+        .await?
+        .context("PostgreSQL did not answer within 30 s (DATABASE_URL)")?;
+    sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
+    let req = CreateKey { name: name.to_owned(), role, description: None, expires_at: None, robot_id: None };
+    let created = create(&pool, tenant, &req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    pool.close().await;
+    Ok(created.api_key)
+}
