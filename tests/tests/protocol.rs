@@ -519,3 +519,118 @@ async fn a_bad_database_url_is_a_clear_error_not_a_retry_loop() {
     let message = format!("{:#}", result.unwrap_err());
     assert!(message.contains("DATABASE_URL") && message.contains("no-such-role"), "{message}");
 }
+
+#[tokio::test]
+async fn commands_set_the_desired_state_robots_watch() {
+    use fleet_schemas::api::{CommandResult, CommandTarget, RobotCommand, RobotCommandRequest};
+    use fleet_schemas::robot::{DesiredState, RobotMode};
+
+    let fabric = Fabric::start().await;
+    let r1 = FakeRobot::register(&fabric, "r1", &["browser"]).await;
+    let _r2 = FakeRobot::register(&fabric, "r2", &["desktop"]).await;
+    let js = jetstream::new(fabric.client.clone());
+    let kv = js.get_key_value(subjects::COMMANDS_BUCKET).await.unwrap();
+    let desired = |robot: &'static str| {
+        let kv = kv.clone();
+        async move {
+            let value = kv.get(format!("acme.{robot}")).await.unwrap()?;
+            Some(decode::<DesiredState>("desired state", &value).unwrap())
+        }
+    };
+    // Registration publishes the recorded desired state (online).
+    assert_eq!(desired("r1").await.map(|d| d.mode), Some(RobotMode::Online));
+
+    let pause = RobotCommandRequest {
+        target: CommandTarget::Robot { robot_id: RobotId::new("r1").unwrap() },
+        command: RobotCommand::Pause,
+    };
+    let result: CommandResult = fabric.api(Endpoint::RobotCommand, pause).await.unwrap();
+    assert_eq!(result.robots, ["r1"]);
+    assert_eq!(desired("r1").await.map(|d| d.mode), Some(RobotMode::Paused));
+    assert_eq!(desired("r2").await.map(|d| d.mode), Some(RobotMode::Online));
+
+    // Bulk, by capability: only the browser robot is told to stop, for its current session.
+    let stop = RobotCommandRequest {
+        target: CommandTarget::Filter { status: None, capabilities: vec!["browser".into()] },
+        command: RobotCommand::Stop { force: true },
+    };
+    let result: CommandResult = fabric.api(Endpoint::RobotCommand, stop).await.unwrap();
+    assert_eq!(result.robots, ["r1"]);
+    let d = desired("r1").await.unwrap();
+    let order = d.stop.expect("a stop order");
+    assert_eq!((order.session_id, order.force, order.restart), (r1.session, true, false));
+    assert_eq!(d.mode, RobotMode::Paused, "stopping keeps the mode");
+
+    // Unknown robots are 404; a command to another tenant's robot is the same.
+    let ghost = RobotCommandRequest {
+        target: CommandTarget::Robot { robot_id: RobotId::new("ghost").unwrap() },
+        command: RobotCommand::Resume,
+    };
+    let err = fabric.api::<_, CommandResult>(Endpoint::RobotCommand, ghost).await.unwrap_err();
+    assert!(matches!(err, ApiError::NotFound { .. }), "{err:?}");
+    let pool = fabric.db.pool().await.unwrap();
+    let commands: i64 = sqlx::query_scalar("SELECT count(*) FROM job_history WHERE kind = 'robot.command'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(commands, 2, "one history row per robot told");
+    fabric.stop().await;
+}
+
+#[tokio::test]
+async fn api_keys_verify_until_revoked_or_rotated() {
+    use fleet_schemas::api::{
+        CreateKey, CreatedKey, KeyAction, KeyIdentity, KeyList, KeyView, ListKeys, VerifyKey,
+    };
+    use fleet_schemas::keys::{Role, parse_key, secret_hash};
+
+    let fabric = Fabric::start().await;
+    let create = CreateKey {
+        name: "ci".into(),
+        role: Role::Operator,
+        description: None,
+        expires_at: None,
+        robot_id: None,
+    };
+    let created: CreatedKey = fabric.api(Endpoint::CreateKey, create).await.unwrap();
+    assert!(created.api_key.starts_with("crpa_") && created.api_key.len() >= 40);
+    let verify = |key: &str| {
+        let parsed = parse_key(key).unwrap();
+        VerifyKey { key_id: parsed.key_id, secret_sha256: secret_hash(&parsed.secret) }
+    };
+    let who: KeyIdentity = fabric.api(Endpoint::VerifyKey, verify(&created.api_key)).await.unwrap();
+    assert_eq!((who.tenant, who.role), (tenant(), Role::Operator));
+    // A wrong secret for a real key id is refused like an unknown key.
+    let mut wrong = verify(&created.api_key);
+    wrong.secret_sha256 = secret_hash("guess");
+    assert!(matches!(
+        fabric.api::<_, KeyIdentity>(Endpoint::VerifyKey, wrong).await,
+        Err(ApiError::NotFound { .. })
+    ));
+    // The database holds only the hash.
+    let pool = fabric.db.pool().await.unwrap();
+    let stored: String =
+        sqlx::query_scalar("SELECT secret_sha256 FROM api_keys").fetch_one(&pool).await.unwrap();
+    assert!(!created.api_key.contains(&stored));
+
+    // Rotation: the new secret works, the old one stops.
+    let rotated: CreatedKey = fabric
+        .api(Endpoint::RotateKey, KeyAction { id: created.key.id.clone(), reason: None })
+        .await
+        .unwrap();
+    assert!(fabric.api::<_, KeyIdentity>(Endpoint::VerifyKey, verify(&rotated.api_key)).await.is_ok());
+    assert!(fabric.api::<_, KeyIdentity>(Endpoint::VerifyKey, verify(&created.api_key)).await.is_err());
+    // Revocation: refused from then on, listed as revoked.
+    let revoked: KeyView = fabric
+        .api(Endpoint::RevokeKey, KeyAction { id: created.key.id.clone(), reason: Some("leaked".into()) })
+        .await
+        .unwrap();
+    assert_eq!(revoked.status, "revoked");
+    assert!(fabric.api::<_, KeyIdentity>(Endpoint::VerifyKey, verify(&rotated.api_key)).await.is_err());
+    let list: KeyList = fabric
+        .api(Endpoint::ListKeys, ListKeys { robot_id: None, status: None, limit: 50, offset: 0 })
+        .await
+        .unwrap();
+    assert_eq!((list.total, list.keys[0].status.as_str()), (1, "revoked"));
+    fabric.stop().await;
+}
