@@ -10,9 +10,16 @@
 //! robot id is live with another state directory). After the NATS connection comes back the robot
 //! registers again, so an orchestrator that lost track of it (or its consumers) learns of it.
 //!
+//! **Commands** (see [`crate::commands`]): before pulling anything the robot reads its desired
+//! state from the `fleet_commands` bucket and then watches it; `paused` and `maintenance` stop the
+//! pulling (running jobs go on), a stop order for this session starts the shutdown below.
+//!
 //! **Shutdown** in three steps (STYLE.md habit 7): stop pulling and say `Stopping`; let running
-//! jobs finish for `shutdown_grace`; then stop the rest and release them (retried briefly), give
-//! up on reports that still cannot get through, publish a last heartbeat and drain the connection.
+//! jobs finish for `shutdown_grace` (or, for a forced stop order, not at all); then stop the rest
+//! and release them (retried briefly), give up on reports that still cannot get through, publish a
+//! last heartbeat and drain the connection. The caller's shutdown (SIGTERM, Ctrl-C) and a stop
+//! order take the same path; [`run_until_exit`] says which [`Exit`] it was, so `main` can
+//! re-execute the robot for a restart order.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,16 +33,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use fleet_schemas::robot::{
-    ClaimGrant, ROBOT_PROTOCOL_VERSION, RegisterGrant, RegisterRequest, RobotRunState, RunningJob,
+    ClaimGrant, ROBOT_PROTOCOL_VERSION, RegisterGrant, RegisterRequest, RobotMode, RobotRunState, RunningJob,
+    StopOrder,
 };
 use fleet_schemas::subjects::RobotVerb;
 use fleet_schemas::{JobId, RobotId, SessionId};
 
+use crate::commands::{self, Exit};
 use crate::config::{RobotConfig, StateDir};
 use crate::executor::Executors;
 use crate::heartbeat::{self, CpuSampler};
 use crate::job::{self, JobEnd, OfferOutcome};
 use crate::lease::{Stop, StopReason};
+use crate::metrics::Metrics;
 use crate::pull;
 use crate::rpc::{Answer, Orchestrator};
 
@@ -53,6 +63,14 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct RunningEntry {
     pub attempt: i32,
     pub stop: Stop,
+}
+
+/// The running jobs, and whether every job must stop at once (late in shutdown), so that a job
+/// whose claim was still in flight is stopped as soon as it starts.
+#[derive(Default)]
+struct Running {
+    jobs: BTreeMap<JobId, RunningEntry>,
+    stop_all: Option<StopReason>,
 }
 
 /// State shared by the robot's tasks.
@@ -73,16 +91,25 @@ pub struct Agent {
     /// One permit per job slot.
     pub slots: Arc<Semaphore>,
     pub state: watch::Sender<RobotRunState>,
+    /// The desired state has been read once (or found absent): the pull loop waits for it, so a
+    /// robot started while paused never claims.
+    pub desired_known: watch::Sender<bool>,
+    /// The stop order being obeyed, once one for this session arrived.
+    pub stop_order: watch::Sender<Option<StopOrder>>,
+    /// Custom metrics sent with every heartbeat.
+    pub metrics: Arc<Metrics>,
     grant: watch::Sender<Option<Arc<RegisterGrant>>>,
-    running: Mutex<BTreeMap<JobId, RunningEntry>>,
+    running: Mutex<Running>,
     /// Beat now (the running set changed).
     pub heartbeat_now: Notify,
     /// Register again (a consumer was missing).
     pub reregister: Notify,
     /// Counts NATS (re)connections.
     connections: watch::Receiver<u64>,
-    /// Stop taking work: the caller's shutdown, or a fatal error.
+    /// Stop taking work: the caller's shutdown, a stop order, or a fatal error.
     pub shutdown: CancellationToken,
+    /// The caller's own shutdown (of which `shutdown` is a child).
+    caller_shutdown: CancellationToken,
     /// Give up retrying reports (late in shutdown).
     pub abandon: CancellationToken,
     fatal: Mutex<Option<String>>,
@@ -101,29 +128,83 @@ impl Agent {
         *self.state.borrow()
     }
 
-    fn lock_running(&self) -> std::sync::MutexGuard<'_, BTreeMap<JobId, RunningEntry>> {
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, Running> {
         self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn running_jobs(&self) -> Vec<RunningJob> {
-        self.lock_running().iter().map(|(id, e)| RunningJob { job_id: *id, attempt: e.attempt }).collect()
+        self.lock_running()
+            .jobs
+            .iter()
+            .map(|(id, e)| RunningJob { job_id: *id, attempt: e.attempt })
+            .collect()
     }
 
+    /// A job started; stopped at once when every job has been told to stop already.
     pub fn add_running(&self, job_id: JobId, entry: RunningEntry) {
-        self.lock_running().insert(job_id, entry);
+        let mut running = self.lock_running();
+        if let Some(reason) = running.stop_all.clone() {
+            entry.stop.stop(reason);
+        }
+        running.jobs.insert(job_id, entry);
+        drop(running);
         self.heartbeat_now.notify_one();
     }
 
     pub fn remove_running(&self, job_id: JobId) {
-        self.lock_running().remove(&job_id);
+        self.lock_running().jobs.remove(&job_id);
         self.heartbeat_now.notify_one();
     }
 
-    /// Stop every running job with `reason`.
+    /// Stop every running job with `reason`, and every job that starts from now on.
     pub fn stop_all(&self, reason: StopReason) {
-        for entry in self.lock_running().values() {
+        let mut running = self.lock_running();
+        running.stop_all.get_or_insert(reason.clone());
+        for entry in running.jobs.values() {
             entry.stop.stop(reason.clone());
         }
+    }
+
+    /// Counts NATS (re)connections.
+    pub fn connections(&self) -> watch::Receiver<u64> {
+        self.connections.clone()
+    }
+
+    /// Take work or not, as `mode` says; true when the state changed. A robot that is draining
+    /// or stopping stays so.
+    pub fn set_mode(&self, mode: RobotMode) -> bool {
+        let target = commands::state_for(mode);
+        self.state.send_if_modified(|state| {
+            if matches!(*state, RobotRunState::Draining | RobotRunState::Stopping) || *state == target {
+                return false;
+            }
+            *state = target;
+            true
+        })
+    }
+
+    /// Obey a stop order for this session: start the shutdown. A later order can make a drain
+    /// forced (running jobs cannot be un-released) and decides about the restart. True when it
+    /// changed anything.
+    pub fn order_stop(&self, order: StopOrder) -> bool {
+        let changed = self.stop_order.send_if_modified(|current| {
+            let next = match current {
+                None => order,
+                Some(c) => StopOrder { force: c.force || order.force, ..order },
+            };
+            if current.as_ref() == Some(&next) {
+                return false;
+            }
+            *current = Some(next);
+            true
+        });
+        self.shutdown.cancel();
+        changed
+    }
+
+    /// The stop order being obeyed asks to release running jobs at once.
+    fn forced(&self) -> bool {
+        self.stop_order.borrow().as_ref().is_some_and(|o| o.force)
     }
 
     fn fail(&self, message: String) {
@@ -154,11 +235,18 @@ pub struct Robot {
     agent: Arc<Agent>,
 }
 
-/// Start a robot with the executors its config describes and serve until `shutdown` (see
-/// [`Robot::serve`]). Returns an error on a fatal condition, such as a refused registration.
+/// Start a robot with the executors its config describes and serve until `shutdown` or a stop
+/// order (see [`Robot::serve`]). Returns an error on a fatal condition, such as a refused
+/// registration. A restart order ends it like a stop: use [`run_until_exit`] to tell them apart.
 pub async fn run(config: RobotConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_until_exit(config, shutdown).await.map(|_| ())
+}
+
+/// [`run`], saying how the robot ended: [`Exit::Restart`] when a stop order asked for a restart
+/// (the caller starts the robot again; `main` re-executes itself).
+pub async fn run_until_exit(config: RobotConfig, shutdown: CancellationToken) -> anyhow::Result<Exit> {
     let executors = Executors::from_config(&config).context("--runner")?;
-    run_with_executors(config, executors, shutdown).await
+    run_with_executors_until_exit(config, executors, shutdown).await
 }
 
 /// [`run`] with the executors given (tests add fake ones).
@@ -167,6 +255,15 @@ pub async fn run_with_executors(
     executors: Executors,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with_executors_until_exit(config, executors, shutdown).await.map(|_| ())
+}
+
+/// [`run_until_exit`] with the executors given.
+pub async fn run_with_executors_until_exit(
+    config: RobotConfig,
+    executors: Executors,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Exit> {
     let robot = Robot::connect(config, executors, shutdown).await?;
     robot.serve().await
 }
@@ -220,6 +317,7 @@ impl Robot {
         let name = config.name.clone().unwrap_or_else(|| robot_id.to_string());
         let hostname = config.hostname.clone().unwrap_or_else(machine_hostname);
         let slots = Arc::new(Semaphore::new(config.max_jobs as usize));
+        let metrics = Arc::new(Metrics::new(config.metrics.clone()));
         let agent = Agent {
             robot_id,
             session_id: SessionId::new(),
@@ -234,12 +332,16 @@ impl Robot {
             executors,
             slots,
             state: watch::channel(RobotRunState::Online).0,
+            desired_known: watch::channel(false).0,
+            stop_order: watch::channel(None).0,
+            metrics,
             grant: watch::channel(None).0,
-            running: Mutex::new(BTreeMap::new()),
+            running: Mutex::new(Running::default()),
             heartbeat_now: Notify::new(),
             reregister: Notify::new(),
             connections,
             shutdown: shutdown.child_token(),
+            caller_shutdown: shutdown,
             abandon: CancellationToken::new(),
             fatal: Mutex::new(None),
             config,
@@ -303,13 +405,14 @@ impl Robot {
         job::run_job(self.agent.clone(), grant, offer_no).await
     }
 
-    /// The run state (commands will change it; for now only shutdown does).
+    /// Set the run state directly (commands and shutdown normally do).
     pub fn set_state(&self, state: RobotRunState) {
         self.agent.state.send_replace(state);
     }
 
-    /// Register, then pull, run and heartbeat until shutdown; then shut down gracefully.
-    pub async fn serve(self) -> anyhow::Result<()> {
+    /// Register, then obey the desired state, pull, run and heartbeat until shutdown or a stop
+    /// order; then shut down gracefully. Says whether a restart was ordered.
+    pub async fn serve(self) -> anyhow::Result<Exit> {
         let agent = self.agent.clone();
         let span = tracing::info_span!("robot", tenant = %agent.config.tenant, robot = %agent.robot_id,
             session = %agent.session_id);
@@ -323,7 +426,7 @@ impl Robot {
             Ok(None) => {
                 tracing::info!("shut down before registering");
                 let _ = tokio::time::timeout(DRAIN_TIMEOUT, agent.client.drain()).await;
-                return Ok(());
+                return Ok(Exit::Stopped);
             }
             Err(e) => return Err(e),
         }
@@ -332,20 +435,46 @@ impl Robot {
         let beats_stop = CancellationToken::new();
         let beats = tokio::spawn(heartbeat::heartbeat_loop(agent.clone(), beats_stop.clone()));
         let session = tokio::spawn(session_loop(self.clone()));
+        // The command watcher outlives the pulling: a drain can still be made forced.
+        let commands_stop = CancellationToken::new();
+        let commands = tokio::spawn(commands::command_loop(agent.clone(), commands_stop.clone()));
         let jobs = TaskTracker::new();
         let pulling = tokio::spawn(pull::pull_loop(agent.clone(), jobs.clone()));
 
         agent.shutdown.cancelled().await;
-        tracing::info!("shutting down: no new work");
+        match agent.stop_order.borrow().as_ref() {
+            Some(order) => tracing::info!(
+                force = order.force,
+                restart = order.restart,
+                "stop order: shutting down, no new work"
+            ),
+            None => tracing::info!("shutting down: no new work"),
+        }
         agent.state.send_replace(RobotRunState::Stopping);
         let _ = pulling.await;
         session.abort();
         jobs.close();
 
         let grace = agent.config.shutdown_grace;
-        if tokio::time::timeout(grace, jobs.wait()).await.is_err() {
+        let mut orders = agent.stop_order.subscribe();
+        let forced = async {
+            while !orders.borrow_and_update().as_ref().is_some_and(|o| o.force) {
+                if orders.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let finished = tokio::select! {
+            done = tokio::time::timeout(grace, jobs.wait()) => done.is_ok(),
+            _ = forced => false,
+        };
+        if !finished {
             let left = agent.running_jobs().len();
-            tracing::warn!(left, ?grace, "grace period over; stopping and releasing running jobs");
+            if agent.forced() {
+                tracing::info!(left, "forced stop: stopping and releasing running jobs at once");
+            } else {
+                tracing::warn!(left, ?grace, "grace period over; stopping and releasing running jobs");
+            }
             agent.stop_all(StopReason::Shutdown);
             if tokio::time::timeout(RELEASE_WINDOW, jobs.wait()).await.is_err() {
                 tracing::error!("reports still undelivered; abandoning them (leases will expire)");
@@ -353,6 +482,8 @@ impl Robot {
                 let _ = tokio::time::timeout(ABANDON_WINDOW, jobs.wait()).await;
             }
         }
+        commands_stop.cancel();
+        let _ = commands.await;
 
         beats_stop.cancel();
         let _ = beats.await;
@@ -361,12 +492,18 @@ impl Robot {
             tracing::warn!("NATS drain did not finish in time");
         }
         let fatal = agent.fatal.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match fatal {
-            Some(message) => Err(anyhow::anyhow!(message)),
-            None => {
-                tracing::info!("robot stopped");
-                Ok(())
-            }
+        if let Some(message) = fatal {
+            return Err(anyhow::anyhow!(message));
+        }
+        // The caller's own shutdown (a signal) overrides a restart order: it asked for an exit.
+        let restart = agent.stop_order.borrow().as_ref().is_some_and(|o| o.restart)
+            && !agent.caller_shutdown.is_cancelled();
+        if restart {
+            tracing::info!("robot stopped; restarting as ordered");
+            Ok(Exit::Restart)
+        } else {
+            tracing::info!("robot stopped");
+            Ok(Exit::Stopped)
         }
     }
 }

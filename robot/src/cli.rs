@@ -18,7 +18,8 @@ fn after_help() -> String {
          \n\
          Runner commands are split into words like a simple shell would (quotes, backslash), without\n\
          running a shell; {{workflow}}, {{variables}} and {{job_dir}} become absolute paths. The runner\n\
-         runs in the job directory; a stdout line `FLEET_PROGRESS <0-100> [node]` reports progress;\n\
+         runs in the job directory; a stdout line `FLEET_PROGRESS <0-100> [node]` reports progress,\n\
+         a line `FLEET_METRIC <name> <number>` sets a robot metric (sent with the heartbeat);\n\
          result.json in the job directory becomes the job's output.\n\
          \n\
          Job directories of completed jobs are removed; those of failed jobs are kept for inspection.",
@@ -28,6 +29,8 @@ fn after_help() -> String {
 
 /// Fleet robot: pulls job offers for its capabilities, claims them, runs the workflows and
 /// reports back. Stop it with Ctrl-C or SIGTERM: running jobs get --shutdown-grace to finish.
+/// It also obeys the commands the orchestrator keeps for it (pause, maintenance, drain, stop,
+/// restart: a restart re-executes the binary with the same arguments).
 #[derive(Debug, Parser)]
 #[command(name = "fleet-robot", version, about, long_about = None, after_help = after_help())]
 pub struct Cli {
@@ -88,6 +91,11 @@ pub struct Cli {
     /// Host name reported to the orchestrator; default: this machine's.
     #[arg(long, env = "FLEET_ROBOT_HOSTNAME")]
     pub hostname: Option<String>,
+
+    /// Custom metric NAME=VALUE sent with every heartbeat (NAME: 1 to 32 of a-z, 0-9, _; VALUE: a
+    /// number); repeatable, the environment variable holds a comma separated list.
+    #[arg(long = "metric", env = "FLEET_ROBOT_METRIC", value_name = "NAME=VALUE", value_delimiter = ',')]
+    pub metrics: Vec<String>,
 }
 
 /// A flag with a bad value.
@@ -129,6 +137,8 @@ impl Cli {
             return Err(bad("--name", "must not be empty"));
         }
         let tags = self.tags.into_iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect();
+        let metrics = crate::metrics::parse_assignments(self.metrics.iter().map(String::as_str))
+            .map_err(|e| bad("--metric", e))?;
         let state_dir = self.state_dir.unwrap_or_else(|| default_state_dir(&tenant));
         let config = RobotConfig {
             nats_url: self.nats_url,
@@ -145,6 +155,7 @@ impl Cli {
             environment: self.environment,
             tags,
             hostname: self.hostname,
+            metrics,
         };
         config.capabilities().map_err(|e| bad("--capabilities", e))?;
         Ok(config)
@@ -154,6 +165,7 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn parse(args: &[&str]) -> Result<RobotConfig, String> {
         let mut argv = vec!["fleet-robot"];
@@ -180,8 +192,13 @@ mod tests {
             "a,b",
             "--state-dir",
             "/tmp/x",
+            "--metric",
+            "licences=3",
+            "--metric",
+            "queue_depth=1.5,licences=4",
         ])
         .unwrap();
+        assert_eq!(c.metrics, BTreeMap::from([("licences".into(), 4.0), ("queue_depth".into(), 1.5)]));
         assert_eq!(c.tenant.as_str(), "acme");
         assert_eq!(c.id.as_ref().map(|i| i.as_str()), Some("r7"));
         assert_eq!(c.max_jobs, 3);
@@ -214,6 +231,12 @@ mod tests {
             (&["--max-jobs", "many"], "--max-jobs"),
             (&["--shutdown-grace", "soon"], "--shutdown-grace"),
             (&["--name", " "], "--name"),
+            (&["--metric", "rows"], "--metric"),
+            (&["--metric", "Rows=1"], "--metric"),
+            (&["--metric", "rows=many"], "--metric"),
+            (&["--metric", "rows=NaN"], "--metric"),
+            (&["--metric", "free_slots=3"], "--metric"),
+            (&["--metric", &(0..33).map(|i| format!("m{i}=1")).collect::<Vec<_>>().join(",")], "--metric"),
         ];
         for (args, flag) in cases {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));

@@ -9,7 +9,7 @@
 //! registration as `state_dir_id`, so the orchestrator can refuse a second process that claims the
 //! same robot id from another directory while the first is alive).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -49,6 +49,10 @@ pub struct RobotConfig {
     pub tags: Vec<String>,
     /// Reported host name; default: the machine's.
     pub hostname: Option<String>,
+    /// Custom metrics sent with every heartbeat (names checked by
+    /// [`crate::metrics::check_name`], at most [`crate::metrics::MAX_METRICS`]); runners may add
+    /// more while jobs run.
+    pub metrics: BTreeMap<String, f64>,
 }
 
 impl RobotConfig {
@@ -70,6 +74,7 @@ impl RobotConfig {
             environment: String::new(),
             tags: Vec::new(),
             hostname: None,
+            metrics: BTreeMap::new(),
         }
     }
 

@@ -3,11 +3,15 @@
 //! Each heartbeat is a JetStream publish to the key's subject with a per-message TTL (`Nats-TTL`,
 //! whole seconds, at least 1): when the robot stops beating, the entry expires and the
 //! orchestrator's watcher sees it vanish (DESIGN.md, "KV expiry visible to watchers"). A beat goes
-//! out every `heartbeat_interval_ms` and at once when the state or the running set changes, so the
-//! orchestrator's view of free slots follows the robot closely. A failed beat is logged, never
-//! fatal: the next one will do.
+//! out every `heartbeat_interval_ms` and at once when the state (a command, shutdown) or the running
+//! set changes, so the orchestrator's view of free slots and of paused robots follows the robot
+//! closely (capabilities and `max_jobs` are fixed for the life of the process; a change means a
+//! restart, which registers and beats anew). A failed beat is logged, never fatal: the next one
+//! will do.
+//!
+//! `metrics` holds the robot's custom metrics (see [`crate::metrics`]) plus `free_slots`, which the
+//! robot computes for every beat.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +27,10 @@ use crate::agent::Agent;
 
 /// Beat interval until the registration grant says otherwise.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long the first beat waits for the desired state to be read, so a robot started while
+/// paused does not announce itself `online` first; past it the robot beats anyway (it is alive,
+/// and the watcher keeps trying).
+const FIRST_BEAT_WAIT: Duration = Duration::from_secs(2);
 /// Time to wait for the stream's ack of one beat.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -76,6 +84,8 @@ pub fn memory_mb() -> Option<f64> {
 pub fn build(agent: &Agent, state: RobotRunState, cpu_percent: Option<f32>) -> Heartbeat {
     let running = agent.running_jobs();
     let free = agent.slots.available_permits();
+    let mut metrics = agent.metrics.snapshot();
+    metrics.insert("free_slots".to_owned(), free as f64);
     Heartbeat {
         v: ROBOT_PROTOCOL_VERSION,
         tenant: agent.config.tenant.clone(),
@@ -90,7 +100,7 @@ pub fn build(agent: &Agent, state: RobotRunState, cpu_percent: Option<f32>) -> H
         cpu_percent,
         memory_mb: memory_mb(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        metrics: BTreeMap::from([("free_slots".to_owned(), free as f64)]),
+        metrics,
         sent_at: OffsetDateTime::now_utc(),
     }
 }
@@ -116,6 +126,11 @@ pub async fn beat(agent: &Agent, state: RobotRunState, cpu: &mut CpuSampler) {
 pub async fn heartbeat_loop(agent: Arc<Agent>, stop: CancellationToken) {
     let mut cpu = CpuSampler::default();
     let mut state = agent.state.subscribe();
+    let mut known = agent.desired_known.subscribe();
+    tokio::select! {
+        _ = tokio::time::timeout(FIRST_BEAT_WAIT, known.wait_for(|k| *k)) => {}
+        _ = stop.cancelled() => return,
+    }
     loop {
         let interval = agent.grant().map(|g| Duration::from_millis(g.heartbeat_interval_ms.max(100)));
         let interval = interval.unwrap_or(DEFAULT_INTERVAL);

@@ -49,8 +49,10 @@ const FLUSH_PATIENCE: Duration = Duration::from_secs(2);
 pub enum OfferOutcome {
     /// Not an offer: terminated.
     Malformed(String),
-    /// Rejected without claiming (the robot is not taking work); the reply settled the message.
+    /// Rejected without claiming (the robot is shutting down); the reply settled the message.
     Declined,
+    /// NAKed without claiming (the robot is paused or in maintenance): offered again at once.
+    HandedBack,
     /// The claim was refused: the offer was stale; terminated.
     ClaimRefused(String),
     /// The orchestrator stayed unavailable: NAKed with a delay.
@@ -92,8 +94,17 @@ pub async fn handle_offer(
         job_id = %offer.job_id, offer_no = offer.offer_no);
     async move {
         let state = agent.run_state();
-        if state != RobotRunState::Online || agent.shutdown.is_cancelled() {
+        if agent.shutdown.is_cancelled() || matches!(state, RobotRunState::Draining | RobotRunState::Stopping)
+        {
             return decline(&agent, &msg, &offer, state).await;
+        }
+        if state != RobotRunState::Online {
+            // Paused or in maintenance: the pull raced the command. The robot does not refuse
+            // the job (a reject would keep it away from this robot once resumed); it hands the
+            // offer straight back to the consumer for another robot, or for itself later.
+            tracing::info!(state = ?state, "offer arrived while not taking work; handing it back");
+            settle(&msg, AckKind::Nak(None), "not taking work").await;
+            return OfferOutcome::HandedBack;
         }
         let req = ClaimRequest {
             v: ROBOT_PROTOCOL_VERSION,
@@ -198,7 +209,7 @@ async fn run_job_inner(agent: Arc<Agent>, grant: ClaimGrant, offer_no: i32) -> J
         });
     }
 
-    let (sink, events) = JobSink::channel(executor::LOG_BUFFER);
+    let (sink, events) = JobSink::with_metrics(executor::LOG_BUFFER, agent.metrics.clone());
     let addr = JobAddress {
         tenant: agent.config.tenant.clone(),
         robot_id: agent.robot_id.clone(),

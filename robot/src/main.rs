@@ -1,4 +1,5 @@
-//! `fleet-robot`: parse flags, set up tracing and signals, run the robot.
+//! `fleet-robot`: parse flags, set up tracing and signals, run the robot; re-execute itself when
+//! a restart was ordered.
 
 use std::process::ExitCode;
 
@@ -6,6 +7,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+use fleet_robot::Exit;
 use fleet_robot::cli::Cli;
 
 #[tokio::main]
@@ -26,8 +28,14 @@ async fn main() -> ExitCode {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    match fleet_robot::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
+    match fleet_robot::run_until_exit(config, shutdown).await {
+        Ok(Exit::Stopped) => ExitCode::SUCCESS,
+        Ok(Exit::Restart) => {
+            let error = restart();
+            tracing::error!(error = %error, "could not restart");
+            eprintln!("fleet-robot: could not restart: {error}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "robot failed");
             eprintln!("fleet-robot: {e:#}");
@@ -73,4 +81,34 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     again.await;
     eprintln!("fleet-robot: second signal, exiting now");
     std::process::exit(130);
+}
+
+/// Replace this process with a fresh run of the same binary, with the same arguments and
+/// environment: the same state directory, so the same robot id, with a new session. Returns only
+/// when the exec failed. (`exec` is safe; the workspace forbids `unsafe`.)
+fn restart() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let argv0 = args.next();
+    // The binary may have been replaced on disk (an upgrade is a common reason to restart); on
+    // Linux the link of the running one then ends in " (deleted)" and its path names the new one.
+    let exe = match std::env::current_exe() {
+        Ok(path) => {
+            let text = path.to_string_lossy();
+            match text.strip_suffix(" (deleted)") {
+                Some(stripped) => std::path::PathBuf::from(stripped),
+                None => path,
+            }
+        }
+        Err(_) => match argv0.clone() {
+            Some(a) => a.into(),
+            None => return std::io::Error::other("cannot tell which binary this is"),
+        },
+    };
+    tracing::info!(exe = %exe.display(), "re-executing the robot");
+    let mut cmd = std::process::Command::new(&exe);
+    if let Some(argv0) = argv0 {
+        cmd.arg0(argv0);
+    }
+    cmd.args(args).exec()
 }

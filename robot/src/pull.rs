@@ -15,6 +15,9 @@
 //! redelivered after the consumer's short `ack_wait`). The same holds when pausing or shutting
 //! down: an in-flight pull is simply dropped.
 //!
+//! Nothing is pulled before the robot's desired state has been read (see [`crate::commands`]): a
+//! robot started while paused must not claim its first offer before it learns it is paused.
+//!
 //! A pull that fails (connection down, consumer deleted) makes the loop back off and look the
 //! consumers up again; a consumer or stream that is gone asks for a re-registration, and the
 //! orchestrator recreates it.
@@ -134,6 +137,11 @@ async fn fetch_round(c: &Consumers, priority: usize) -> Round {
 pub async fn pull_loop(agent: Arc<Agent>, tracker: TaskTracker) {
     let mut state = agent.state.subscribe();
     let mut grants = agent.grant_watch();
+    let mut known = agent.desired_known.subscribe();
+    tokio::select! {
+        r = known.wait_for(|k| *k) => if r.is_err() { return },
+        _ = agent.shutdown.cancelled() => return,
+    }
     let mut found: Option<Consumers> = None;
     let mut delays = rpc::backoff();
     loop {

@@ -29,6 +29,7 @@ use fleet_schemas::robot::{ClaimGrant, RunOutcome};
 use fleet_schemas::workflow::WorkflowFormat;
 
 use crate::config::{RobotConfig, RunnerSpecError};
+use crate::metrics::{MetricError, Metrics};
 
 /// Log lines buffered per job between the executor and the forwarder. A job never waits for log
 /// delivery: when this fills (NATS slow or down) further lines are dropped and counted, while the
@@ -147,13 +148,15 @@ pub struct Progress {
     pub node: Option<String>,
 }
 
-/// Where an executor writes log lines and progress. Progress is a `watch` (only the latest
-/// value matters, so it can never back up); logs a bounded channel (see [`LOG_BUFFER`]).
+/// Where an executor writes log lines, progress and robot metrics. Progress is a `watch` (only
+/// the latest value matters, so it can never back up); logs a bounded channel (see
+/// [`LOG_BUFFER`]); metrics go straight into the robot's bounded map (see [`crate::metrics`]).
 #[derive(Clone)]
 pub struct JobSink {
     logs: mpsc::Sender<LogEntry>,
     progress: Arc<watch::Sender<Option<Progress>>>,
     dropped: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
 }
 
 /// The receiving end of a [`JobSink`].
@@ -171,14 +174,30 @@ impl JobEvents {
 }
 
 impl JobSink {
+    /// A sink with its own (empty) metrics, for tests and tools.
     pub fn channel(capacity: usize) -> (JobSink, JobEvents) {
+        Self::with_metrics(capacity, Arc::new(Metrics::default()))
+    }
+
+    /// A sink whose metrics go into `metrics` (the robot's).
+    pub fn with_metrics(capacity: usize, metrics: Arc<Metrics>) -> (JobSink, JobEvents) {
         let (logs_tx, logs) = mpsc::channel(capacity);
         let (progress_tx, progress) = watch::channel(None);
         let dropped = Arc::new(AtomicU64::new(0));
         (
-            JobSink { logs: logs_tx, progress: Arc::new(progress_tx), dropped: dropped.clone() },
+            JobSink { logs: logs_tx, progress: Arc::new(progress_tx), dropped: dropped.clone(), metrics },
             JobEvents { logs, progress, dropped },
         )
+    }
+
+    /// Set a robot metric (last value wins; see [`Metrics::set`] for the limits).
+    pub fn metric(&self, name: &str, value: f64) -> Result<(), MetricError> {
+        self.metrics.set(name, value)
+    }
+
+    /// The metrics this sink writes into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn log(&self, stream: LogStream, step: Option<&str>, line: impl Into<String>) {

@@ -8,7 +8,9 @@
 //! - environment: `FLEET_JOB_ID`, `FLEET_ATTEMPT`, `FLEET_JOB_DIR`, `FLEET_RESULT` (the path of
 //!   `result.json`);
 //! - stdout and stderr lines become the job's log lines, except a stdout line
-//!   `FLEET_PROGRESS <0-100> [<current node>]`, which reports progress;
+//!   `FLEET_PROGRESS <0-100> [<current node>]`, which reports progress, and a stdout line
+//!   `FLEET_METRIC <name> <number>`, which sets a robot metric (see [`crate::metrics`]; a
+//!   malformed one stays a log line and is warned about);
 //! - `result.json` in the job directory, when written, is the job's output (else the output is
 //!   `{"stdout": <tail of stdout>}`);
 //! - exit 0 is success; any other status fails the job with `runner exited with status N` and
@@ -29,6 +31,7 @@ use fleet_schemas::workflow::WorkflowFormat;
 use super::process::{self, Ended, Spawn};
 use super::{Execution, Executor, JobContext, LogStream, RunReport};
 use crate::config::{RunnerSpec, RunnerSpecError};
+use crate::metrics::{self, MetricError};
 
 /// Largest `result.json` read (the output travels in one NATS message, well under 1 MiB).
 const RESULT_LIMIT: u64 = 512 * 1024;
@@ -87,6 +90,16 @@ impl Runner {
             {
                 sink.progress(percent, node);
                 return;
+            }
+            if stream == LogStream::Stdout
+                && let Some(metric) = metrics::parse_runner_line(line)
+            {
+                match metric.and_then(|(name, value)| sink.metric(&name, value)) {
+                    Ok(()) => return,
+                    // The limit is warned about once by the metrics themselves.
+                    Err(MetricError::TooMany) => return,
+                    Err(e) => tracing::warn!(error = %e, line, "malformed metric line from the runner"),
+                }
             }
             sink.log(stream, None, line);
         };
@@ -235,13 +248,22 @@ mod tests {
 cat "$1" > /dev/null
 echo "working on $(cat "$2")"
 echo FLEET_PROGRESS 50 n1
+echo FLEET_METRIC rows_done 41
+echo FLEET_METRIC rows_done 42
+echo FLEET_METRIC Bad-Name 1
 echo warn >&2
 printf '{"ok": true, "job": "%s"}' "$FLEET_JOB_ID" > "$FLEET_RESULT"
 "#,
         );
-        let (exec, mut events) = execute(&r, job.path()).await;
+        let (ctx, mut events) = JobContext::detached(job.path().to_owned());
+        let exec = tokio::time::timeout(Duration::from_secs(20), r.execute(&grant(), &ctx)).await.unwrap();
         let rep = report(exec);
         assert_eq!(rep.outcome, RunOutcome::Completed, "{rep:?}");
+        assert_eq!(
+            ctx.sink.metrics().snapshot(),
+            std::collections::BTreeMap::from([("rows_done".to_owned(), 42.0)]),
+            "the last value of a metric wins"
+        );
         assert_eq!(rep.output["ok"], json!(true));
         assert!(job.path().join("workflow.json").exists());
         let mut lines = Vec::new();
@@ -251,6 +273,8 @@ printf '{"ok": true, "job": "%s"}' "$FLEET_JOB_ID" > "$FLEET_RESULT"
         assert!(lines.iter().any(|l| l.contains("\"customer\"")), "{lines:?}");
         assert!(lines.contains(&"warn".to_owned()));
         assert!(!lines.iter().any(|l| l.starts_with("FLEET_PROGRESS")), "progress lines are not log lines");
+        assert!(!lines.iter().any(|l| l.contains("rows_done")), "metric lines are not log lines");
+        assert!(lines.contains(&"FLEET_METRIC Bad-Name 1".to_owned()), "a malformed metric line is logged");
         assert_eq!(*events.progress.borrow(), Some(Progress { percent: 50, node: Some("n1".into()) }));
     }
 
