@@ -15,6 +15,43 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on a request body: under NATS's 1 MiB payload limit with room for the envelope.
 pub const DEFAULT_BODY_LIMIT_BYTES: usize = 900 * 1024;
+/// Default rate limit per API key (or per peer IP without one): 100 requests per minute, and the
+/// whole minute's allowance may be used at once (a Canvas loading its dashboard fires a handful
+/// of calls together).
+pub const DEFAULT_RATE_LIMIT: RateLimit =
+    RateLimit { requests: 100, per: Duration::from_secs(60), burst: 100 };
+
+/// `requests` per `per`, of which up to `burst` may come at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per: Duration,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// Parse `100/min`, `5/s`, `1000/h` (also `sec`, `second`, `minute`, `hour`); `0` or `off`
+    /// turn limiting off (`None`). The burst defaults to `requests`.
+    pub fn parse(s: &str) -> Result<Option<RateLimit>, String> {
+        let s = s.trim();
+        if s == "0" || s.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let err = || format!("{s:?} is not a rate: expected e.g. 100/min, 5/s, 1000/h, or off");
+        let (n, unit) = s.split_once('/').ok_or_else(err)?;
+        let requests: u32 = n.trim().parse().map_err(|_| err())?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(err()),
+        };
+        if requests == 0 {
+            return Ok(None);
+        }
+        Ok(Some(RateLimit { requests, per, burst: requests }))
+    }
+}
 
 /// How the gateway runs.
 #[derive(Debug, Clone)]
@@ -30,6 +67,20 @@ pub struct GatewayConfig {
     pub request_timeout: Duration,
     /// Largest request body accepted; larger ones get 413.
     pub body_limit_bytes: usize,
+    /// Requests allowed per API key (per peer IP without a key); `None` turns limiting off
+    /// (benchmarks). `/health` is never limited.
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl GatewayConfig {
+    /// The longest a handler may take before the gateway answers on its own. A handler makes at
+    /// most two orchestrator calls in a row (a command, then a read of the robot), each bounded by
+    /// the request timeout plus the reply grace, so this is longer than both together plus a
+    /// margin: a submit whose answer is lost is therefore always answered by the submit handler
+    /// itself (500 `outcome_unknown`), never by this safety net.
+    pub fn handler_timeout(&self) -> Duration {
+        (self.request_timeout + crate::orchestrator::REPLY_GRACE) * 2 + Duration::from_secs(5)
+    }
 }
 
 impl Default for GatewayConfig {
@@ -39,6 +90,7 @@ impl Default for GatewayConfig {
             dev_mode: false,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,
+            rate_limit: Some(DEFAULT_RATE_LIMIT),
         }
     }
 }
@@ -55,5 +107,21 @@ mod tests {
         assert_eq!(c.request_timeout, Duration::from_secs(10));
         assert_eq!(c.body_limit_bytes, 921_600);
         assert!(c.body_limit_bytes < 1024 * 1024, "must stay under the NATS max payload");
+        assert_eq!(c.rate_limit, Some(RateLimit { requests: 100, per: Duration::from_secs(60), burst: 100 }));
+        assert!(c.handler_timeout() > c.request_timeout + crate::orchestrator::REPLY_GRACE);
+    }
+
+    #[test]
+    fn rates() {
+        let r = RateLimit::parse("100/min").unwrap().unwrap();
+        assert_eq!((r.requests, r.per, r.burst), (100, Duration::from_secs(60), 100));
+        assert_eq!(RateLimit::parse(" 5/s ").unwrap().unwrap().per, Duration::from_secs(1));
+        assert_eq!(RateLimit::parse("1000/hour").unwrap().unwrap().per, Duration::from_secs(3600));
+        assert_eq!(RateLimit::parse("off").unwrap(), None);
+        assert_eq!(RateLimit::parse("0").unwrap(), None);
+        assert_eq!(RateLimit::parse("0/min").unwrap(), None);
+        for bad in ["100", "x/min", "10/week", "-1/s", ""] {
+            assert!(RateLimit::parse(bad).is_err(), "{bad}");
+        }
     }
 }

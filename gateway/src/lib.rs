@@ -8,7 +8,12 @@
 //! - who the caller is and which tenant it acts as ([`auth`]);
 //! - checking input at the edge, with errors that name the field ([`extract`], [`routes`]);
 //! - the one mapping from failures to HTTP statuses and the one JSON error shape ([`error`]);
-//! - request ids, deadlines and what a lost answer means ([`request`], [`orchestrator`]).
+//! - request ids, deadlines and what a lost answer means ([`request`], [`orchestrator`]);
+//! - rate limits ([`rate_limit`]) and its own Prometheus figures ([`metrics`]);
+//! - the live streams: events read straight from JetStream (`FLEET_EVENTS`, `FLEET_LOGS`) and
+//!   the core-NATS live subjects, filtered to the caller's tenant ([`routes::events`],
+//!   [`routes::live`], [`routes::logs`]);
+//! - the OpenAPI document, generated from the handlers ([`openapi`]).
 //!
 //! `main.rs` only reads the command line and calls [`run`]; tests call [`run`] with their own
 //! listener and shutdown token, or drive [`router`] without a socket.
@@ -17,10 +22,14 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod metrics;
+pub mod openapi;
 pub mod orchestrator;
+pub mod rate_limit;
 pub mod request;
 pub mod routes;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -32,7 +41,8 @@ pub use error::HttpError;
 pub use orchestrator::Orchestrator;
 pub use routes::router;
 
-/// What every handler shares: the configuration and the orchestrator handle.
+/// What every handler shares: the configuration, the orchestrator handle, JetStream for the
+/// live streams, the rate limiter and the request figures.
 #[derive(Clone, Debug)]
 pub struct AppState {
     inner: Arc<Inner>,
@@ -42,13 +52,30 @@ pub struct AppState {
 struct Inner {
     config: GatewayConfig,
     orchestrator: Orchestrator,
+    jetstream: async_nats::jetstream::Context,
+    limiter: Option<rate_limit::Limiter>,
+    metrics: metrics::Metrics,
+    /// Cancelled at shutdown: ends the long-lived streams (SSE, WebSockets), which graceful
+    /// shutdown would otherwise wait for forever.
+    streams: CancellationToken,
 }
 
 impl AppState {
     /// State around an existing NATS client (tests connect their own).
     pub fn new(config: GatewayConfig, client: async_nats::Client) -> Self {
-        let orchestrator = Orchestrator::new(client, config.request_timeout);
-        Self { inner: Arc::new(Inner { config, orchestrator }) }
+        let orchestrator = Orchestrator::new(client.clone(), config.request_timeout);
+        let jetstream = async_nats::jetstream::new(client);
+        let limiter = config.rate_limit.map(rate_limit::Limiter::new);
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                orchestrator,
+                jetstream,
+                limiter,
+                metrics: metrics::Metrics::default(),
+                streams: CancellationToken::new(),
+            }),
+        }
     }
 
     /// Connect to NATS and build the state. Returns at once even when NATS is not up yet: the
@@ -72,6 +99,23 @@ impl AppState {
     pub fn orchestrator(&self) -> &Orchestrator {
         &self.inner.orchestrator
     }
+
+    pub fn jetstream(&self) -> &async_nats::jetstream::Context {
+        &self.inner.jetstream
+    }
+
+    pub fn limiter(&self) -> Option<&rate_limit::Limiter> {
+        self.inner.limiter.as_ref()
+    }
+
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.inner.metrics
+    }
+
+    /// Cancelled when the gateway shuts down; every long-lived stream ends with it.
+    pub fn streams_token(&self) -> &CancellationToken {
+        &self.inner.streams
+    }
 }
 
 /// Serve the gateway on `listener` until `shutdown` is cancelled.
@@ -93,7 +137,17 @@ pub async fn run(
     let addr = listener.local_addr().context("listener has no local address")?;
     let state = AppState::connect(config).await?;
     tracing::info!(%addr, "fleet-gateway listening");
-    axum::serve(listener, router(state.clone()))
+    // Live streams never end on their own: end them when shutdown starts, so that the server's
+    // graceful shutdown (which waits for open connections) can finish.
+    let streams = state.streams_token().clone();
+    let stop_streams = shutdown.clone();
+    tokio::spawn(async move {
+        stop_streams.cancelled().await;
+        streams.cancel();
+    });
+    // Peer addresses feed the per-IP rate limit of requests without a key.
+    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
         .context("HTTP server failed")?;

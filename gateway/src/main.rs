@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use fleet_gateway::GatewayConfig;
-use fleet_gateway::config::{DEFAULT_BODY_LIMIT_BYTES, DEFAULT_NATS_URL};
+use fleet_gateway::config::{DEFAULT_BODY_LIMIT_BYTES, DEFAULT_NATS_URL, RateLimit};
 use tokio_util::sync::CancellationToken;
 
 /// Fleet's HTTP edge: the Canvas API over NATS requests to the orchestrator.
@@ -33,6 +33,24 @@ struct Args {
     /// Largest accepted request body in bytes (keep it under the NATS max payload).
     #[arg(long, env = "FLEET_BODY_LIMIT_BYTES", default_value_t = DEFAULT_BODY_LIMIT_BYTES)]
     body_limit_bytes: usize,
+
+    /// Requests allowed per API key (per peer IP without one): e.g. 100/min, 20/s, 5000/h, or
+    /// off (0) for benchmarks.
+    #[arg(long, env = "FLEET_RATE_LIMIT", default_value = "100/min", value_parser = parse_rate)]
+    rate_limit: RateArg,
+
+    /// How many of those requests may come at once (default: the whole period's allowance).
+    #[arg(long, env = "FLEET_RATE_BURST", value_parser = clap::value_parser!(u32).range(1..))]
+    rate_burst: Option<u32>,
+}
+
+/// A parsed `--rate-limit` (`None` = off); a newtype so clap does not read the `Option` as
+/// "flag may be absent".
+#[derive(Debug, Clone, Copy)]
+struct RateArg(Option<RateLimit>);
+
+fn parse_rate(s: &str) -> Result<RateArg, String> {
+    RateLimit::parse(s).map(RateArg)
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -69,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         dev_mode: args.dev_mode,
         request_timeout: args.request_timeout,
         body_limit_bytes: args.body_limit_bytes,
+        rate_limit: args.rate_limit.0.map(|r| RateLimit { burst: args.rate_burst.unwrap_or(r.burst), ..r }),
     };
     fleet_gateway::run(config, listener, shutdown).await
 }

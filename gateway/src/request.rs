@@ -9,26 +9,36 @@
 //!   query string and headers are never logged: keys may travel there;
 //! - every error response gets the one JSON error shape with the request id
 //!   ([`crate::error`]): [`HttpError`]s are rendered with it, and any other error response
-//!   (axum's own plain-text rejections) is replaced by the generic error for its status.
+//!   (axum's own plain-text rejections) is replaced by the generic error for its status;
+//! - the request figures of `/metrics` (by route template, never by concrete path).
+//!
+//! [`deadline`] bounds every handler: a safety net behind the per-call deadlines, so it is longer
+//! than any handler's own calls ([`crate::GatewayConfig::handler_timeout`]). When it fires, a read
+//! answers 504 (safe to retry) and anything else 500 `outcome_unknown`, since a write may have
+//! taken effect.
 
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::Request;
-use axum::http::{HeaderName, HeaderValue, header};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use fleet_schemas::RequestId;
 use tracing::Instrument;
 use tracing::field::Empty;
 
+use crate::AppState;
 use crate::error::HttpError;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The middleware (`axum::middleware::from_fn(track)`).
-pub async fn track(mut req: Request, next: Next) -> Response {
+/// The middleware (`axum::middleware::from_fn_with_state(state, track)`).
+pub async fn track(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
+    let _in_flight = state.metrics().start();
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let method = req.method().clone();
     let request_id = req
         .headers()
         .get(&X_REQUEST_ID)
@@ -55,6 +65,7 @@ pub async fn track(mut req: Request, next: Next) -> Response {
     let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     span.record("status", status.as_u16());
     span.record("latency_ms", latency_ms);
+    state.metrics().record(&route, method.as_str(), status.as_u16(), started.elapsed());
     span.in_scope(|| match &error {
         Some(e) if status.is_server_error() => {
             tracing::error!(code = e.code, detail = e.log_detail.as_deref(), "request failed")
@@ -63,6 +74,31 @@ pub async fn track(mut req: Request, next: Next) -> Response {
         None => tracing::info!("request finished"),
     });
     response
+}
+
+/// The middleware bounding every handler (`from_fn_with_state(state, deadline)`).
+pub async fn deadline(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = state.config().handler_timeout();
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) if read => {
+            HttpError::new(StatusCode::GATEWAY_TIMEOUT, "gateway_timeout", "the gateway gave up waiting")
+                .into_response()
+        }
+        Err(_) => HttpError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "outcome_unknown",
+            "the gateway gave up waiting; the request may or may not have taken effect",
+        )
+        .with_log_detail(format!("handler timeout of {limit:?}"))
+        .into_response(),
+    }
+}
+
+/// What a panicking handler answers (`CatchPanicLayer`): the JSON error shape, no details.
+pub fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    HttpError::internal("a handler panicked").into_response()
 }
 
 /// Give an error response the JSON shape with the request id; returns the error it carries.

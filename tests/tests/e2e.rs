@@ -397,3 +397,60 @@ async fn the_robot_binary_runs_jobs_and_drains_on_sigterm() {
     assert!(state.join("instance-id").exists());
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn robots_obey_pause_maintenance_resume_and_stop_commands() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("cmd", &[]));
+    wait_for("the robot to be online", WAIT, || async {
+        let (_, r) = stack.get("/api/v1/metrics/robots/cmd").await;
+        (r["status"] == "online").then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Pause: the robot stays online but takes no work; a job waits and says why.
+    let (status, answer) = stack.post("/api/v1/robots/cmd/pause", &Value::Null).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["accepted"], true, "{answer}");
+    wait_for("the robot to report paused", WAIT, || async {
+        (stack.get("/api/v1/metrics/robots/cmd").await.1["state"] == "paused").then_some(())
+    })
+    .await
+    .unwrap();
+    let id = stack.submit(shell_workflow(&["echo", "later"])).await["job_id"].as_str().unwrap().to_owned();
+    let job = wait_for("the job to wait for a paused robot", WAIT, || async {
+        let job = stack.job(&id).await;
+        job["waiting_reason"].as_str().is_some_and(|r| r.contains("paused")).then_some(job)
+    })
+    .await
+    .unwrap();
+    assert_eq!(job["status"], "pending", "{job}");
+
+    // Maintenance through the Canvas's status endpoint, then back online: the job runs.
+    let r = stack
+        .http
+        .put(format!("{}/api/v1/robots/cmd/status", stack.base))
+        .json(&json!({"status": "maintenance"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    wait_for("the robot to report maintenance", WAIT, || async {
+        (stack.get("/api/v1/metrics/robots/cmd").await.1["status"] == "maintenance").then_some(())
+    })
+    .await
+    .unwrap();
+    let (status, answer) = stack.post("/api/v1/robots/commands", &json!({"command": "online"})).await;
+    assert_eq!((status, answer["count"].as_u64()), (200, Some(1)), "{answer}");
+    assert_eq!(stack.finished(&id).await["status"], "completed");
+
+    // Stop: the robot finishes and exits on its own.
+    let (status, _) = stack.post("/api/v1/robots/cmd/stop", &json!({"force": false})).await;
+    assert_eq!(status, 200);
+    let robot = stack.robots.remove(0);
+    tokio::time::timeout(WAIT, robot.task).await.expect("the robot stops when told").unwrap().unwrap();
+    let (status, body) = stack.post("/api/v1/robots/nobody/pause", &Value::Null).await;
+    assert_eq!(status, 404, "{body}");
+    stack.stop().await;
+}

@@ -25,14 +25,30 @@ use crate::auth::Caller;
 use crate::error::{CallKind, HttpError};
 use crate::extract::{JsonBody, parse_json};
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct StopBody {
+pub struct StopBody {
     #[serde(default)]
     force: bool,
 }
 
 /// `POST /api/v1/robots/{robot_id}/{action}`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/robots/{robot_id}/{action}",
+    tag = "robots",
+    params(
+        ("robot_id" = String, Path, description = "Robot id"),
+        ("action" = String, Path, description = "start, stop, pause, resume or restart"),
+    ),
+    request_body(content = Option<StopBody>, description = "Only `stop` takes a body, `{\"force\": true}`, and it is optional"),
+    responses(
+        (status = 200, description = "The robot was told", body = crate::openapi::CommandAnswer),
+        (status = 404, description = "No such robot or action", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Bad body", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
 pub async fn robot_action(
     caller: Caller,
     State(state): State<AppState>,
@@ -67,7 +83,7 @@ pub async fn robot_action(
     })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatusBody {
     status: String,
@@ -75,6 +91,19 @@ pub struct StatusBody {
 
 /// `PUT /api/v1/robots/{robot_id}/status` with `{"status": "maintenance"}` or `"online"`/`"idle"`;
 /// answers the robot object.
+#[utoipa::path(
+    put,
+    path = "/api/v1/robots/{robot_id}/status",
+    tag = "robots",
+    params(("robot_id" = String, Path, description = "Robot id")),
+    request_body = StatusBody,
+    responses(
+        (status = 200, description = "The robot after the change", body = crate::openapi::Robot),
+        (status = 404, description = "No such robot in the caller's tenant", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Bad status (or an unknown field)", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
 pub async fn set_status(
     caller: Caller,
     State(state): State<AppState>,
@@ -101,7 +130,7 @@ pub async fn set_status(
     Ok(Json(serde_json::to_value(robot).map_err(|e| HttpError::internal(e.to_string()))?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkBody {
     /// pause, resume, maintenance, online, drain, stop, restart
@@ -117,6 +146,17 @@ pub struct BulkBody {
 }
 
 /// `POST /api/v1/robots/commands`: one command for every robot of the tenant matching the filter.
+#[utoipa::path(
+    post,
+    path = "/api/v1/robots/commands",
+    tag = "robots",
+    request_body = BulkBody,
+    responses(
+        (status = 200, description = "How many robots were told", body = crate::openapi::BulkAnswer),
+        (status = 422, description = "Bad command or filter (or an unknown field)", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
 pub async fn bulk(
     caller: Caller,
     State(state): State<AppState>,

@@ -12,6 +12,13 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{CallKind, HttpError};
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/metrics/fleet",
+    tag = "fleet",
+    responses((status = 200, description = "Fleet-wide figures of the caller's tenant", body = crate::openapi::FleetSummary)),
+    security(("bearer" = []), ("api_key" = []))
+)]
 pub async fn summary(
     caller: Caller,
     State(state): State<AppState>,
@@ -20,6 +27,13 @@ pub async fn summary(
     call(&state, Endpoint::FleetSummary, request_id, &caller, Empty {}, CallKind::Retryable).await.map(Json)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/queues",
+    tag = "fleet",
+    responses((status = 200, description = "One entry per robot class", body = Vec<crate::openapi::Queue>)),
+    security(("bearer" = []), ("api_key" = []))
+)]
 pub async fn queues(
     caller: Caller,
     State(state): State<AppState>,

@@ -44,6 +44,15 @@ pub struct Health {
     pub detail: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "meta",
+    responses(
+        (status = 200, description = "Healthy: NATS connected and an orchestrator answers", body = crate::openapi::Health),
+        (status = 503, description = "Unhealthy; `detail` says why", body = crate::openapi::Health),
+    )
+)]
 pub async fn health(State(state): State<AppState>, Extension(request_id): Extension<RequestId>) -> Response {
     let orchestrator = state.orchestrator();
     let mut health = Health {

@@ -23,6 +23,17 @@ use crate::error::{CallKind, HttpError};
 pub const LIMIT_RANGE: std::ops::RangeInclusive<u32> = 1..=500;
 pub const DEFAULT_LIMIT: u32 = 100;
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/metrics/jobs/{job_id}",
+    tag = "jobs",
+    params(("job_id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job, with `node_executions`", body = crate::openapi::Job),
+        (status = 404, description = "No such job in the caller's tenant", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
 pub async fn get(
     caller: Caller,
     State(state): State<AppState>,
@@ -40,6 +51,22 @@ pub async fn get(
     Ok(Json(json))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/metrics/jobs",
+    tag = "jobs",
+    params(
+        ("limit" = Option<u32>, Query, description = "1 to 500, default 100"),
+        ("status" = Option<String>, Query, description = "pending, queued, running, completed, failed, cancelled, timed_out"),
+        ("workflow_id" = Option<String>, Query),
+        ("robot_id" = Option<String>, Query),
+    ),
+    responses(
+        (status = 200, description = "Newest first, a bare array", body = Vec<crate::openapi::Job>),
+        (status = 422, description = "A filter is wrong", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
 pub async fn list(
     caller: Caller,
     State(state): State<AppState>,
@@ -76,6 +103,18 @@ fn list_query(q: &QueryParams) -> Result<ListJobs, HttpError> {
     Ok(ListJobs { status, workflow_id: q.get("workflow_id").map(str::to_owned), robot_id, limit })
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs/{job_id}/cancel",
+    tag = "jobs",
+    params(("job_id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "Cancelled, or asked to stop (running)", body = crate::openapi::Cancelled),
+        (status = 404, description = "No such job in the caller's tenant", body = crate::openapi::ErrorBody),
+        (status = 409, description = "The job already ended", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
 pub async fn cancel(
     caller: Caller,
     State(state): State<AppState>,

@@ -9,9 +9,13 @@
 //! belong to another tenant, so a response never tells them apart.
 
 pub mod commands;
+pub mod events;
 pub mod fleet;
 pub mod health;
 pub mod jobs;
+pub mod live;
+pub mod logs;
+pub mod meta;
 pub mod robots;
 pub mod workflows;
 
@@ -21,7 +25,8 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, rejection::PathRejection};
 use axum::http::{StatusCode, Uri};
-use axum::routing::{get, post};
+use axum::middleware::from_fn_with_state;
+use axum::routing::{get, post, put};
 use fleet_schemas::RequestId;
 use fleet_schemas::api::Endpoint;
 use serde::Serialize;
@@ -31,27 +36,61 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{CallKind, HttpError};
 
+/// Every route the router serves, as (method, path template). Kept next to [`router`]: a test
+/// checks that each is served and that the OpenAPI document lists exactly these.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("GET", "/api/v1/openapi.json"),
+    ("POST", "/api/v1/workflows"),
+    ("GET", "/api/v1/metrics/jobs"),
+    ("GET", "/api/v1/metrics/jobs/{job_id}"),
+    ("POST", "/api/v1/jobs/{job_id}/cancel"),
+    ("GET", "/api/v1/jobs/{job_id}/logs"),
+    ("GET", "/api/v1/metrics/robots"),
+    ("GET", "/api/v1/metrics/robots/{robot_id}"),
+    ("POST", "/api/v1/robots/commands"),
+    ("PUT", "/api/v1/robots/{robot_id}/status"),
+    ("POST", "/api/v1/robots/{robot_id}/{action}"),
+    ("GET", "/api/v1/robots/{robot_id}/logs"),
+    ("GET", "/api/v1/robots/{robot_id}/metrics"),
+    ("GET", "/api/v1/metrics/fleet"),
+    ("GET", "/api/v1/queues"),
+    ("GET", "/api/v1/events"),
+    ("GET", "/ws/monitoring/live-jobs"),
+];
+
 /// The whole HTTP API. Tests drive it without a socket; [`crate::run`] serves it.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config().body_limit_bytes;
     Router::new()
         .route("/health", get(health::health))
+        .route("/metrics", get(meta::metrics))
+        .route("/api/v1/openapi.json", get(meta::openapi_json))
         .route("/api/v1/workflows", post(workflows::submit))
         .route("/api/v1/metrics/jobs", get(jobs::list))
         .route("/api/v1/metrics/jobs/{job_id}", get(jobs::get))
         .route("/api/v1/jobs/{job_id}/cancel", post(jobs::cancel))
+        .route("/api/v1/jobs/{job_id}/logs", get(logs::job_logs))
         .route("/api/v1/metrics/robots", get(robots::list))
         .route("/api/v1/metrics/robots/{robot_id}", get(robots::get))
         .route("/api/v1/robots/commands", post(commands::bulk))
-        .route("/api/v1/robots/{robot_id}/status", axum::routing::put(commands::set_status))
+        .route("/api/v1/robots/{robot_id}/status", put(commands::set_status))
         .route("/api/v1/robots/{robot_id}/{action}", post(commands::robot_action))
+        .route("/api/v1/robots/{robot_id}/logs", get(logs::robot_logs))
+        .route("/api/v1/robots/{robot_id}/metrics", get(logs::robot_metrics))
         .route("/api/v1/metrics/fleet", get(fleet::summary))
         .route("/api/v1/queues", get(fleet::queues))
+        .route("/api/v1/events", get(events::events))
+        .route("/ws/monitoring/live-jobs", get(live::live_jobs))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        // Outermost, so it also sees the fallbacks' and the body limit's answers.
-        .layer(axum::middleware::from_fn(crate::request::track))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(crate::request::panic_response))
+        .layer(from_fn_with_state(state.clone(), crate::request::deadline))
+        .layer(from_fn_with_state(state.clone(), crate::rate_limit::limit))
+        // Outermost, so it also sees the fallbacks', the limits' and the body limit's answers.
+        .layer(from_fn_with_state(state.clone(), crate::request::track))
         .with_state(state)
 }
 

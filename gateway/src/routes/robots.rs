@@ -17,6 +17,17 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{CallKind, HttpError};
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/metrics/robots",
+    tag = "robots",
+    params(("status" = Option<String>, Query, description = "idle (= online), online, busy, offline, maintenance, error")),
+    responses(
+        (status = 200, description = "A bare array", body = Vec<crate::openapi::Robot>),
+        (status = 422, description = "Bad status filter", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
 pub async fn list(
     caller: Caller,
     State(state): State<AppState>,
@@ -38,6 +49,17 @@ pub async fn list(
     robots.into_iter().map(canvas_view).collect::<Result<_, _>>().map(Json)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/metrics/robots/{robot_id}",
+    tag = "robots",
+    params(("robot_id" = String, Path, description = "Robot id")),
+    responses(
+        (status = 200, description = "The robot, with its statistics", body = crate::openapi::Robot),
+        (status = 404, description = "No such robot in the caller's tenant", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
 pub async fn get(
     caller: Caller,
     State(state): State<AppState>,

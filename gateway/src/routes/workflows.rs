@@ -45,17 +45,20 @@ pub const MAX_TIMEOUT_S: u64 = 30 * 24 * 3600;
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// The submission body as sent.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct SubmitBody {
     pub workflow_name: String,
     /// An object, or a string holding one (the Canvas sends either).
+    #[schema(value_type = Object)]
     pub workflow_json: Value,
     pub priority: Option<i64>,
     pub trigger_type: Option<String>,
     pub execution_mode: Option<String>,
     /// Only meaningful with schedules, which are refused for now, so it is ignored.
     pub schedule_cron: Option<String>,
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
+    #[schema(value_type = Option<Object>)]
     pub variables: Option<Map<String, Value>>,
     pub required_capabilities: Option<Vec<String>>,
     pub target_robot_id: Option<String>,
@@ -63,19 +66,37 @@ pub struct SubmitBody {
 }
 
 /// The answer the Canvas reads.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SubmitResponse {
     pub workflow_id: String,
     pub job_id: String,
     /// Always null until schedules exist.
     pub schedule_id: Option<String>,
+    #[schema(value_type = String)]
     pub status: &'static str,
     pub message: String,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
     pub waiting_reason: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/workflows",
+    tag = "jobs",
+    request_body = SubmitBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "The same key within 24 h returns the first job")),
+    responses(
+        (status = 200, description = "The job was committed", body = SubmitResponse),
+        (status = 400, description = "Not JSON", body = crate::openapi::ErrorBody),
+        (status = 413, description = "Body too large", body = crate::openapi::ErrorBody),
+        (status = 422, description = "A field is wrong; `error.field` names it", body = crate::openapi::ErrorBody),
+        (status = 500, description = "`outcome_unknown`: no confirmation in time; look the job up by request id", body = crate::openapi::ErrorBody),
+        (status = 503, description = "Nothing was done; retry", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
 pub async fn submit(
     caller: Caller,
     State(state): State<AppState>,

@@ -89,6 +89,8 @@ impl Stack {
             nats_url: nats.url(),
             dev_mode: true,
             request_timeout: Duration::from_secs(5),
+            // Tests poll the API far faster than a person would.
+            rate_limit: None,
             ..Default::default()
         };
         let task = tokio::spawn(fleet_gateway::run(config, listener, token.clone()));

@@ -1,0 +1,401 @@
+//! The OpenAPI document (`GET /api/v1/openapi.json`), generated from the `#[utoipa::path]`
+//! annotation on each handler, next to the code it describes.
+//!
+//! The answer types of the orchestrator (`JobView`, `RobotView`, …) live in `fleet-schemas`,
+//! which stays free of HTTP concerns, so they are described here by documentation-only mirrors
+//! (never built; a test checks each mirror has exactly the keys the real type serializes, so
+//! they cannot drift apart). A test also checks the document lists exactly the routes of
+//! [`crate::routes::ROUTES`], the list kept next to the router.
+
+#![allow(dead_code)] // the mirrors are descriptions, never built
+
+use serde_json::Value;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use crate::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Fleet gateway",
+        description = "Fleet's HTTP API: submit workflows, watch jobs and robots, command robots, follow events live. \
+            Send the API key as `Authorization: Bearer <key>` or `X-Api-Key: <key>`. Every error has the shape \
+            `{\"error\": {\"code\", \"message\", \"field\"}, \"request_id\"}`."
+    ),
+    paths(
+        routes::health::health,
+        routes::workflows::submit,
+        routes::jobs::list,
+        routes::jobs::get,
+        routes::jobs::cancel,
+        routes::logs::job_logs,
+        routes::robots::list,
+        routes::robots::get,
+        routes::commands::bulk,
+        routes::commands::set_status,
+        routes::commands::robot_action,
+        routes::logs::robot_logs,
+        routes::logs::robot_metrics,
+        routes::fleet::summary,
+        routes::fleet::queues,
+        routes::events::events,
+        routes::live::live_jobs,
+        routes::meta::openapi_json,
+        routes::meta::metrics,
+    ),
+    modifiers(&Security),
+    tags(
+        (name = "jobs", description = "Submit, list, cancel and follow jobs"),
+        (name = "robots", description = "The fleet's robots and commands to them"),
+        (name = "fleet", description = "Fleet-wide figures"),
+        (name = "events", description = "Live streams"),
+        (name = "meta", description = "Health, metrics and this document"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The document as served.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-Api-Key"))),
+        );
+    }
+}
+
+/// Every error answer.
+#[derive(ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+    /// The request id (also in the `x-request-id` header).
+    pub request_id: Option<String>,
+}
+
+#[derive(ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, snake_case: `not_found`, `invalid`, `unauthorized`, `rate_limited`, `unavailable`, `outcome_unknown`, …
+    pub code: String,
+    pub message: String,
+    /// The request field at fault (`workflow_json.steps[0].argv`, `priority`, …).
+    pub field: Option<String>,
+}
+
+/// A job (`fleet_schemas::api::JobView`); every key is always present, `null` when unknown.
+#[derive(ToSchema)]
+pub struct Job {
+    pub job_id: String,
+    pub workflow_id: String,
+    pub workflow_name: String,
+    /// pending, queued, running, completed, failed, cancelled, timed_out
+    pub status: String,
+    pub robot_id: Option<String>,
+    pub robot_name: Option<String>,
+    pub attempt: i32,
+    pub priority: i16,
+    pub required_capabilities: Vec<String>,
+    pub progress: i16,
+    pub current_node: Option<String>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub claimed_at: Option<String>,
+    #[schema(format = DateTime)]
+    pub started_at: Option<String>,
+    #[schema(format = DateTime)]
+    pub completed_at: Option<String>,
+    pub duration_ms: Option<i64>,
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
+    pub error_message: Option<String>,
+    pub error_type: Option<String>,
+    /// Why a pending job waits ("no online robot of tenant acme has gpu").
+    pub waiting_reason: Option<String>,
+    pub retry_count: i32,
+    pub target_robot_id: Option<String>,
+    pub trigger_type: String,
+    pub execution_mode: String,
+    /// The request id of the submission.
+    pub request_id: Option<String>,
+}
+
+/// A robot (`fleet_schemas::api::RobotView`), with the Canvas's aliases `current_job_id` and
+/// `current_jobs` added by the gateway.
+#[derive(ToSchema)]
+pub struct Robot {
+    pub robot_id: String,
+    pub name: String,
+    pub hostname: String,
+    /// online, busy, offline, maintenance, error
+    pub status: String,
+    /// What the robot reports: online, paused, maintenance, draining, stopping
+    pub state: String,
+    /// What it was told: online, paused, maintenance
+    pub desired_state: String,
+    pub environment: String,
+    pub capabilities: Vec<String>,
+    pub tags: Vec<String>,
+    pub max_concurrent_jobs: u32,
+    pub current_job_ids: Vec<String>,
+    pub current_job: Option<String>,
+    pub cpu_percent: Option<f32>,
+    pub memory_mb: Option<f64>,
+    #[schema(format = DateTime)]
+    pub last_heartbeat: Option<String>,
+    #[schema(format = DateTime)]
+    pub last_seen: Option<String>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    pub version: Option<String>,
+}
+
+/// `GET /api/v1/metrics/fleet` (`fleet_schemas::api::FleetSummary`).
+#[derive(ToSchema)]
+pub struct FleetSummary {
+    pub total_robots: u32,
+    pub active_robots: u32,
+    pub idle_robots: u32,
+    pub busy_robots: u32,
+    pub offline_robots: u32,
+    pub maintenance_robots: u32,
+    pub active_jobs: u32,
+    pub queue_depth: u32,
+    pub total_jobs_today: u32,
+    pub average_job_duration_seconds: f64,
+    #[schema(value_type = Object)]
+    pub jobs_by_status: Value,
+}
+
+/// One robot class (`fleet_schemas::api::QueueView`).
+#[derive(ToSchema)]
+pub struct Queue {
+    pub class: String,
+    pub capabilities: Vec<String>,
+    pub waiting: u32,
+    pub offered: u32,
+    pub running: u32,
+    pub capacity: u32,
+    pub online_robots: u32,
+    pub robots: u32,
+}
+
+/// `POST /api/v1/jobs/{job_id}/cancel` (`fleet_schemas::api::Cancelled`).
+#[derive(ToSchema)]
+pub struct Cancelled {
+    pub job_id: String,
+    pub cancelled: bool,
+    pub previous_status: String,
+    pub message: String,
+}
+
+/// One log line of a job (`fleet_schemas::robot::LogLine`).
+#[derive(ToSchema)]
+pub struct LogLine {
+    pub job_id: String,
+    pub attempt: i32,
+    pub robot_id: String,
+    /// stdout, stderr or fleet
+    pub stream: String,
+    pub step: Option<String>,
+    pub line: String,
+    #[schema(format = DateTime)]
+    pub at: String,
+}
+
+#[derive(ToSchema)]
+pub struct JobLogs {
+    pub job_id: String,
+    pub logs: Vec<LogLine>,
+    /// Pass as `since` to get the lines after these.
+    pub next_since: Option<u64>,
+}
+
+#[derive(ToSchema)]
+pub struct RobotLogs {
+    pub robot_id: String,
+    pub logs: Vec<LogLine>,
+}
+
+/// `GET /api/v1/robots/{robot_id}/metrics`.
+#[derive(ToSchema)]
+pub struct RobotMetrics {
+    pub robot_id: String,
+    pub status: String,
+    pub state: String,
+    pub cpu_percent: Option<f32>,
+    pub memory_mb: Option<f64>,
+    #[schema(format = DateTime)]
+    pub last_heartbeat: Option<String>,
+    #[schema(format = DateTime)]
+    pub last_seen: Option<String>,
+    pub current_jobs: u32,
+    pub current_job_ids: Vec<String>,
+    pub max_concurrent_jobs: u32,
+    pub version: Option<String>,
+}
+
+/// Answer of the per-robot commands (`start`, `stop`, `pause`, `resume`, `restart`).
+#[derive(ToSchema)]
+pub struct CommandAnswer {
+    pub robot_id: String,
+    pub action: String,
+    pub accepted: bool,
+    pub message: String,
+}
+
+/// Answer of the bulk command.
+#[derive(ToSchema)]
+pub struct BulkAnswer {
+    pub command: String,
+    /// How many robots were told.
+    pub count: u32,
+    pub robots: Vec<String>,
+    pub message: String,
+}
+
+/// `GET /health`.
+#[derive(ToSchema)]
+pub struct Health {
+    /// healthy or unhealthy
+    pub status: String,
+    pub service: String,
+    pub version: String,
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+    pub nats: String,
+    pub orchestrator: String,
+    pub leader: bool,
+    pub detail: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The keys of a mirror's schema.
+    fn keys(name: &str) -> Vec<String> {
+        let doc = serde_json::to_value(document()).unwrap();
+        let props =
+            doc["components"]["schemas"][name]["properties"].as_object().unwrap_or_else(|| panic!("{name}"));
+        let mut keys: Vec<String> = props.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    fn keys_of(v: impl serde::Serialize) -> Vec<String> {
+        let v = serde_json::to_value(v).unwrap();
+        let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn mirrors_match_the_real_types() {
+        use fleet_schemas::api;
+        use time::OffsetDateTime;
+        let t = OffsetDateTime::UNIX_EPOCH;
+        let job = api::JobView {
+            job_id: fleet_schemas::JobId::new(),
+            workflow_id: String::new(),
+            workflow_name: String::new(),
+            status: api::JobStatus::Pending,
+            robot_id: None,
+            robot_name: None,
+            attempt: 0,
+            priority: 0,
+            required_capabilities: vec![],
+            progress: 0,
+            current_node: None,
+            created_at: t,
+            claimed_at: None,
+            started_at: None,
+            completed_at: None,
+            duration_ms: None,
+            output: None,
+            error_message: None,
+            error_type: None,
+            waiting_reason: None,
+            retry_count: 0,
+            target_robot_id: None,
+            trigger_type: String::new(),
+            execution_mode: String::new(),
+            request_id: None,
+        };
+        assert_eq!(keys("Job"), keys_of(job));
+        let robot = api::RobotView {
+            robot_id: String::new(),
+            name: String::new(),
+            hostname: String::new(),
+            status: api::RobotStatus::Online,
+            state: String::new(),
+            desired_state: String::new(),
+            environment: String::new(),
+            capabilities: vec![],
+            tags: vec![],
+            max_concurrent_jobs: 1,
+            current_job_ids: vec![],
+            current_job: None,
+            cpu_percent: None,
+            memory_mb: None,
+            last_heartbeat: None,
+            last_seen: None,
+            created_at: t,
+            version: None,
+        };
+        assert_eq!(keys("Robot"), keys_of(robot));
+        let summary = api::FleetSummary {
+            total_robots: 0,
+            active_robots: 0,
+            idle_robots: 0,
+            busy_robots: 0,
+            offline_robots: 0,
+            maintenance_robots: 0,
+            active_jobs: 0,
+            queue_depth: 0,
+            total_jobs_today: 0,
+            average_job_duration_seconds: 0.0,
+            jobs_by_status: Default::default(),
+        };
+        assert_eq!(keys("FleetSummary"), keys_of(summary));
+        let queue = api::QueueView {
+            class: String::new(),
+            capabilities: vec![],
+            waiting: 0,
+            offered: 0,
+            running: 0,
+            capacity: 0,
+            online_robots: 0,
+            robots: 0,
+        };
+        assert_eq!(keys("Queue"), keys_of(queue));
+        let cancelled = api::Cancelled {
+            job_id: fleet_schemas::JobId::new(),
+            cancelled: true,
+            previous_status: api::JobStatus::Pending,
+            message: String::new(),
+        };
+        assert_eq!(keys("Cancelled"), keys_of(cancelled));
+        let line = fleet_schemas::robot::LogLine {
+            job_id: fleet_schemas::JobId::new(),
+            attempt: 1,
+            robot_id: fleet_schemas::RobotId::new("r1").unwrap(),
+            stream: String::new(),
+            step: None,
+            line: String::new(),
+            at: t,
+        };
+        assert_eq!(keys("LogLine"), keys_of(line));
+    }
+}
