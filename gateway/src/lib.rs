@@ -55,6 +55,7 @@ struct Inner {
     jetstream: async_nats::jetstream::Context,
     limiter: Option<rate_limit::Limiter>,
     metrics: metrics::Metrics,
+    keys: auth::KeyCache,
     /// Cancelled at shutdown: ends the long-lived streams (SSE, WebSockets), which graceful
     /// shutdown would otherwise wait for forever.
     streams: CancellationToken,
@@ -73,6 +74,7 @@ impl AppState {
                 jetstream,
                 limiter,
                 metrics: metrics::Metrics::default(),
+                keys: auth::KeyCache::default(),
                 streams: CancellationToken::new(),
             }),
         }
@@ -112,6 +114,10 @@ impl AppState {
         &self.inner.metrics
     }
 
+    pub fn key_cache(&self) -> &auth::KeyCache {
+        &self.inner.keys
+    }
+
     /// Cancelled when the gateway shuts down; every long-lived stream ends with it.
     pub fn streams_token(&self) -> &CancellationToken {
         &self.inner.streams
@@ -130,8 +136,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     if config.dev_mode {
         tracing::warn!(
-            "DEVELOPMENT MODE (FLEET_DEV_MODE=true): API keys are NOT checked and every request acts \
-             as tenant \"default\". Never run like this where anyone else can reach the gateway."
+            "DEVELOPMENT MODE (FLEET_DEV_MODE=true): requests WITHOUT an API key act as tenant \
+             \"default\" with the admin role. Never run like this where anyone else can reach the gateway."
         );
     }
     let addr = listener.local_addr().context("listener has no local address")?;

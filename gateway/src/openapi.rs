@@ -43,6 +43,13 @@ use crate::routes;
         routes::live::live_jobs,
         routes::meta::openapi_json,
         routes::meta::metrics,
+        routes::keys::create,
+        routes::keys::list,
+        routes::keys::delete,
+        routes::keys::key_action,
+        routes::keys::create_robot_key,
+        routes::keys::list_robot_keys,
+        routes::keys::robot_key_action,
     ),
     modifiers(&Security),
     tags(
@@ -51,6 +58,7 @@ use crate::routes;
         (name = "fleet", description = "Fleet-wide figures"),
         (name = "events", description = "Live streams"),
         (name = "meta", description = "Health, metrics and this document"),
+        (name = "keys", description = "API keys of the tenant (admin role)"),
     )
 )]
 pub struct ApiDoc;

@@ -56,6 +56,7 @@ pub async fn robot_action(
     Path((robot_id, action)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<Value>, HttpError> {
+    caller.require(fleet_schemas::keys::Role::Operator)?;
     let robot_id = RobotId::new(robot_id).map_err(|_| HttpError::not_found("robot"))?;
     let command = match action.as_str() {
         "start" | "resume" => RobotCommand::Resume,
@@ -111,6 +112,7 @@ pub async fn set_status(
     Path(robot_id): Path<String>,
     JsonBody(body): JsonBody<StatusBody>,
 ) -> Result<Json<Value>, HttpError> {
+    caller.require(fleet_schemas::keys::Role::Operator)?;
     let robot_id = RobotId::new(robot_id).map_err(|_| HttpError::not_found("robot"))?;
     let command = match body.status.as_str() {
         "maintenance" => RobotCommand::Maintenance { on: true },
@@ -163,6 +165,7 @@ pub async fn bulk(
     Extension(request_id): Extension<RequestId>,
     JsonBody(body): JsonBody<BulkBody>,
 ) -> Result<Json<Value>, HttpError> {
+    caller.require(fleet_schemas::keys::Role::Operator)?;
     let command = match body.command.as_str() {
         "pause" => RobotCommand::Pause,
         "resume" | "start" => RobotCommand::Resume,

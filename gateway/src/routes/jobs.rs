@@ -121,6 +121,7 @@ pub async fn cancel(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Cancelled>, HttpError> {
+    caller.require(fleet_schemas::keys::Role::Operator)?;
     let id = path_id(path, "job", |s| s.parse::<JobId>().ok())?;
     let cancelled =
         call(&state, Endpoint::CancelJob, request_id, &caller, GetById { id }, CallKind::Retryable).await?;

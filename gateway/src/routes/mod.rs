@@ -11,6 +11,7 @@
 pub mod commands;
 pub mod events;
 pub mod fleet;
+pub mod keys;
 pub mod health;
 pub mod jobs;
 pub mod live;
@@ -57,6 +58,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/metrics/fleet"),
     ("GET", "/api/v1/queues"),
     ("GET", "/api/v1/events"),
+    ("POST", "/api/v1/api-keys"),
+    ("GET", "/api/v1/api-keys"),
+    ("DELETE", "/api/v1/api-keys/{key_id}"),
+    ("POST", "/api/v1/api-keys/{key_id}/{action}"),
+    ("POST", "/api/v1/robot-api-keys"),
+    ("GET", "/api/v1/robot-api-keys"),
+    ("POST", "/api/v1/robot-api-keys/{key_id}/{action}"),
     ("GET", "/ws/monitoring/live-jobs"),
 ];
 
@@ -74,6 +82,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{job_id}/logs", get(logs::job_logs))
         .route("/api/v1/metrics/robots", get(robots::list))
         .route("/api/v1/metrics/robots/{robot_id}", get(robots::get))
+        .route("/api/v1/api-keys", post(keys::create).get(keys::list))
+        .route("/api/v1/api-keys/{key_id}", axum::routing::delete(keys::delete))
+        .route("/api/v1/api-keys/{key_id}/{action}", post(keys::key_action))
+        .route("/api/v1/robot-api-keys", post(keys::create_robot_key).get(keys::list_robot_keys))
+        .route("/api/v1/robot-api-keys/{key_id}/{action}", post(keys::robot_key_action))
         .route("/api/v1/robots/commands", post(commands::bulk))
         .route("/api/v1/robots/{robot_id}/status", put(commands::set_status))
         .route("/api/v1/robots/{robot_id}/{action}", post(commands::robot_action))

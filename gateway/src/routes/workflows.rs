@@ -104,6 +104,7 @@ pub async fn submit(
     headers: HeaderMap,
     JsonBody(body): JsonBody<SubmitBody>,
 ) -> Result<Json<SubmitResponse>, HttpError> {
+    caller.require(fleet_schemas::keys::Role::Operator)?;
     let idempotency_key = idempotency_key(&headers)?;
     let job = translate(body, idempotency_key)?;
     let submitted: Submitted =
