@@ -66,7 +66,9 @@ fn parse_time(field: &str, text: Option<&str>) -> Result<Option<OffsetDateTime>,
 fn role(field: &str, text: Option<&str>) -> Result<Role, HttpError> {
     match text {
         None => Ok(Role::Operator),
-        Some(r) => Role::parse(r).ok_or_else(|| HttpError::invalid(field, "must be admin, operator or viewer")),
+        Some(r) => {
+            Role::parse(r).ok_or_else(|| HttpError::invalid(field, "must be admin, operator or viewer"))
+        }
     }
 }
 
@@ -111,7 +113,12 @@ pub async fn create_robot_key(
     call(&state, Endpoint::CreateKey, request_id, &caller, req, CallKind::Submit).await.map(Json)
 }
 
-async fn list_keys(caller: &Caller, state: &AppState, request_id: RequestId, uri: &Uri) -> Result<KeyList, HttpError> {
+async fn list_keys(
+    caller: &Caller,
+    state: &AppState,
+    request_id: RequestId,
+    uri: &Uri,
+) -> Result<KeyList, HttpError> {
     caller.require(Role::Admin)?;
     let q = QueryParams::from_uri(uri)?;
     let number = |name: &str, default: u32, max: u32| -> Result<u32, HttpError> {
@@ -188,15 +195,20 @@ pub async fn key_action(
     caller.require(Role::Admin)?;
     match action.as_str() {
         "revoke" => {
-            let body: RevokeBody =
-                if body.iter().all(u8::is_ascii_whitespace) { RevokeBody::default() } else { parse_json(&body)? };
+            let body: RevokeBody = if body.iter().all(u8::is_ascii_whitespace) {
+                RevokeBody::default()
+            } else {
+                parse_json(&body)?
+            };
             let req = KeyAction { id: key_id.clone(), reason: body.reason };
-            let key: KeyView = call(&state, Endpoint::RevokeKey, request_id, &caller, req, CallKind::Retryable).await?;
+            let key: KeyView =
+                call(&state, Endpoint::RevokeKey, request_id, &caller, req, CallKind::Retryable).await?;
             Ok(Json(json!({"revoked": true, "key_id": key_id, "key": key})))
         }
         "rotate" => {
             let req = KeyAction { id: key_id, reason: None };
-            let created: CreatedKey = call(&state, Endpoint::RotateKey, request_id, &caller, req, CallKind::Submit).await?;
+            let created: CreatedKey =
+                call(&state, Endpoint::RotateKey, request_id, &caller, req, CallKind::Submit).await?;
             Ok(Json(serde_json::to_value(created).map_err(|e| HttpError::internal(e.to_string()))?))
         }
         _ => Err(HttpError::not_found("endpoint")),

@@ -11,9 +11,9 @@
 pub mod commands;
 pub mod events;
 pub mod fleet;
-pub mod keys;
 pub mod health;
 pub mod jobs;
+pub mod keys;
 pub mod live;
 pub mod logs;
 pub mod meta;
