@@ -195,8 +195,13 @@ async fn run_job_inner(agent: Arc<Agent>, grant: ClaimGrant, offer_no: i32) -> J
     agent.add_running(job_id, RunningEntry { attempt, stop: stop.clone() });
 
     let done = CancellationToken::new();
+    // The lease is renewed until the end is *settled* (the report answered), not merely until
+    // the work is done: a completion retried through an outage must not find its lease expired
+    // by a leader that came back in the meantime (it would be refused and the job run again).
+    let settled = CancellationToken::new();
+    let _stop_renewing = settled.clone().drop_guard();
     let renew = lease::renew_request(agent.session_id, job_id, attempt);
-    tokio::spawn(lease::renew_loop(agent.orch.clone(), renew, grant.lease_ms, stop.clone(), done.clone()));
+    tokio::spawn(lease::renew_loop(agent.orch.clone(), renew, grant.lease_ms, stop.clone(), settled.clone()));
 
     let timeout_s = grant.timeout_s.or_else(|| grant.workflow.get("timeout_s").and_then(Value::as_u64));
     if let Some(secs) = timeout_s.filter(|s| *s > 0) {
@@ -240,6 +245,7 @@ async fn run_job_inner(agent: Arc<Agent>, grant: ClaimGrant, offer_no: i32) -> J
     let _ = tokio::time::timeout(FLUSH_PATIENCE, forwarder).await;
 
     let end = settle_job(&agent, &grant, offer_no, &stop, execution).await;
+    settled.cancel();
     if matches!(end, JobEnd::Reported { outcome: RunOutcome::Completed, .. }) {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             tracing::debug!(error = %e, dir = %dir.display(), "could not remove the job directory");

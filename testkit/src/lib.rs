@@ -7,6 +7,11 @@
 //! they depend on. Every wait is bounded ([`wait_until`], [`wait_for`]); when a test fails, the
 //! nats-server's files and log and the database are kept and their location printed.
 //!
+//! For fault tests: [`Process`] runs Fleet's real binaries (found with [`fleet_binary`]) so a test
+//! can SIGKILL, SIGSTOP/SIGCONT or SIGTERM them, with their logs kept when a test fails; and
+//! [`TcpProxy`] stands between one part and a server (PostgreSQL) so the test can cut that link
+//! alone, without stopping the shared server.
+//!
 //! This crate depends on no Fleet crate, so that each part's own tests (robot/, gateway/) can
 //! dev-depend on it, and so can `fleet-tests`, the end-to-end tests that depend on all parts.
 //!
@@ -20,6 +25,8 @@
 
 mod db;
 mod nats;
+mod process;
+mod proxy;
 mod telemetry;
 mod wait;
 
@@ -27,6 +34,8 @@ use std::path::{Path, PathBuf};
 
 pub use db::{DEFAULT_ADMIN_URL, TestDb};
 pub use nats::{NatsServer, free_port, nats_server_binary};
+pub use process::{Process, ProcessSpec, fleet_binary};
+pub use proxy::TcpProxy;
 pub use telemetry::init_tracing;
 pub use wait::{wait_for, wait_until};
 
