@@ -50,6 +50,12 @@ use crate::routes;
         routes::keys::create_robot_key,
         routes::keys::list_robot_keys,
         routes::keys::robot_key_action,
+        routes::jobs::retry,
+        routes::registry::register,
+        routes::registry::update,
+        routes::registry::delete,
+        routes::analytics::analytics,
+        routes::analytics::activity,
     ),
     modifiers(&Security),
     tags(
@@ -273,6 +279,109 @@ pub struct BulkAnswer {
     pub message: String,
 }
 
+/// `POST /api/v1/jobs/{job_id}/retry` (`fleet_schemas::api::Retried`): the job runs again as its
+/// next attempt under the same id, so all three ids are that job's.
+#[derive(ToSchema)]
+pub struct Retried {
+    pub job_id: String,
+    pub new_job_id: String,
+    pub original_job_id: String,
+    /// failed, cancelled or timed_out
+    pub previous_status: String,
+    /// pending
+    pub status: String,
+    pub next_attempt: i32,
+    pub message: String,
+}
+
+/// `DELETE /api/v1/robots/{robot_id}`.
+#[derive(ToSchema)]
+pub struct RobotDeletedAnswer {
+    pub deleted: bool,
+    pub robot_id: String,
+    /// True when a running robot process was told to stop.
+    pub stopped: bool,
+}
+
+/// `GET /api/v1/metrics/analytics` (`fleet_schemas::api::Analytics`). Durations are those of
+/// completed jobs; "failed" counts failed and timed-out jobs; rates are percentages (0 to 100)
+/// of the jobs that ended.
+#[derive(ToSchema)]
+pub struct Analytics {
+    pub days: u32,
+    pub total_jobs: u64,
+    pub jobs_completed: u64,
+    pub jobs_failed: u64,
+    pub success_rate: f64,
+    pub failure_rate: f64,
+    pub average_duration_ms: f64,
+    pub avg_duration_ms: f64,
+    pub p50_duration_ms: f64,
+    pub p90_duration_ms: f64,
+    pub p99_duration_ms: f64,
+    /// `{status: count}`
+    #[schema(value_type = Object)]
+    pub job_status_distribution: Value,
+    pub slowest_workflows: Vec<WorkflowDuration>,
+    pub error_distribution: Vec<ErrorCount>,
+    pub throughput_per_workflow: Vec<WorkflowThroughput>,
+    pub throughput_per_hour: Vec<HourThroughput>,
+    /// Always 0: Fleet does not heal selectors.
+    pub self_healing_success_rate: f64,
+}
+
+#[derive(ToSchema)]
+pub struct WorkflowDuration {
+    pub workflow_id: String,
+    pub workflow_name: String,
+    pub average_duration_ms: f64,
+    pub runs: u64,
+}
+
+#[derive(ToSchema)]
+pub struct ErrorCount {
+    pub error_type: String,
+    pub count: u64,
+}
+
+#[derive(ToSchema)]
+pub struct WorkflowThroughput {
+    pub workflow_id: String,
+    pub workflow_name: String,
+    pub jobs: u64,
+}
+
+#[derive(ToSchema)]
+pub struct HourThroughput {
+    #[schema(format = DateTime)]
+    pub hour: String,
+    pub jobs: u64,
+}
+
+/// `GET /api/v1/metrics/activity` (`fleet_schemas::api::Activity`).
+#[derive(ToSchema)]
+pub struct Activity {
+    pub events: Vec<ActivityEvent>,
+    /// Events matching the filters, not only those returned.
+    pub total: u64,
+}
+
+#[derive(ToSchema)]
+pub struct ActivityEvent {
+    pub id: String,
+    /// job_started, job_completed, job_failed, robot_online, robot_offline, or the event's name
+    /// with `_` for `.`
+    #[schema(rename = "type")]
+    pub kind: String,
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+    pub title: String,
+    #[schema(value_type = Object)]
+    pub details: Value,
+    pub robot_id: Option<String>,
+    pub job_id: Option<String>,
+}
+
 /// `GET /health`.
 #[derive(ToSchema)]
 pub struct Health {
@@ -405,5 +514,59 @@ mod tests {
             at: t,
         };
         assert_eq!(keys("LogLine"), keys_of(line));
+        let id = fleet_schemas::JobId::new();
+        let retried = api::Retried {
+            job_id: id,
+            new_job_id: id,
+            original_job_id: id,
+            previous_status: api::JobStatus::Failed,
+            status: api::JobStatus::Pending,
+            next_attempt: 2,
+            message: String::new(),
+        };
+        assert_eq!(keys("Retried"), keys_of(retried));
+        let analytics = api::Analytics {
+            days: 7,
+            total_jobs: 0,
+            jobs_completed: 0,
+            jobs_failed: 0,
+            success_rate: 0.0,
+            failure_rate: 0.0,
+            average_duration_ms: 0.0,
+            avg_duration_ms: 0.0,
+            p50_duration_ms: 0.0,
+            p90_duration_ms: 0.0,
+            p99_duration_ms: 0.0,
+            job_status_distribution: Default::default(),
+            slowest_workflows: vec![],
+            error_distribution: vec![],
+            throughput_per_workflow: vec![],
+            throughput_per_hour: vec![],
+            self_healing_success_rate: 0.0,
+        };
+        assert_eq!(keys("Analytics"), keys_of(analytics));
+        let slow = api::WorkflowDuration {
+            workflow_id: String::new(),
+            workflow_name: String::new(),
+            average_duration_ms: 0.0,
+            runs: 0,
+        };
+        assert_eq!(keys("WorkflowDuration"), keys_of(slow));
+        assert_eq!(keys("ErrorCount"), keys_of(api::ErrorCount { error_type: String::new(), count: 0 }));
+        let per_workflow =
+            api::WorkflowThroughput { workflow_id: String::new(), workflow_name: String::new(), jobs: 0 };
+        assert_eq!(keys("WorkflowThroughput"), keys_of(per_workflow));
+        assert_eq!(keys("HourThroughput"), keys_of(api::HourThroughput { hour: t, jobs: 0 }));
+        let event = api::ActivityEvent {
+            id: String::new(),
+            kind: String::new(),
+            timestamp: t,
+            title: String::new(),
+            details: Value::Null,
+            robot_id: None,
+            job_id: None,
+        };
+        assert_eq!(keys("ActivityEvent"), keys_of(event.clone()));
+        assert_eq!(keys("Activity"), keys_of(api::Activity { events: vec![event], total: 1 }));
     }
 }

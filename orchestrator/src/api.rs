@@ -28,7 +28,9 @@ pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
     let payload = match Endpoint::from_subject(&msg.subject) {
         Some(Endpoint::SubmitJob) => call(&msg.payload, |r: ApiRequest<SubmitJob>| submit(&core, r)).await,
         Some(Endpoint::GetJob) => call(&msg.payload, |r: ApiRequest<GetById<JobId>>| get_job(&core, r)).await,
-        Some(Endpoint::ListJobs) => call(&msg.payload, |r: ApiRequest<ListJobs>| list_jobs(&core, r)).await,
+        Some(Endpoint::ListJobs) => {
+            call(&msg.payload, |r: ApiRequest<ListJobs>| crate::job_pages::list(&core, r)).await
+        }
         Some(Endpoint::CancelJob) => {
             call(&msg.payload, |r: ApiRequest<GetById<JobId>>| cancel(&core, r)).await
         }
@@ -55,6 +57,12 @@ pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
         Some(Endpoint::RotateKey) => call(&msg.payload, |r| crate::keys::rotate(&core, r)).await,
         Some(Endpoint::DeleteKey) => call(&msg.payload, |r| crate::keys::delete(&core, r)).await,
         Some(Endpoint::ListQueues) => call(&msg.payload, |r: ApiRequest<Empty>| list_queues(&core, r)).await,
+        Some(Endpoint::RetryJob) => call(&msg.payload, |r| crate::retry::retry(&core, r)).await,
+        Some(Endpoint::RegisterRobot) => call(&msg.payload, |r| crate::registry::register(&core, r)).await,
+        Some(Endpoint::UpdateRobot) => call(&msg.payload, |r| crate::registry::update(&core, r)).await,
+        Some(Endpoint::DeleteRobot) => call(&msg.payload, |r| crate::registry::delete(&core, r)).await,
+        Some(Endpoint::Analytics) => call(&msg.payload, |r| crate::analytics::analytics(&core, r)).await,
+        Some(Endpoint::Activity) => call(&msg.payload, |r| crate::analytics::activity(&core, r)).await,
         Some(Endpoint::Ping) => {
             call(&msg.payload, |_: ApiRequest<Empty>| async {
                 Ok(Pong {
@@ -252,13 +260,6 @@ async fn get_job(core: &Core, req: ApiRequest<GetById<JobId>>) -> ApiResult<flee
         .get_job(&req.tenant, req.body.id)
         .await?
         .ok_or_else(|| ApiError::NotFound { what: "job".into() })
-}
-
-async fn list_jobs(core: &Core, req: ApiRequest<ListJobs>) -> ApiResult<Vec<fleet_schemas::api::JobView>> {
-    if !(1..=500).contains(&req.body.limit) {
-        return Err(invalid("limit", "must be from 1 to 500"));
-    }
-    Ok(core.store.list_jobs(&req.tenant, &req.body).await?)
 }
 
 async fn list_robots(

@@ -14,6 +14,9 @@ use crate::config::Config;
 /// Oldest nats-server with per-message TTL and KV delete markers, which liveness relies on.
 pub const MIN_SERVER: (u64, u64) = (2, 11);
 
+/// Consumers `FLEET_JOBS` may have: one per robot plus one per class, for a large fleet.
+const MAX_CONSUMERS: i32 = 1_000_000;
+
 /// Pull requests a class consumer may hold at once. It cannot be changed after creation, so it
 /// is generous: one waiting pull per robot slot of the class, for large classes.
 const MAX_WAITING: i64 = 4096;
@@ -70,6 +73,10 @@ impl Fabric {
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
+            // One consumer per class and one per robot: nats-server 2.15 caps a stream at 1,000
+            // consumers unless the stream says otherwise, which a fleet of a thousand robots
+            // reaches (fleet-bench fleet-scale).
+            max_consumers: MAX_CONSUMERS,
             ..Default::default()
         })
         .await

@@ -8,8 +8,8 @@
 
 use fleet_schemas::TenantId;
 use fleet_schemas::api::{
-    ApiError, ApiRequest, ApiResult, CreateKey, CreatedKey, KeyAction, KeyIdentity, KeyList, KeyView, ListKeys,
-    VerifyKey,
+    ApiError, ApiRequest, ApiResult, CreateKey, CreatedKey, KeyAction, KeyIdentity, KeyList, KeyView,
+    ListKeys, VerifyKey,
 };
 use fleet_schemas::keys::{self, Role};
 use sqlx::postgres::PgRow;
@@ -56,10 +56,16 @@ fn view(row: &PgRow) -> KeyView {
 pub async fn create(pool: &PgPool, tenant: &TenantId, req: &CreateKey) -> Result<CreatedKey, ApiError> {
     let name = req.name.trim();
     if name.is_empty() || name.chars().count() > MAX_NAME {
-        return Err(ApiError::Invalid { field: "name".into(), message: format!("must be 1 to {MAX_NAME} characters") });
+        return Err(ApiError::Invalid {
+            field: "name".into(),
+            message: format!("must be 1 to {MAX_NAME} characters"),
+        });
     }
     if req.expires_at.is_some_and(|e| e <= time::OffsetDateTime::now_utc()) {
-        return Err(ApiError::Invalid { field: "expires_at".into(), message: "must be in the future".into() });
+        return Err(ApiError::Invalid {
+            field: "expires_at".into(),
+            message: "must be in the future".into(),
+        });
     }
     let (key_id, secret, full) = keys::new_key();
     sqlx::query(
@@ -77,7 +83,9 @@ pub async fn create(pool: &PgPool, tenant: &TenantId, req: &CreateKey) -> Result
     .execute(pool)
     .await
     .map_err(StoreError::from)?;
-    let key = get(pool, tenant, &key_id).await?.ok_or_else(|| ApiError::Internal { message: "key vanished".into() })?;
+    let key = get(pool, tenant, &key_id)
+        .await?
+        .ok_or_else(|| ApiError::Internal { message: "key vanished".into() })?;
     Ok(CreatedKey { api_key: full, key })
 }
 
@@ -115,7 +123,10 @@ pub async fn create_api(core: &Core, req: ApiRequest<CreateKey>) -> ApiResult<Cr
     if let Some(robot) = &req.body.robot_id
         && !core.store.robot_exists(&req.tenant, robot).await?
     {
-        return Err(ApiError::Invalid { field: "robot_id".into(), message: format!("no robot {robot} in this tenant") });
+        return Err(ApiError::Invalid {
+            field: "robot_id".into(),
+            message: format!("no robot {robot} in this tenant"),
+        });
     }
     create(&core.store.pool, &req.tenant, &req.body).await
 }
@@ -153,7 +164,9 @@ pub async fn revoke(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyVie
     if n == 0 {
         return Err(ApiError::NotFound { what: "key".into() });
     }
-    get(&core.store.pool, &req.tenant, &req.body.id).await?.ok_or_else(|| ApiError::NotFound { what: "key".into() })
+    get(&core.store.pool, &req.tenant, &req.body.id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound { what: "key".into() })
 }
 
 /// A new secret for the same key record; the old secret stops working at once.
@@ -172,14 +185,16 @@ pub async fn rotate(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<Create
     if n == 0 {
         return Err(ApiError::NotFound { what: "active key".into() });
     }
-    let key =
-        get(&core.store.pool, &req.tenant, &req.body.id).await?.ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
+    let key = get(&core.store.pool, &req.tenant, &req.body.id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
     Ok(CreatedKey { api_key: format!("{}{}_{secret}", keys::KEY_PREFIX, req.body.id), key })
 }
 
 pub async fn delete(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyView> {
-    let key =
-        get(&core.store.pool, &req.tenant, &req.body.id).await?.ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
+    let key = get(&core.store.pool, &req.tenant, &req.body.id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
     sqlx::query("DELETE FROM api_keys WHERE tenant = $1 AND key_id = $2")
         .bind(req.tenant.as_str())
         .bind(&req.body.id)

@@ -5,16 +5,20 @@
 //! heartbeats, sweeps expired leases and relays the history outbox as events. Several instances
 //! may run; one leads (see [`leader`]) and the others stand by.
 
+pub mod analytics;
 pub mod api;
 pub mod commands;
 pub mod config;
 pub mod fabric;
 pub mod fleet;
 pub mod heartbeats;
+pub mod job_pages;
 pub mod keys;
 pub mod leader;
 pub mod offers;
+pub mod registry;
 pub mod relay;
+pub mod retry;
 pub mod robots;
 pub mod store;
 pub mod sweeper;
@@ -145,13 +149,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-pub(crate) async fn connect_db(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<Option<sqlx::PgPool>> {
+pub(crate) async fn connect_db(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<sqlx::PgPool>> {
     let mut delay = Duration::from_millis(200);
     loop {
+        let options = match config.database_url.0.parse::<sqlx::postgres::PgConnectOptions>() {
+            // Plan every statement with the table as it is now. A generic plan cached while
+            // `jobs` was empty picks a partial index over the primary key (they cost the same on
+            // an empty table) and keeps it: claims then walked every queued job
+            // (fleet-bench: thousands of rows read per job). Planning these short statements
+            // each time costs far less than that.
+            Ok(o) => o.options([("plan_cache_mode", "force_custom_plan")]),
+            Err(e) => anyhow::bail!("DATABASE_URL is not a valid PostgreSQL URL: {e}"),
+        };
         let attempt = PgPoolOptions::new()
             .max_connections(config.db_pool_size)
             .acquire_timeout(Duration::from_secs(5))
-            .connect(&config.database_url.0)
+            .connect_with(options)
             .await;
         match attempt {
             Ok(pool) => return Ok(Some(pool)),

@@ -114,6 +114,10 @@ async fn register(
         Err(e) => return RobotReply::Unavailable { reason: e.to_string() },
     };
     let caps = class.to_strings();
+    // Into the fleet view first: once the robot is visible in the API it is also a candidate
+    // for admission (a robot that is alive is a candidate even if recording it fails; it
+    // registers again).
+    core.fleet.register(tenant, robot, class, req.max_jobs, req.session_id);
     if let Err(e) = core.store.upsert_robot(tenant, robot, &req, &caps).await {
         return unavailable(e);
     }
@@ -132,7 +136,6 @@ async fn register(
         Ok(None) => {}
         Err(e) => return unavailable(e),
     }
-    core.fleet.register(tenant, robot, class, req.max_jobs, req.session_id);
     core.wake_relay.notify_one();
     core.wake_admission.notify_one();
     tracing::info!(%tenant, %robot, capabilities = ?caps, max_jobs = req.max_jobs, "robot registered");

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_schemas::api::{ApiError, FleetSummary, JobStatus, JobView, ListJobs, RobotStatus, RobotView};
+use fleet_schemas::api::{ApiError, FleetSummary, JobStatus, JobView, RobotStatus, RobotView};
 use fleet_schemas::robot::{RobotRunState, RunOutcome};
 use fleet_schemas::workflow::WorkflowFormat;
 use fleet_schemas::{JobId, RequestId, RobotId, SessionId, TenantId};
@@ -290,13 +290,23 @@ impl Store {
         }
         if let Some(key) = &job.idempotency_key {
             let row = sqlx::query(
-                "SELECT job_id, status, offer_no, waiting_reason, created_at, offer_subject FROM jobs
-                 WHERE tenant = $1 AND idempotency_key = $2",
+                "SELECT job_id, status, offer_no, waiting_reason, created_at, offer_subject,
+                        created_at < now() - interval '24 hours' AS stale
+                 FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
             )
             .bind(job.tenant.as_str())
             .bind(key)
             .fetch_optional(&self.pool)
             .await?;
+            if let Some(row) = row.as_ref().filter(|r| r.get::<bool, _>("stale")) {
+                // A key is honoured for 24 hours: an older job lets go of it and this
+                // submission becomes a new job (once; a concurrent reuse finds the new one).
+                let old: Uuid = row.get("job_id");
+                let sql =
+                    format!("UPDATE jobs SET idempotency_key = NULL WHERE job_id = $1 AND {}", fenced(2));
+                sqlx::query(&sql).bind(old).bind(epoch).execute(&self.pool).await?;
+                return Box::pin(self.insert_job(job, placement)).await;
+            }
             if let Some(row) = row {
                 let status: String = row.get("status");
                 return Ok(Inserted {
@@ -1144,24 +1154,6 @@ impl Store {
         Ok(row.as_ref().map(job_view))
     }
 
-    pub async fn list_jobs(&self, tenant: &TenantId, q: &ListJobs) -> StoreResult<Vec<JobView>> {
-        let rows = sqlx::query(&format!(
-            "{JOB_SELECT} WHERE j.tenant = $1
-               AND ($2::text IS NULL OR j.status = $2)
-               AND ($3::text IS NULL OR j.workflow_id = $3)
-               AND ($4::text IS NULL OR j.robot_id = $4)
-             ORDER BY j.created_at DESC, j.job_id DESC LIMIT $5"
-        ))
-        .bind(tenant.as_str())
-        .bind(q.status.map(JobStatus::as_str))
-        .bind(q.workflow_id.as_deref())
-        .bind(q.robot_id.as_ref().map(RobotId::as_str))
-        .bind(i64::from(q.limit.clamp(1, 500)))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(job_view).collect())
-    }
-
     pub async fn list_robots(
         &self,
         tenant: &TenantId,
@@ -1257,10 +1249,10 @@ fn claimed(row: &PgRow) -> Claimed {
     }
 }
 
-const JOB_SELECT: &str = "SELECT j.*, r.name AS robot_name FROM jobs j
+pub(crate) const JOB_SELECT: &str = "SELECT j.*, r.name AS robot_name FROM jobs j
     LEFT JOIN robots r ON r.tenant = j.tenant AND r.robot_id = j.robot_id";
 
-fn job_view(row: &PgRow) -> JobView {
+pub(crate) fn job_view(row: &PgRow) -> JobView {
     let status: String = row.get("status");
     let status = JobStatus::parse(&status).unwrap_or(JobStatus::Pending);
     let started_at: Option<OffsetDateTime> = row.get("started_at");

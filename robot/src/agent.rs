@@ -147,13 +147,14 @@ impl Agent {
             entry.stop.stop(reason);
         }
         running.jobs.insert(job_id, entry);
-        drop(running);
-        self.heartbeat_now.notify_one();
     }
 
+    // Jobs starting and ending do not trigger a heartbeat: the orchestrator records claims and
+    // completions itself, and a heartbeat per job start and end cost three KV writes, three
+    // robot-row updates and a live event per job (fleet-bench `api`). The periodic heartbeat
+    // carries the running set.
     pub fn remove_running(&self, job_id: JobId) {
         self.lock_running().jobs.remove(&job_id);
-        self.heartbeat_now.notify_one();
     }
 
     /// Stop every running job with `reason`, and every job that starts from now on.

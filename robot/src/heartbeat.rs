@@ -3,9 +3,9 @@
 //! Each heartbeat is a JetStream publish to the key's subject with a per-message TTL (`Nats-TTL`,
 //! whole seconds, at least 1): when the robot stops beating, the entry expires and the
 //! orchestrator's watcher sees it vanish (DESIGN.md, "KV expiry visible to watchers"). A beat goes
-//! out every `heartbeat_interval_ms` and at once when the state (a command, shutdown) or the running
-//! set changes, so the orchestrator's view of free slots and of paused robots follows the robot
-//! closely (capabilities and `max_jobs` are fixed for the life of the process; a change means a
+//! out every `heartbeat_interval_ms` and at once when the state changes (a command, shutdown), so
+//! the orchestrator's view of paused robots follows the robot closely (free slots it tracks itself
+//! from claims and completions). Capabilities and `max_jobs` are fixed for the life of the process; a change means a
 //! restart, which registers and beats anew). A failed beat is logged, never fatal: the next one
 //! will do.
 //!

@@ -124,7 +124,6 @@ pub async fn handle_offer(
                 }
                 let end = run_job(agent.clone(), grant, offer.offer_no).await;
                 drop(permit);
-                agent.heartbeat_now.notify_one();
                 OfferOutcome::Ran(end)
             }
             Ok(Answer::Refused(reason)) => {

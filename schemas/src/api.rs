@@ -32,10 +32,16 @@ pub enum Endpoint {
     RotateKey,
     DeleteKey,
     Ping,
+    RetryJob,
+    RegisterRobot,
+    UpdateRobot,
+    DeleteRobot,
+    Analytics,
+    Activity,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 16] = [
+    pub const ALL: [Endpoint; 22] = [
         Endpoint::SubmitJob,
         Endpoint::GetJob,
         Endpoint::ListJobs,
@@ -52,6 +58,12 @@ impl Endpoint {
         Endpoint::RotateKey,
         Endpoint::DeleteKey,
         Endpoint::Ping,
+        Endpoint::RetryJob,
+        Endpoint::RegisterRobot,
+        Endpoint::UpdateRobot,
+        Endpoint::DeleteRobot,
+        Endpoint::Analytics,
+        Endpoint::Activity,
     ];
 
     pub fn area_verb(self) -> (&'static str, &'static str) {
@@ -72,6 +84,12 @@ impl Endpoint {
             Endpoint::RotateKey => ("keys", "rotate"),
             Endpoint::DeleteKey => ("keys", "delete"),
             Endpoint::Ping => ("system", "ping"),
+            Endpoint::RetryJob => ("jobs", "retry"),
+            Endpoint::RegisterRobot => ("robots", "register"),
+            Endpoint::UpdateRobot => ("robots", "update"),
+            Endpoint::DeleteRobot => ("robots", "delete"),
+            Endpoint::Analytics => ("fleet", "analytics"),
+            Endpoint::Activity => ("fleet", "activity"),
         }
     }
 
@@ -160,6 +178,13 @@ pub struct ListJobs {
     pub workflow_id: Option<String>,
     pub robot_id: Option<RobotId>,
     pub limit: u32,
+    /// Continue after this job (keyset pagination, newest first); `None` starts at the newest.
+    #[serde(default)]
+    pub cursor: Option<JobCursor>,
+    /// Answer up to `limit + 1` jobs, the extra one only telling the caller that another page
+    /// exists (the gateway drops it and answers a cursor instead).
+    #[serde(default)]
+    pub peek_next: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -498,6 +523,200 @@ pub struct QueueView {
     pub robots: u32,
 }
 
+/// Where a page of the job list ends: the sort key (`created_at`, `job_id`) of its last job.
+/// Clients see it only as an opaque token ([`JobCursor::token`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCursor {
+    /// `created_at` in Unix microseconds (PostgreSQL's precision, so the key is exact).
+    pub created_at_us: i64,
+    pub job_id: JobId,
+}
+
+impl JobCursor {
+    /// The cursor after `job`.
+    pub fn after(job: &JobView) -> Self {
+        let us = job.created_at.unix_timestamp_nanos() / 1_000;
+        Self { created_at_us: i64::try_from(us).unwrap_or(i64::MAX), job_id: job.job_id }
+    }
+
+    /// The opaque token: 16 hex digits of the time, then the 32 of the id.
+    pub fn token(&self) -> String {
+        format!("{:016x}{}", self.created_at_us as u64, self.job_id.0.simple())
+    }
+
+    /// Read a token made by [`JobCursor::token`]; `None` for anything else.
+    pub fn parse(token: &str) -> Option<Self> {
+        if token.len() != 48 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let created_at_us = u64::from_str_radix(&token[..16], 16).ok()? as i64;
+        let job_id = JobId(uuid::Uuid::parse_str(&token[16..]).ok()?);
+        Some(Self { created_at_us, job_id })
+    }
+
+    /// The time part as a timestamp.
+    pub fn created_at(&self) -> Option<OffsetDateTime> {
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.created_at_us) * 1_000).ok()
+    }
+}
+
+/// What a retry did (`Endpoint::RetryJob`, body [`GetById<JobId>`]). A retry is the job's next
+/// attempt under the same id, so all three ids are that job's (the Canvas reads `job_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retried {
+    pub job_id: JobId,
+    pub new_job_id: JobId,
+    pub original_job_id: JobId,
+    /// The status it was retried from: `failed`, `cancelled` or `timed_out`.
+    pub previous_status: JobStatus,
+    pub status: JobStatus,
+    /// The attempt the retry will run as.
+    pub next_attempt: i32,
+    pub message: String,
+}
+
+/// Register (upsert) a robot's record from the API (`Endpoint::RegisterRobot`). Its session and
+/// online state are the robot process's and are left alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRobot {
+    pub robot_id: RobotId,
+    pub name: String,
+    pub hostname: String,
+    pub capabilities: Vec<String>,
+    pub environment: String,
+    pub max_concurrent_jobs: u32,
+    pub tags: Vec<String>,
+}
+
+/// Change some fields of a robot's record (`Endpoint::UpdateRobot`); `None` keeps a field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateRobot {
+    pub robot_id: RobotId,
+    pub name: Option<String>,
+    pub hostname: Option<String>,
+    pub capabilities: Option<Vec<String>>,
+    pub environment: Option<String>,
+    pub max_concurrent_jobs: Option<u32>,
+    pub tags: Option<Vec<String>>,
+}
+
+/// What registering or updating a robot did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RobotSaved {
+    pub robot_id: RobotId,
+    /// True when the record did not exist before.
+    pub created: bool,
+}
+
+/// What deleting a robot did (`Endpoint::DeleteRobot`, body [`GetById<RobotId>`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RobotDeleted {
+    pub robot_id: RobotId,
+    pub deleted: bool,
+    /// True when a running robot process was told to stop.
+    pub stopped: bool,
+}
+
+/// `GET /api/v1/metrics/analytics` (`Endpoint::Analytics`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnalyticsQuery {
+    /// The window: jobs created in the last `days` days (1 to 90).
+    pub days: u32,
+}
+
+/// Figures over the jobs a tenant created in a window. Durations are those of completed jobs
+/// (`completed_at - started_at` of their last attempt); "failed" counts `failed` and
+/// `timed_out`; rates are percentages of the jobs that ended (completed, failed, timed out).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Analytics {
+    pub days: u32,
+    pub total_jobs: u64,
+    pub jobs_completed: u64,
+    pub jobs_failed: u64,
+    pub success_rate: f64,
+    pub failure_rate: f64,
+    pub average_duration_ms: f64,
+    /// The same as `average_duration_ms` (the Canvas reads both names).
+    pub avg_duration_ms: f64,
+    pub p50_duration_ms: f64,
+    pub p90_duration_ms: f64,
+    pub p99_duration_ms: f64,
+    pub job_status_distribution: std::collections::BTreeMap<String, u64>,
+    pub slowest_workflows: Vec<WorkflowDuration>,
+    pub error_distribution: Vec<ErrorCount>,
+    pub throughput_per_workflow: Vec<WorkflowThroughput>,
+    pub throughput_per_hour: Vec<HourThroughput>,
+    /// Fleet does not heal selectors; always 0.
+    pub self_healing_success_rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowDuration {
+    pub workflow_id: String,
+    pub workflow_name: String,
+    pub average_duration_ms: f64,
+    /// Completed runs the average is over.
+    pub runs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorCount {
+    pub error_type: String,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowThroughput {
+    pub workflow_id: String,
+    pub workflow_name: String,
+    pub jobs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HourThroughput {
+    /// The start of the hour.
+    #[serde(with = "time::serde::rfc3339")]
+    pub hour: OffsetDateTime,
+    pub jobs: u64,
+}
+
+/// `GET /api/v1/metrics/activity` (`Endpoint::Activity`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityQuery {
+    /// 1 to 200.
+    pub limit: u32,
+    /// Only events after this time.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub since: Option<OffsetDateTime>,
+    /// Only events of this (Canvas) type: `job_started`, `robot_online`, …
+    pub event_type: Option<String>,
+}
+
+/// Recent events of a tenant, newest first, in the Canvas's vocabulary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Activity {
+    pub events: Vec<ActivityEvent>,
+    /// Events matching the filters (not only those in `events`).
+    pub total: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActivityEvent {
+    /// The history row's id (the event's id in the event stream).
+    pub id: String,
+    /// `job_started`, `job_completed`, `job_failed`, `robot_online`, `robot_offline`, or the
+    /// event's own name with `.` turned into `_` (`job_retried`, `robot_command`, …).
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: OffsetDateTime,
+    pub title: String,
+    /// The event's data.
+    pub details: Value,
+    pub robot_id: Option<String>,
+    pub job_id: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -531,5 +750,30 @@ mod tests {
         assert_eq!(serde_json::to_string(&JobStatus::TimedOut).unwrap(), "\"timed_out\"");
         assert!(JobStatus::Cancelled.is_terminal());
         assert!(!JobStatus::Queued.is_terminal());
+    }
+
+    #[test]
+    fn job_cursor_tokens_roundtrip_and_refuse_junk() {
+        let c = JobCursor { created_at_us: 1_767_225_600_123_456, job_id: JobId::new() };
+        let token = c.token();
+        assert_eq!(token.len(), 48);
+        assert_eq!(JobCursor::parse(&token), Some(c));
+        assert_eq!(c.created_at().unwrap().unix_timestamp_nanos(), 1_767_225_600_123_456_000);
+        for junk in
+            ["", "abc", &token[1..], &format!("{token}0"), &token.replace(|c: char| c.is_ascii_digit(), "g")]
+        {
+            assert_eq!(JobCursor::parse(junk), None, "{junk}");
+        }
+        // Old requests without the new fields still decode.
+        #[derive(Serialize)]
+        struct OldListJobs {
+            status: Option<JobStatus>,
+            workflow_id: Option<String>,
+            robot_id: Option<RobotId>,
+            limit: u32,
+        }
+        let old = encode(&OldListJobs { status: None, workflow_id: None, robot_id: None, limit: 5 });
+        let new: ListJobs = decode("list", &old).unwrap();
+        assert_eq!((new.cursor, new.peek_next, new.limit), (None, false, 5));
     }
 }

@@ -74,7 +74,8 @@ fn is_hex(s: &str, len: usize) -> bool {
 pub fn parse_key(key: &str) -> Option<ParsedKey> {
     let rest = key.strip_prefix(KEY_PREFIX)?;
     let (id, secret) = rest.split_once('_')?;
-    (is_hex(id, 32) && is_hex(secret, 64)).then(|| ParsedKey { key_id: id.to_owned(), secret: secret.to_owned() })
+    (is_hex(id, 32) && is_hex(secret, 64))
+        .then(|| ParsedKey { key_id: id.to_owned(), secret: secret.to_owned() })
 }
 
 /// A new key: (key id, secret, full key). Randomness comes from UUIDv4s (the OS generator).
@@ -107,7 +108,13 @@ mod tests {
 
     #[test]
     fn malformed_keys_are_refused() {
-        for bad in ["", "crpa_", "crpa_abc_def", "xxxx_0123456789abcdef0123456789abcdef_x", &format!("crpa_{}_{}", "A".repeat(32), "0".repeat(64))] {
+        for bad in [
+            "",
+            "crpa_",
+            "crpa_abc_def",
+            "xxxx_0123456789abcdef0123456789abcdef_x",
+            &format!("crpa_{}_{}", "A".repeat(32), "0".repeat(64)),
+        ] {
             assert!(parse_key(bad).is_none(), "{bad}");
         }
     }

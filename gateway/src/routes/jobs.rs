@@ -1,5 +1,9 @@
-//! Jobs: `GET /api/v1/metrics/jobs`, `GET /api/v1/metrics/jobs/{job_id}` and
-//! `POST /api/v1/jobs/{job_id}/cancel`.
+//! Jobs: `GET /api/v1/metrics/jobs`, `GET /api/v1/metrics/jobs/{job_id}`,
+//! `POST /api/v1/jobs/{job_id}/cancel` and `POST /api/v1/jobs/{job_id}/retry`.
+//!
+//! The list is paged by keyset: when more jobs follow, the answer carries the next page's
+//! opaque cursor in an `X-Next-Cursor` header (the body stays the bare array the Canvas reads),
+//! and `?cursor=` continues from there, newest first, with no job repeated or skipped.
 //!
 //! Answers are the orchestrator's `JobView`s, whose fields are all always present (`null` when
 //! unknown), because the Canvas reads keys without checking for them. Lists are bare JSON arrays,
@@ -9,8 +13,8 @@
 use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State, rejection::PathRejection};
-use axum::http::Uri;
-use fleet_schemas::api::{Cancelled, Endpoint, GetById, JobStatus, JobView, ListJobs};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use fleet_schemas::api::{Cancelled, Endpoint, GetById, JobCursor, JobStatus, JobView, ListJobs, Retried};
 use fleet_schemas::{JobId, RequestId, RobotId};
 use serde_json::Value;
 
@@ -22,6 +26,8 @@ use crate::error::{CallKind, HttpError};
 /// Bounds of `limit` on the job list, and its default.
 pub const LIMIT_RANGE: std::ops::RangeInclusive<u32> = 1..=500;
 pub const DEFAULT_LIMIT: u32 = 100;
+/// The header that carries the next page's cursor.
+pub const NEXT_CURSOR: HeaderName = HeaderName::from_static("x-next-cursor");
 
 #[utoipa::path(
     get,
@@ -60,9 +66,11 @@ pub async fn get(
         ("status" = Option<String>, Query, description = "pending, queued, running, completed, failed, cancelled, timed_out"),
         ("workflow_id" = Option<String>, Query),
         ("robot_id" = Option<String>, Query),
+        ("cursor" = Option<String>, Query, description = "The `X-Next-Cursor` of the previous page"),
     ),
     responses(
-        (status = 200, description = "Newest first, a bare array", body = Vec<crate::openapi::Job>),
+        (status = 200, description = "Newest first, a bare array", body = Vec<crate::openapi::Job>,
+            headers(("X-Next-Cursor" = String, description = "Present when more jobs follow: pass it as `cursor` for the next page"))),
         (status = 422, description = "A filter is wrong", body = crate::openapi::ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = []))
@@ -72,10 +80,23 @@ pub async fn list(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     uri: Uri,
-) -> Result<Json<Vec<JobView>>, HttpError> {
+) -> Result<(HeaderMap, Json<Vec<JobView>>), HttpError> {
     let query = list_query(&QueryParams::from_uri(&uri)?)?;
-    let jobs = call(&state, Endpoint::ListJobs, request_id, &caller, query, CallKind::Retryable).await?;
-    Ok(Json(jobs))
+    let limit = query.limit as usize;
+    let mut jobs: Vec<JobView> =
+        call(&state, Endpoint::ListJobs, request_id, &caller, query, CallKind::Retryable).await?;
+    let mut headers = HeaderMap::new();
+    // The orchestrator answers one job more than asked when there is one: that job only says
+    // another page exists, and the page ends at the job before it.
+    if jobs.len() > limit {
+        jobs.truncate(limit);
+        if let Some(last) = jobs.last()
+            && let Ok(value) = HeaderValue::from_str(&JobCursor::after(last).token())
+        {
+            headers.insert(NEXT_CURSOR, value);
+        }
+    }
+    Ok((headers, Json(jobs)))
 }
 
 fn list_query(q: &QueryParams) -> Result<ListJobs, HttpError> {
@@ -100,7 +121,22 @@ fn list_query(q: &QueryParams) -> Result<ListJobs, HttpError> {
             .filter(|n| LIMIT_RANGE.contains(n))
             .ok_or_else(|| HttpError::invalid("limit", "must be an integer from 1 to 500"))?,
     };
-    Ok(ListJobs { status, workflow_id: q.get("workflow_id").map(str::to_owned), robot_id, limit })
+    let cursor = q
+        .get("cursor")
+        .map(|c| {
+            JobCursor::parse(c).ok_or_else(|| {
+                HttpError::invalid("cursor", "not a cursor of this list (use the X-Next-Cursor header)")
+            })
+        })
+        .transpose()?;
+    Ok(ListJobs {
+        status,
+        workflow_id: q.get("workflow_id").map(str::to_owned),
+        robot_id,
+        limit,
+        cursor,
+        peek_next: true,
+    })
 }
 
 #[utoipa::path(
@@ -128,6 +164,34 @@ pub async fn cancel(
     Ok(Json(cancelled))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs/{job_id}/retry",
+    tag = "jobs",
+    params(("job_id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job runs again as its next attempt, under the same id", body = crate::openapi::Retried),
+        (status = 403, description = "The key's role is below operator", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such job in the caller's tenant", body = crate::openapi::ErrorBody),
+        (status = 409, description = "The job is not failed, cancelled or timed out", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn retry(
+    caller: Caller,
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Retried>, HttpError> {
+    caller.require(fleet_schemas::keys::Role::Operator)?;
+    let id = path_id(path, "job", |s| s.parse::<JobId>().ok())?;
+    // Repeating a retry whose answer was lost is harmless: the job is then pending, and the
+    // second one answers 409 without changing anything.
+    let retried =
+        call(&state, Endpoint::RetryJob, request_id, &caller, GetById { id }, CallKind::Retryable).await?;
+    Ok(Json(retried))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,12 +209,17 @@ mod tests {
         let l = q("status=timed_out&limit=500&robot_id=r1&workflow_id=w").unwrap();
         assert_eq!(l.status, Some(JobStatus::TimedOut));
         assert_eq!((l.limit, l.workflow_id.as_deref()), (500, Some("w")));
+        assert!(l.peek_next && l.cursor.is_none());
+        let c = JobCursor { created_at_us: 1_767_225_600_000_001, job_id: JobId::new() };
+        assert_eq!(q(&format!("cursor={}", c.token())).unwrap().cursor, Some(c));
         for (query, field) in [
             ("limit=0", "limit"),
             ("limit=501", "limit"),
             ("limit=ten", "limit"),
             ("status=sleeping", "status"),
             ("robot_id=R_1", "robot_id"),
+            ("cursor=nope", "cursor"),
+            ("cursor=0000000000000000zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz", "cursor"),
         ] {
             assert_eq!(q(query).unwrap_err().field.as_deref(), Some(field), "{query}");
         }

@@ -186,7 +186,7 @@ pub fn from_event(e: &Event) -> Option<Value> {
     match entity {
         "job" => {
             let status = match name {
-                "submitted" | "requeued" | "released" | "recalled" => "pending",
+                "submitted" | "requeued" | "released" | "recalled" | "retried" => "pending",
                 "assigned" => "queued",
                 "started" => "running",
                 "completed" => "completed",

@@ -8,6 +8,7 @@
 //! Ids in paths that are not even well-formed answer 404, exactly like ids that do not exist or
 //! belong to another tenant, so a response never tells them apart.
 
+pub mod analytics;
 pub mod commands;
 pub mod events;
 pub mod fleet;
@@ -17,6 +18,7 @@ pub mod keys;
 pub mod live;
 pub mod logs;
 pub mod meta;
+pub mod registry;
 pub mod robots;
 pub mod workflows;
 
@@ -66,6 +68,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/robot-api-keys"),
     ("POST", "/api/v1/robot-api-keys/{key_id}/{action}"),
     ("GET", "/ws/monitoring/live-jobs"),
+    ("POST", "/api/v1/jobs/{job_id}/retry"),
+    ("POST", "/api/v1/robots/register"),
+    ("PUT", "/api/v1/robots/{robot_id}"),
+    ("DELETE", "/api/v1/robots/{robot_id}"),
+    ("GET", "/api/v1/metrics/analytics"),
+    ("GET", "/api/v1/metrics/activity"),
 ];
 
 /// The whole HTTP API. Tests drive it without a socket; [`crate::run`] serves it.
@@ -96,6 +104,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/queues", get(fleet::queues))
         .route("/api/v1/events", get(events::events))
         .route("/ws/monitoring/live-jobs", get(live::live_jobs))
+        .route("/api/v1/jobs/{job_id}/retry", post(jobs::retry))
+        .route("/api/v1/robots/register", post(registry::register))
+        .route("/api/v1/robots/{robot_id}", put(registry::update).delete(registry::delete))
+        .route("/api/v1/metrics/analytics", get(analytics::analytics))
+        .route("/api/v1/metrics/activity", get(analytics::activity))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -148,11 +148,18 @@ impl Stack {
         self.robots.push(Part { token, task });
     }
 
-    /// Wait until `n` robots are online (registered and heartbeating).
+    /// Wait until `n` robots are online and report that they take work (a robot that has just
+    /// started reports `online` only once it has read its desired state).
     pub async fn wait_robots_online(&self, n: usize) {
         wait_for(format!("{n} robots online"), WAIT, || async {
             let (_, robots) = self.get("/api/v1/metrics/robots").await;
-            let online = robots.as_array()?.iter().filter(|r| r["status"] != "offline").count();
+            let online = robots
+                .as_array()?
+                .iter()
+                .filter(|r| {
+                    r["status"] != "offline" && r["state"] == "online" && r["last_heartbeat"].is_string()
+                })
+                .count();
             (online >= n).then_some(())
         })
         .await

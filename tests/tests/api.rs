@@ -1,0 +1,504 @@
+//! The rest of the Canvas API end to end: retry, the robot registry, analytics, activity,
+//! keyset paging of the job list, `Idempotency-Key`, and the roles these endpoints need.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{Stack, WAIT};
+use fleet_schemas::TenantId;
+use fleet_schemas::keys::Role;
+use fleet_tests::wait_for;
+use reqwest::Method;
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// One request with an optional key and body; answers status, headers and JSON body.
+async fn send(
+    http: &reqwest::Client,
+    base: &str,
+    method: Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, HeaderMap, Value) {
+    let mut req = http.request(method, format!("{base}{path}"));
+    if let Some(key) = key {
+        req = req.bearer_auth(key).header("x-api-key", key);
+    }
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn call(stack: &Stack, method: Method, path: &str, body: Option<Value>) -> (u16, HeaderMap, Value) {
+    send(&stack.http, &stack.base, method, path, None, body).await
+}
+
+fn shell(name: &str, script: &str) -> Value {
+    json!({"workflow_name": name, "workflow_json": {"steps": [{"id": "run", "kind": "shell", "argv": ["sh", "-c", script]}]}})
+}
+
+fn id_of(answer: &Value) -> String {
+    answer["job_id"].as_str().unwrap_or_else(|| panic!("no job_id in {answer}")).to_owned()
+}
+
+#[tokio::test]
+async fn retry_runs_a_failed_job_again_as_its_next_attempt_under_the_same_id() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("r1", &[]));
+    // Fails the first time (leaving a marker), succeeds the second.
+    let marker = stack.dir("retry").join("ran-once");
+    let script = format!("if [ -e {m} ]; then echo second; else touch {m}; exit 3; fi", m = marker.display());
+    let id = id_of(&stack.submit(shell("Flaky", &script)).await);
+    let job = stack.finished(&id).await;
+    assert_eq!((job["status"].as_str(), job["attempt"].as_i64()), (Some("failed"), Some(1)), "{job}");
+
+    let (status, _, answer) = call(&stack, Method::POST, &format!("/api/v1/jobs/{id}/retry"), None).await;
+    assert_eq!(status, 200, "{answer}");
+    for key in ["job_id", "new_job_id", "original_job_id"] {
+        assert_eq!(answer[key], id.as_str(), "{key} is the same job: {answer}");
+    }
+    assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+    assert_eq!(answer["next_attempt"], 2, "{answer}");
+
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "completed", "the retry ran again: {job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+    assert_eq!(job["retry_count"], 1, "{job}");
+    assert_eq!(job["error_message"], Value::Null, "the old error is cleared: {job}");
+    assert!(job["output"]["steps"]["run"]["stdout"].as_str().unwrap_or_default().contains("second"), "{job}");
+
+    // A completed job cannot be retried.
+    let (status, _, body) = call(&stack, Method::POST, &format!("/api/v1/jobs/{id}/retry"), None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("completed"), "{body}");
+
+    // Nor can a running one.
+    let long = id_of(&stack.submit(shell("Long", "sleep 30")).await);
+    wait_for("the long job to run", WAIT, || async {
+        (stack.job(&long).await["status"] == "running").then_some(())
+    })
+    .await
+    .unwrap();
+    let (status, _, body) = call(&stack, Method::POST, &format!("/api/v1/jobs/{long}/retry"), None).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, _, _) = call(&stack, Method::POST, &format!("/api/v1/jobs/{long}/cancel"), None).await;
+    assert_eq!(status, 200);
+    let job = stack.finished(&long).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+
+    // A cancelled job can: it runs again (and is cancelled again, to end the test quickly).
+    let (status, _, answer) = call(&stack, Method::POST, &format!("/api/v1/jobs/{long}/retry"), None).await;
+    assert_eq!((status, answer["previous_status"].as_str()), (200, Some("cancelled")), "{answer}");
+    wait_for("the retried job to run", WAIT, || async {
+        let job = stack.job(&long).await;
+        (job["status"] == "running" && job["attempt"] == 2).then_some(())
+    })
+    .await
+    .unwrap();
+    call(&stack, Method::POST, &format!("/api/v1/jobs/{long}/cancel"), None).await;
+    stack.finished(&long).await;
+
+    // Unknown ids are 404.
+    let unknown = fleet_schemas::JobId::new();
+    let (status, _, _) = call(&stack, Method::POST, &format!("/api/v1/jobs/{unknown}/retry"), None).await;
+    assert_eq!(status, 404);
+    let (status, _, _) = call(&stack, Method::POST, "/api/v1/jobs/not-an-id/retry", None).await;
+    assert_eq!(status, 404);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn robots_are_registered_updated_and_deleted() {
+    let mut stack = Stack::start().await;
+    let body = json!({
+        "robot_id": "bot-a", "name": "Bot A", "hostname": "host-a", "capabilities": ["gpu", "browser"],
+        "environment": "prod", "max_concurrent_jobs": 3, "tags": ["eu"],
+    });
+    let (status, _, robot) = call(&stack, Method::POST, "/api/v1/robots/register", Some(body.clone())).await;
+    assert_eq!(status, 200, "{robot}");
+    assert_eq!(robot["robot_id"], "bot-a");
+    assert_eq!(robot["capabilities"], json!(["browser", "gpu"]), "canonical order: {robot}");
+    assert_eq!((robot["max_concurrent_jobs"].as_u64(), robot["status"].as_str()), (Some(3), Some("offline")));
+    assert_eq!((robot["tags"].clone(), robot["environment"].clone()), (json!(["eu"]), json!("prod")));
+    // The same object as GET answers.
+    let (_, got) = stack.get("/api/v1/metrics/robots/bot-a").await;
+    assert_eq!(robot, got);
+
+    // An upsert: registering again changes the record.
+    let mut again = body.clone();
+    again["name"] = json!("Bot A2");
+    let (status, _, robot) = call(&stack, Method::POST, "/api/v1/robots/register", Some(again)).await;
+    assert_eq!((status, robot["name"].as_str()), (200, Some("Bot A2")), "{robot}");
+    let (_, robots) = stack.get("/api/v1/metrics/robots").await;
+    assert_eq!(robots.as_array().map(Vec::len), Some(1), "{robots}");
+
+    // A partial update changes only what it names.
+    let (status, _, robot) =
+        call(&stack, Method::PUT, "/api/v1/robots/bot-a", Some(json!({"hostname": "host-b", "tags": []})))
+            .await;
+    assert_eq!(status, 200, "{robot}");
+    assert_eq!((robot["hostname"].as_str(), robot["name"].as_str()), (Some("host-b"), Some("Bot A2")));
+    assert_eq!((robot["tags"].clone(), robot["max_concurrent_jobs"].as_u64()), (json!([]), Some(3)));
+    let (status, _, _) = call(&stack, Method::PUT, "/api/v1/robots/nobody", Some(json!({"name": "x"}))).await;
+    assert_eq!(status, 404);
+
+    // Bad input is 422 naming the field.
+    for (path, method, body, field) in [
+        (
+            "/api/v1/robots/register",
+            Method::POST,
+            json!({"robot_id": "Bad_Id", "name": "x", "hostname": "h"}),
+            "robot_id",
+        ),
+        (
+            "/api/v1/robots/register",
+            Method::POST,
+            json!({"robot_id": "ok", "name": "x", "hostname": "h", "capabilities": ["gpu", "Bad!"]}),
+            "capabilities[1]",
+        ),
+        ("/api/v1/robots/register", Method::POST, json!({"robot_id": "ok", "hostname": "h"}), "name"),
+        (
+            "/api/v1/robots/register",
+            Method::POST,
+            json!({"robot_id": "ok", "name": " ", "hostname": "h"}),
+            "name",
+        ),
+        (
+            "/api/v1/robots/register",
+            Method::POST,
+            json!({"robot_id": "ok", "name": "x", "hostname": "h", "max_concurrent_jobs": 0}),
+            "max_concurrent_jobs",
+        ),
+        ("/api/v1/robots/bot-a", Method::PUT, json!({"capabilities": ["UPPER"]}), "capabilities[0]"),
+    ] {
+        let (status, _, answer) = call(&stack, method, path, Some(body.clone())).await;
+        assert_eq!((status, answer["error"]["field"].as_str()), (422, Some(field)), "{body}: {answer}");
+    }
+    let (status, _, answer) =
+        call(&stack, Method::PUT, "/api/v1/robots/bot-a", Some(json!({"colour": "red"}))).await;
+    assert_eq!(status, 422, "unknown fields are refused: {answer}");
+
+    // Delete forgets it.
+    let (status, _, answer) = call(&stack, Method::DELETE, "/api/v1/robots/bot-a", None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!((answer["deleted"].as_bool(), answer["robot_id"].as_str()), (Some(true), Some("bot-a")));
+    let (status, _) = stack.get("/api/v1/metrics/robots/bot-a").await;
+    assert_eq!(status, 404);
+    let (status, _, _) = call(&stack, Method::DELETE, "/api/v1/robots/bot-a", None).await;
+    assert_eq!(status, 404);
+
+    // Deleting a running robot stops it: its `run` ends, and its jobs keep its id.
+    stack.start_robot(stack.robot_config("r2", &[]));
+    stack.wait_robots_online(1).await;
+    let id = id_of(&stack.submit(shell("Quick", "true")).await);
+    assert_eq!(stack.finished(&id).await["robot_id"], "r2");
+    let (status, _, answer) = call(&stack, Method::DELETE, "/api/v1/robots/r2", None).await;
+    assert_eq!((status, answer["stopped"].as_bool()), (200, Some(true)), "{answer}");
+    let robot = stack.robots.pop().unwrap();
+    match tokio::time::timeout(WAIT, robot.task).await {
+        Ok(Ok(Ok(()))) => {}
+        other => panic!("the deleted robot did not stop cleanly: {other:?}"),
+    }
+    let (status, _) = stack.get("/api/v1/metrics/robots/r2").await;
+    assert_eq!(status, 404, "the record is gone");
+    assert_eq!(stack.job(&id).await["robot_id"], "r2", "jobs keep the robot id");
+
+    // A robot binary registering with that id re-creates it.
+    stack.start_robot(stack.robot_config("r2", &[]));
+    stack.wait_robots_online(1).await;
+    let (status, robot) = stack.get("/api/v1/metrics/robots/r2").await;
+    assert_eq!((status, robot["status"].as_str()), (200, Some("online")), "{robot}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn analytics_and_activity_describe_the_tenants_jobs() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("r1", &[]));
+    let mut ids = Vec::new();
+    for (name, script) in [
+        ("Fast", "true"),
+        ("Fast", "true"),
+        ("Slow", "sleep 0.3"),
+        ("Broken", "exit 3"),
+        ("Broken", "exit 4"),
+    ] {
+        ids.push(id_of(&stack.submit(shell(name, script)).await));
+    }
+    for id in &ids {
+        stack.finished(id).await;
+    }
+
+    let (status, _, a) = call(&stack, Method::GET, "/api/v1/metrics/analytics", None).await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(
+        (a["total_jobs"].as_u64(), a["jobs_completed"].as_u64(), a["jobs_failed"].as_u64()),
+        (Some(5), Some(3), Some(2)),
+        "{a}"
+    );
+    assert_eq!((a["success_rate"].as_f64(), a["failure_rate"].as_f64()), (Some(60.0), Some(40.0)), "{a}");
+    assert_eq!(a["job_status_distribution"], json!({"completed": 3, "failed": 2}), "{a}");
+    assert_eq!(a["error_distribution"], json!([{"error_type": "workflow_error", "count": 2}]), "{a}");
+    let ms = |k: &str| a[k].as_f64().unwrap_or_else(|| panic!("{k} in {a}"));
+    assert!(
+        ms("p50_duration_ms") <= ms("p90_duration_ms") && ms("p90_duration_ms") <= ms("p99_duration_ms"),
+        "{a}"
+    );
+    assert!(ms("p99_duration_ms") >= 300.0, "the slow job is in the tail: {a}");
+    assert_eq!(ms("average_duration_ms"), ms("avg_duration_ms"));
+    assert_eq!(a["self_healing_success_rate"], 0.0);
+    assert_eq!(a["days"], 7, "the default window");
+    let slowest = a["slowest_workflows"].as_array().unwrap();
+    assert_eq!(slowest[0]["workflow_name"], "Slow", "{a}");
+    assert_eq!(slowest.len(), 2, "only workflows with completed runs: {a}");
+    let per_workflow: u64 =
+        a["throughput_per_workflow"].as_array().unwrap().iter().map(|w| w["jobs"].as_u64().unwrap()).sum();
+    let per_hour: u64 =
+        a["throughput_per_hour"].as_array().unwrap().iter().map(|h| h["jobs"].as_u64().unwrap()).sum();
+    assert_eq!((per_workflow, per_hour), (5, 5), "{a}");
+    assert!(a["throughput_per_hour"][0]["hour"].as_str().unwrap().ends_with('Z'), "ISO hours: {a}");
+    for bad in ["days=0", "days=91", "days=week"] {
+        let (status, _, body) =
+            call(&stack, Method::GET, &format!("/api/v1/metrics/analytics?{bad}"), None).await;
+        assert_eq!((status, body["error"]["field"].as_str()), (422, Some("days")), "{bad}");
+    }
+
+    // Activity: the job's start and completion, newest first, with titles people read.
+    let first = &ids[0];
+    let (status, _, activity) = call(&stack, Method::GET, "/api/v1/metrics/activity?limit=200", None).await;
+    assert_eq!(status, 200, "{activity}");
+    let events = activity["events"].as_array().unwrap();
+    assert_eq!(activity["total"].as_u64(), Some(events.len() as u64), "{activity}");
+    let of_first: Vec<&Value> = events.iter().filter(|e| e["job_id"] == first.as_str()).collect();
+    let types: Vec<&str> = of_first.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        ["job_completed", "job_started", "job_assigned", "job_submitted"],
+        "newest first: {activity}"
+    );
+    let done = of_first[0];
+    assert!(done["title"].as_str().unwrap().contains("completed on r1"), "{done}");
+    assert_eq!(done["robot_id"], "r1");
+    for key in ["id", "timestamp", "details"] {
+        assert!(!done[key].is_null(), "{key}: {done}");
+    }
+    assert!(events.iter().any(|e| e["type"] == "robot_online" && e["robot_id"] == "r1"), "{activity}");
+    let stamps: Vec<&str> = events.iter().map(|e| e["timestamp"].as_str().unwrap()).collect();
+    let parsed: Vec<time::OffsetDateTime> = stamps
+        .iter()
+        .map(|s| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap())
+        .collect();
+    assert!(parsed.windows(2).all(|w| w[0] >= w[1]), "newest first: {stamps:?}");
+
+    let (_, _, failed) =
+        call(&stack, Method::GET, "/api/v1/metrics/activity?event_type=job_failed&limit=1", None).await;
+    assert_eq!(
+        (failed["total"].as_u64(), failed["events"].as_array().map(Vec::len)),
+        (Some(2), Some(1)),
+        "{failed}"
+    );
+    assert_eq!(failed["events"][0]["type"], "job_failed");
+    let (_, _, none) =
+        call(&stack, Method::GET, "/api/v1/metrics/activity?since=2999-01-01T00:00:00", None).await;
+    assert_eq!(
+        (none["total"].as_u64(), none["events"].as_array().map(Vec::len)),
+        (Some(0), Some(0)),
+        "{none}"
+    );
+    for (bad, field) in [
+        ("limit=0", "limit"),
+        ("limit=201", "limit"),
+        ("since=yesterday", "since"),
+        ("event_type=Job-Done", "event_type"),
+    ] {
+        let (status, _, body) =
+            call(&stack, Method::GET, &format!("/api/v1/metrics/activity?{bad}"), None).await;
+        assert_eq!((status, body["error"]["field"].as_str()), (422, Some(field)), "{bad}: {body}");
+    }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_job_list_pages_by_cursor_and_idempotency_keys_return_the_first_job() {
+    let stack = Stack::start().await;
+    // No robot: the jobs stay pending, which is all paging needs.
+    let mut submitted = Vec::new();
+    for i in 0..25 {
+        submitted.push(id_of(&stack.submit(json!({"workflow_name": format!("page {i}"), "workflow_json": {"steps": [{"id": "a", "kind": "log", "message": "x"}]}})).await));
+    }
+    let mut pages = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            None => "/api/v1/metrics/jobs?limit=10".to_owned(),
+            Some(c) => format!("/api/v1/metrics/jobs?limit=10&cursor={c}"),
+        };
+        let (status, headers, page) = call(&stack, Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{page}");
+        let ids: Vec<String> = page.as_array().expect("a bare array").iter().map(id_of).collect();
+        pages.push(ids);
+        cursor = headers.get("x-next-cursor").map(|v| v.to_str().unwrap().to_owned());
+        if cursor.is_none() || pages.len() > 5 {
+            break;
+        }
+    }
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [10, 10, 5], "three pages");
+    let all: Vec<String> = pages.concat();
+    assert_eq!(all.iter().collect::<BTreeSet<_>>().len(), 25, "no duplicates");
+    let newest_first: Vec<String> = submitted.iter().rev().cloned().collect();
+    assert_eq!(all, newest_first, "the full set, newest first");
+    // Filters apply to every page.
+    let (_, headers, page) =
+        call(&stack, Method::GET, "/api/v1/metrics/jobs?status=pending&limit=20", None).await;
+    let next = headers.get("x-next-cursor").unwrap().to_str().unwrap().to_owned();
+    let (_, headers, rest) = call(
+        &stack,
+        Method::GET,
+        &format!("/api/v1/metrics/jobs?status=pending&limit=20&cursor={next}"),
+        None,
+    )
+    .await;
+    assert_eq!((page.as_array().unwrap().len(), rest.as_array().unwrap().len()), (20, 5));
+    assert!(headers.get("x-next-cursor").is_none());
+    for bad in ["nope", "0123", &format!("{next}00")] {
+        let (status, _, body) =
+            call(&stack, Method::GET, &format!("/api/v1/metrics/jobs?cursor={bad}"), None).await;
+        assert_eq!((status, body["error"]["field"].as_str()), (422, Some("cursor")), "{bad}: {body}");
+    }
+
+    // The same Idempotency-Key returns the first job.
+    let body = json!({"workflow_name": "once", "workflow_json": {"steps": [{"id": "a", "kind": "log", "message": "x"}]}});
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let r = stack
+            .http
+            .post(format!("{}/api/v1/workflows", stack.base))
+            .header("idempotency-key", "order-4711")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        answers.push(r.json::<Value>().await.unwrap());
+    }
+    assert_eq!(answers[0]["job_id"], answers[1]["job_id"], "{answers:?}");
+    let other = stack.submit(body).await;
+    assert_ne!(other["job_id"], answers[0]["job_id"], "no key, a new job");
+    stack.stop().await;
+}
+
+/// A second gateway without development mode, for role checks.
+async fn secure_gateway(stack: &Stack) -> (String, tokio_util::sync::DropGuard) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let token = CancellationToken::new();
+    let config = fleet_gateway::GatewayConfig {
+        nats_url: stack.nats.url(),
+        dev_mode: false,
+        request_timeout: Duration::from_secs(5),
+        rate_limit: None,
+        ..Default::default()
+    };
+    tokio::spawn(fleet_gateway::run(config, listener, token.clone()));
+    wait_for("the secure gateway", WAIT, || async {
+        let r = stack.http.get(format!("{base}/health")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await
+    .unwrap();
+    (base, token.drop_guard())
+}
+
+#[tokio::test]
+async fn retry_needs_an_operator_and_the_registry_an_admin() {
+    let stack = Stack::start().await;
+    let (base, _guard) = secure_gateway(&stack).await;
+    let config = common::orchestrator_config(&stack.nats, &stack.db);
+    let admin = fleet_orchestrator::keys::create_with_config(
+        &config,
+        &TenantId::default_tenant(),
+        Role::Admin,
+        "admin",
+    )
+    .await
+    .unwrap();
+    let mut keys = std::collections::HashMap::new();
+    for role in ["operator", "viewer"] {
+        let (status, _, body) = send(
+            &stack.http,
+            &base,
+            Method::POST,
+            "/api/v1/api-keys",
+            Some(&admin),
+            Some(json!({"name": role, "role": role})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        keys.insert(role, body["api_key"].as_str().unwrap().to_owned());
+    }
+    let job = fleet_schemas::JobId::new();
+    let register = json!({"robot_id": "bot-r", "name": "R", "hostname": "h"});
+    let retry = format!("/api/v1/jobs/{job}/retry");
+    let cases: [(&str, Method, &str, Option<Value>, u16); 7] = [
+        ("viewer", Method::POST, retry.as_str(), None, 403),
+        ("viewer", Method::POST, "/api/v1/robots/register", Some(register.clone()), 403),
+        ("viewer", Method::DELETE, "/api/v1/robots/bot-r", None, 403),
+        ("operator", Method::POST, "/api/v1/robots/register", Some(register.clone()), 403),
+        ("operator", Method::PUT, "/api/v1/robots/bot-r", Some(json!({"name": "x"})), 403),
+        ("operator", Method::DELETE, "/api/v1/robots/bot-r", None, 403),
+        // Past the role check: the job does not exist.
+        ("operator", Method::POST, retry.as_str(), None, 404),
+    ];
+    for (role, method, path, body, expected) in cases {
+        let (status, _, answer) =
+            send(&stack.http, &base, method.clone(), path, Some(&keys[role]), body).await;
+        assert_eq!(status, expected, "{role} {method} {path}: {answer}");
+        if expected == 403 {
+            assert_eq!(answer["error"]["code"], "forbidden", "{answer}");
+        }
+    }
+    // The admin may; readers see the result.
+    let (status, _, robot) =
+        send(&stack.http, &base, Method::POST, "/api/v1/robots/register", Some(&admin), Some(register)).await;
+    assert_eq!((status, robot["robot_id"].as_str()), (200, Some("bot-r")), "{robot}");
+    let (status, _, _) =
+        send(&stack.http, &base, Method::GET, "/api/v1/metrics/analytics", Some(&keys["viewer"]), None).await;
+    assert_eq!(status, 200);
+    let (status, _, _) =
+        send(&stack.http, &base, Method::GET, "/api/v1/metrics/activity", Some(&keys["viewer"]), None).await;
+    assert_eq!(status, 200);
+    // Another tenant's ids are 404, exactly like ids that do not exist.
+    let acme = fleet_orchestrator::keys::create_with_config(
+        &config,
+        &TenantId::new("acme").unwrap(),
+        Role::Admin,
+        "acme",
+    )
+    .await
+    .unwrap();
+    let ours = id_of(&stack.submit(json!({"workflow_name": "mine", "workflow_json": {"steps": [{"id": "a", "kind": "log", "message": "x"}]}})).await);
+    let their_view: [(Method, String, Option<Value>); 3] = [
+        (Method::POST, format!("/api/v1/jobs/{ours}/retry"), None),
+        (Method::PUT, "/api/v1/robots/bot-r".to_owned(), Some(json!({"name": "taken"}))),
+        (Method::DELETE, "/api/v1/robots/bot-r".to_owned(), None),
+    ];
+    for (method, path, body) in their_view {
+        let (status, _, answer) = send(&stack.http, &base, method.clone(), &path, Some(&acme), body).await;
+        assert_eq!(status, 404, "acme {method} {path}: {answer}");
+    }
+    // No key: 401.
+    let (status, _, _) = send(&stack.http, &base, Method::DELETE, "/api/v1/robots/bot-r", None, None).await;
+    assert_eq!(status, 401);
+    let (status, _, answer) =
+        send(&stack.http, &base, Method::DELETE, "/api/v1/robots/bot-r", Some(&admin), None).await;
+    assert_eq!((status, answer["deleted"].as_bool()), (200, Some(true)), "{answer}");
+    stack.stop().await;
+}
