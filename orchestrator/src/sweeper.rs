@@ -14,8 +14,9 @@ use crate::Core;
 use crate::fleet::{Decision, Placing};
 use crate::store::ToOffer;
 
-/// Pending jobs looked at per admission pass.
-const ADMIT_BATCH: i64 = 500;
+/// Pending jobs read per admission round; a round whose jobs were all offered is followed by
+/// another. Small, because under load a round runs once per freed slot.
+const ADMIT_BATCH: i64 = 64;
 /// How often the bookkeeping is rebuilt from the database when nothing else triggers it.
 const RELOAD_EVERY: Duration = Duration::from_secs(5);
 
@@ -52,25 +53,38 @@ pub async fn run(core: Arc<Core>, token: CancellationToken) {
     reload(&core).await;
     let mut last_watchdog = Instant::now();
     let mut last_reload = Instant::now();
+    let mut last_sweep: Option<Instant> = None;
+    let mut healthy = false;
     loop {
-        let db_ok = sqlx::query("SELECT 1").execute(&core.store.pool).await.is_ok();
-        let nats_ok = core.client.connection_state() == async_nats::connection::State::Connected;
-        core.health.observe(db_ok && nats_ok);
-        if db_ok && nats_ok {
-            pass(&core).await;
-            if last_reload.elapsed() >= RELOAD_EVERY {
-                last_reload = Instant::now();
-                reload(&core).await;
-            }
-            if last_watchdog.elapsed() >= watchdog_interval(&core) {
-                last_watchdog = Instant::now();
-                watchdog(&core).await;
+        // Sweeps run on the timer; admission runs on every wake (a slot freed, a robot came,
+        // a job went pending), which under load is once per completion, so it must stay cheap.
+        if last_sweep.is_none_or(|at| at.elapsed() >= core.config.sweep_interval) {
+            last_sweep = Some(Instant::now());
+            let db_ok = sqlx::query("SELECT 1").execute(&core.store.pool).await.is_ok();
+            let nats_ok = core.client.connection_state() == async_nats::connection::State::Connected;
+            healthy = db_ok && nats_ok;
+            core.health.observe(healthy);
+            if healthy {
+                sweep(&core).await;
+                if last_reload.elapsed() >= RELOAD_EVERY {
+                    last_reload = Instant::now();
+                    reload(&core).await;
+                }
+                if last_watchdog.elapsed() >= watchdog_interval(&core) {
+                    last_watchdog = Instant::now();
+                    watchdog(&core).await;
+                }
             }
         }
+        if healthy {
+            admit_pending(&core).await;
+        }
+        let until_sweep =
+            core.config.sweep_interval.saturating_sub(last_sweep.map_or(Duration::ZERO, |at| at.elapsed()));
         tokio::select! {
             _ = token.cancelled() => return,
             _ = core.wake_admission.notified() => {}
-            _ = tokio::time::sleep(core.config.sweep_interval) => {}
+            _ = tokio::time::sleep(until_sweep) => {}
         }
     }
 }
@@ -79,7 +93,8 @@ fn watchdog_interval(core: &Core) -> Duration {
     (core.config.offer_check_after / 2).max(Duration::from_millis(200))
 }
 
-async fn pass(core: &Core) {
+/// Expire lapsed leases, time jobs out, and mark silent robots offline.
+async fn sweep(core: &Core) {
     if core.health.healthy_for(core.config.job_lease) {
         match core.store.expire(None).await {
             Ok(0) => {}
@@ -105,19 +120,30 @@ async fn pass(core: &Core) {
     for (tenant, robot) in core.fleet.stale(grace) {
         crate::heartbeats::mark_offline(core, &tenant, &robot, "no heartbeat within the timeout").await;
     }
-    admit_pending(core).await;
 }
 
 /// Offer pending jobs, highest priority first, where a robot can take them; record why the
 /// others wait; fail those every eligible robot rejected.
 async fn admit_pending(core: &Core) {
+    // Bounded: a full batch that was all offered means more may fit; stop at the first batch
+    // in which something had to wait (the rest wait behind it).
+    for _ in 0..64 {
+        if !admit_round(core).await {
+            break;
+        }
+    }
+}
+
+/// One round; true when a full batch was read and every job in it was offered or failed.
+async fn admit_round(core: &Core) -> bool {
     let pending = match core.store.pending_jobs(ADMIT_BATCH).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "cannot list pending jobs");
-            return;
+            return false;
         }
     };
+    let full = pending.len() as i64 == ADMIT_BATCH;
     core.fleet.begin_pass();
     let mut reasons = Vec::new();
     let mut waiting: HashMap<TenantId, u32> = HashMap::new();
@@ -151,7 +177,7 @@ async fn admit_pending(core: &Core) {
                     Err(e) => {
                         core.fleet.unoffered(&tenant, &subject);
                         tracing::warn!(error = %e, "admission failed");
-                        return;
+                        return false;
                     }
                 }
             }
@@ -172,6 +198,7 @@ async fn admit_pending(core: &Core) {
     if let Err(e) = core.store.set_waiting_reasons(&reasons).await {
         tracing::warn!(error = %e, "cannot record waiting reasons");
     }
+    full && waiting.is_empty()
 }
 
 /// Rebuild the leader's bookkeeping (running jobs per robot, waiting offers per subject) from
