@@ -175,3 +175,106 @@ async fn keys_roles_tenants_revocation_and_rotation() {
     .unwrap();
     stack.stop().await;
 }
+
+/// Every endpoint: no key → 401; a role too low → 403; another tenant's id → 404 exactly as an
+/// unknown one; bad input → 422 naming the field.
+#[tokio::test]
+async fn every_endpoint_checks_key_role_tenant_and_input() {
+    use reqwest::Method;
+    let mut stack = Stack::start().await;
+    let mut robot = stack.robot_config("acme-r", &[]);
+    robot.tenant = TenantId::new("acme").unwrap();
+    stack.start_robot(robot);
+    let secure = Secure::start(&stack).await;
+    let config = common::orchestrator_config(&stack.nats, &stack.db);
+    let key = |tenant: &'static str, role: Role| {
+        let config = config.clone();
+        async move {
+            fleet_orchestrator::keys::create_with_config(&config, &TenantId::new(tenant).unwrap(), role, "m")
+                .await
+                .unwrap()
+        }
+    };
+    let (admin, operator, viewer, other) = (
+        key("acme", Role::Admin).await,
+        key("acme", Role::Operator).await,
+        key("acme", Role::Viewer).await,
+        key("beta", Role::Admin).await,
+    );
+    let (_, job) = secure.send(Method::POST, "/api/v1/workflows", Some(&operator), Some(workflow())).await;
+    let job = job["job_id"].as_str().unwrap().to_owned();
+    let (_, made) = secure
+        .send(Method::POST, "/api/v1/api-keys", Some(&admin), Some(json!({"name": "k", "role": "viewer"})))
+        .await;
+    let key_id = made["key"]["id"].as_str().unwrap().to_owned();
+    wait_for("acme's robot", WAIT, || async {
+        let (s, _) = secure.send(Method::GET, "/api/v1/metrics/robots/acme-r", Some(&viewer), None).await;
+        (s == 200).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // (method, path, body, least role, names an object of tenant acme)
+    let v = Role::Viewer;
+    let o = Role::Operator;
+    let a = Role::Admin;
+    let endpoints: Vec<(Method, String, Option<Value>, Role, bool)> = vec![
+        (Method::GET, "/api/v1/metrics/jobs".into(), None, v, false),
+        (Method::GET, format!("/api/v1/metrics/jobs/{job}"), None, v, true),
+        (Method::GET, format!("/api/v1/jobs/{job}/logs"), None, v, true),
+        (Method::GET, "/api/v1/metrics/robots".into(), None, v, false),
+        (Method::GET, "/api/v1/metrics/robots/acme-r".into(), None, v, true),
+        (Method::GET, "/api/v1/robots/acme-r/logs".into(), None, v, true),
+        (Method::GET, "/api/v1/robots/acme-r/metrics".into(), None, v, true),
+        (Method::GET, "/api/v1/metrics/fleet".into(), None, v, false),
+        (Method::GET, "/api/v1/metrics/analytics".into(), None, v, false),
+        (Method::GET, "/api/v1/metrics/activity".into(), None, v, false),
+        (Method::GET, "/api/v1/queues".into(), None, v, false),
+        (Method::GET, "/api/v1/openapi.json".into(), None, v, false),
+        (Method::POST, "/api/v1/workflows".into(), Some(workflow()), o, false),
+        (Method::POST, "/api/v1/robots/acme-r/pause".into(), None, o, true),
+        (Method::PUT, "/api/v1/robots/acme-r/status".into(), Some(json!({"status": "online"})), o, true),
+        (Method::POST, "/api/v1/robots/commands".into(), Some(json!({"command": "resume"})), o, false),
+        (Method::POST, format!("/api/v1/jobs/{job}/retry"), None, o, true),
+        (Method::GET, "/api/v1/api-keys".into(), None, a, false),
+        (Method::GET, "/api/v1/robot-api-keys".into(), None, a, false),
+        (Method::POST, format!("/api/v1/api-keys/{key_id}/revoke"), None, a, true),
+        (Method::PUT, "/api/v1/robots/acme-r".into(), Some(json!({"name": "renamed"})), a, true),
+    ];
+    for (method, path, body, least, owned) in &endpoints {
+        let (status, answer) = secure.send(method.clone(), path, None, body.clone()).await;
+        assert_eq!(status, 401, "{method} {path} without a key: {answer}");
+        if *least > Role::Viewer {
+            let (status, answer) = secure.send(method.clone(), path, Some(&viewer), body.clone()).await;
+            assert_eq!(status, 403, "{method} {path} as viewer: {answer}");
+        }
+        if *least > Role::Operator {
+            let (status, answer) = secure.send(method.clone(), path, Some(&operator), body.clone()).await;
+            assert_eq!(status, 403, "{method} {path} as operator: {answer}");
+        }
+        if *owned {
+            let (status, answer) = secure.send(method.clone(), path, Some(&other), body.clone()).await;
+            assert_eq!(status, 404, "{method} {path} from another tenant: {answer}");
+        }
+    }
+    // Bad input names the field.
+    let bad: Vec<(Method, &str, Option<Value>, &str)> = vec![
+        (Method::GET, "/api/v1/metrics/jobs?limit=0", None, "limit"),
+        (Method::GET, "/api/v1/metrics/robots?status=sleepy", None, "status"),
+        (Method::GET, "/api/v1/metrics/analytics?days=0", None, "days"),
+        (Method::POST, "/api/v1/workflows", Some(json!({"workflow_json": {}})), "workflow_name"),
+        (Method::PUT, "/api/v1/robots/acme-r/status", Some(json!({"status": "busy"})), "status"),
+        (Method::POST, "/api/v1/robots/commands", Some(json!({"command": "explode"})), "command"),
+        (Method::POST, "/api/v1/api-keys", Some(json!({"name": "x", "role": "root"})), "role"),
+        (Method::POST, "/api/v1/robots/register", Some(json!({"name": "x", "hostname": "h"})), "robot_id"),
+    ];
+    for (method, path, body, field) in bad {
+        let (status, answer) = secure.send(method.clone(), path, Some(&admin), body).await;
+        assert_eq!(
+            (status, answer["error"]["field"].as_str()),
+            (422, Some(field)),
+            "{method} {path}: {answer}"
+        );
+    }
+    stack.stop().await;
+}
