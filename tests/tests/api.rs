@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use common::{Stack, WAIT};
 use fleet_schemas::TenantId;
@@ -13,7 +12,6 @@ use fleet_tests::wait_for;
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 /// One request with an optional key and body; answers status, headers and JSON body.
 async fn send(
@@ -395,32 +393,10 @@ async fn the_job_list_pages_by_cursor_and_idempotency_keys_return_the_first_job(
     stack.stop().await;
 }
 
-/// A second gateway without development mode, for role checks.
-async fn secure_gateway(stack: &Stack) -> (String, tokio_util::sync::DropGuard) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let token = CancellationToken::new();
-    let config = fleet_gateway::GatewayConfig {
-        nats_url: stack.nats.url(),
-        dev_mode: false,
-        request_timeout: Duration::from_secs(5),
-        rate_limit: None,
-        ..Default::default()
-    };
-    tokio::spawn(fleet_gateway::run(config, listener, token.clone()));
-    wait_for("the secure gateway", WAIT, || async {
-        let r = stack.http.get(format!("{base}/health")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await
-    .unwrap();
-    (base, token.drop_guard())
-}
-
 #[tokio::test]
 async fn retry_needs_an_operator_and_the_registry_an_admin() {
     let stack = Stack::start().await;
-    let (base, _guard) = secure_gateway(&stack).await;
+    let (base, _guard) = stack.start_secure_gateway().await;
     let config = common::orchestrator_config(&stack.nats, &stack.db);
     let admin = fleet_orchestrator::keys::create_with_config(
         &config,

@@ -10,7 +10,6 @@ use fleet_schemas::TenantId;
 use fleet_schemas::keys::Role;
 use fleet_tests::wait_for;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 struct Secure {
     base: String,
@@ -20,26 +19,8 @@ struct Secure {
 
 impl Secure {
     async fn start(stack: &Stack) -> Secure {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let token = CancellationToken::new();
-        let config = fleet_gateway::GatewayConfig {
-            nats_url: stack.nats.url(),
-            dev_mode: false,
-            request_timeout: Duration::from_secs(5),
-            rate_limit: None,
-            ..Default::default()
-        };
-        tokio::spawn(fleet_gateway::run(config, listener, token.clone()));
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-        let secure = Secure { base, http, _token: token.drop_guard() };
-        wait_for("the secure gateway", WAIT, || async {
-            let r = secure.http.get(format!("{}/health", secure.base)).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await
-        .unwrap();
-        secure
+        let (base, guard) = stack.start_secure_gateway().await;
+        Secure { base, http: stack.http.clone(), _token: guard }
     }
 
     async fn send(
@@ -75,8 +56,7 @@ async fn keys_roles_tenants_revocation_and_rotation() {
     robot.tenant = TenantId::new("acme").unwrap();
     stack.start_robot(robot);
     let secure = Secure::start(&stack).await;
-    let mut config = common::orchestrator_config(&stack.nats, &stack.db);
-    config.nats_url = stack.nats.url();
+    let config = common::orchestrator_config(&stack.nats, &stack.db);
     let admin = fleet_orchestrator::keys::create_with_config(
         &config,
         &TenantId::new("acme").unwrap(),

@@ -108,6 +108,29 @@ impl Stack {
         stack
     }
 
+    /// A second gateway on the same NATS, without development mode (keys required), for tests of
+    /// keys and roles. Returns its base URL; it stops when the guard is dropped.
+    pub async fn start_secure_gateway(&self) -> (String, tokio_util::sync::DropGuard) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let token = CancellationToken::new();
+        let config = fleet_gateway::GatewayConfig {
+            nats_url: self.nats.url(),
+            dev_mode: false,
+            request_timeout: Duration::from_secs(5),
+            rate_limit: None,
+            ..Default::default()
+        };
+        tokio::spawn(fleet_gateway::run(config, listener, token.clone()));
+        wait_for("the secure gateway", WAIT, || async {
+            let r = self.http.get(format!("{base}/health")).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await
+        .unwrap();
+        (base, token.drop_guard())
+    }
+
     pub fn spawn_orchestrator(nats: &NatsServer, db: &TestDb) -> Part {
         let token = CancellationToken::new();
         let task = tokio::spawn(fleet_orchestrator::run(orchestrator_config(nats, db), token.clone()));
