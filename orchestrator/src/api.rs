@@ -202,6 +202,7 @@ async fn submit(core: &Core, req: ApiRequest<SubmitJob>) -> ApiResult<Submitted>
         max_attempts: core.config.max_attempts,
         request_id: req.request_id,
         idempotency_key: body.idempotency_key.clone(),
+        deadline_unix_ms: Some(req.deadline_unix_ms),
     };
     if past_deadline(&req) {
         release(core);

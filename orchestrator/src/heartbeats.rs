@@ -106,9 +106,6 @@ async fn on_entry(core: &Core, entry: async_nats::jetstream::kv::Entry) {
                     Err(e) => tracing::debug!(error = %e, "status change not recorded"),
                 }
             }
-            if let Err(e) = core.store.robot_heartbeat(&hb).await {
-                tracing::debug!(error = %e, "heartbeat not recorded");
-            }
             let live = serde_json::json!({
                 "type": "robot.heartbeat",
                 "tenant": tenant,
@@ -123,6 +120,7 @@ async fn on_entry(core: &Core, entry: async_nats::jetstream::kv::Entry) {
                 .client
                 .publish(subjects::live(&tenant, "robot", "heartbeat"), live.to_string().into())
                 .await;
+            core.store.record_heartbeat(hb);
         }
         Operation::Delete | Operation::Purge => {
             mark_offline(core, &tenant, &robot, "heartbeat expired").await;

@@ -7,6 +7,7 @@
 
 pub mod analytics;
 pub mod api;
+pub mod batch;
 pub mod commands;
 pub mod config;
 pub mod fabric;

@@ -250,12 +250,7 @@ async fn progress(core: &Core, tenant: &TenantId, payload: &[u8]) {
         }
     };
     let node = report.current_node.as_deref();
-    if let Err(e) =
-        core.store.progress(tenant, report.job_id, report.attempt, i16::from(report.progress), node).await
-    {
-        tracing::debug!(error = %e, "progress not recorded");
-        return;
-    }
+    core.store.record_progress(tenant, report.job_id, report.attempt, i16::from(report.progress), node);
     let live = serde_json::json!({
         "type": "job.progress",
         "tenant": tenant,

@@ -23,6 +23,8 @@ use uuid::Uuid;
 
 use crate::leader::{Leadership, fenced};
 
+mod batch;
+
 /// Store failures, decided once: the database is unreachable (retry), or we are not the leader
 /// (retry elsewhere), or a bug.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,20 @@ pub enum StoreError {
     NotLeader,
     #[error("database error: {0}")]
     Other(#[source] sqlx::Error),
+    #[error("the request's deadline passed before it could be committed")]
+    PastDeadline,
+}
+
+impl StoreError {
+    /// The same failure for another request of a batch that failed as a whole.
+    pub fn share(&self) -> StoreError {
+        match self {
+            StoreError::Unavailable(e) => StoreError::Unavailable(sqlx::Error::Protocol(e.to_string())),
+            StoreError::NotLeader => StoreError::NotLeader,
+            StoreError::Other(e) => StoreError::Other(sqlx::Error::Protocol(e.to_string())),
+            StoreError::PastDeadline => StoreError::PastDeadline,
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -71,6 +87,7 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %e, "database error");
                 ApiError::Internal { message: "unexpected database error".into() }
             }
+            StoreError::PastDeadline => crate::api::deadline_error(),
         }
     }
 }
@@ -104,6 +121,8 @@ pub struct NewJob {
     pub max_attempts: i32,
     pub request_id: RequestId,
     pub idempotency_key: Option<String>,
+    /// Not committed after this (Unix milliseconds): the gateway has stopped waiting.
+    pub deadline_unix_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +198,8 @@ pub struct Rejection {
 pub struct Store {
     pub pool: PgPool,
     leadership: Arc<Leadership>,
+    /// The batch writers of the hot path (absent only inside the writers' own copies).
+    batches: Option<Arc<batch::Batches>>,
 }
 
 fn uuid(id: JobId) -> Uuid {
@@ -190,8 +211,16 @@ fn secs(d: Duration) -> f64 {
 }
 
 impl Store {
+    /// A store with its batch writers (spawned on the current runtime).
     pub fn new(pool: PgPool, leadership: Arc<Leadership>) -> Self {
-        Self { pool, leadership }
+        let base = Self { pool, leadership, batches: None };
+        let batches = Arc::new(batch::Batches::spawn(&base));
+        Self { batches: Some(batches), ..base }
+    }
+
+    fn batches(&self) -> StoreResult<&batch::Batches> {
+        // Only the writers' own copies lack them, and those never call the batched methods.
+        self.batches.as_deref().ok_or(StoreError::NotLeader)
     }
 
     fn epoch(&self) -> StoreResult<i64> {
@@ -210,24 +239,21 @@ impl Store {
 
     /// Insert a job, `queued` with offer 1 or `pending` with a reason, with its history rows.
     /// With an idempotency key already used in this tenant, the earlier job is returned.
+    /// Concurrent submissions share one statement.
     pub async fn insert_job(&self, job: &NewJob, placement: &Placement) -> StoreResult<Inserted> {
+        let request = (job.clone(), placement.clone());
+        self.batches()?.insert.call(request).await.map_err(|_| StoreError::NotLeader)?
+    }
+
+    /// [`Store::insert_job`] alone: for a submission the batch did not insert (its idempotency
+    /// key was taken), which finds the earlier job.
+    async fn insert_job_one(&self, job: &NewJob, placement: &Placement) -> StoreResult<Inserted> {
         let epoch = self.epoch()?;
-        let (status, subject, target, reason) = match placement {
-            Placement::Offer { subject, target } => {
-                ("queued", Some(subject.as_str()), Some(target.as_str()), None)
-            }
-            Placement::Pending { reason } => ("pending", None, None, Some(reason.as_str())),
+        let (status, subject, reason) = match placement {
+            Placement::Offer { subject, .. } => ("queued", Some(subject.as_str()), None),
+            Placement::Pending { reason } => ("pending", None, Some(reason.as_str())),
         };
-        let submitted = json!({
-            "workflow_id": job.workflow_id,
-            "workflow_name": job.workflow_name,
-            "priority": job.priority,
-            "requires": job.requires,
-            "target_robot_id": job.target_robot_id,
-            "status": status,
-            "waiting_reason": reason,
-        });
-        let assigned = json!({ "offer_no": 1, "target": target });
+        let (submitted, assigned) = batch::submitted_data(job, placement);
         let sql = format!(
             "WITH ins AS (
                 INSERT INTO jobs (job_id, tenant, workflow_id, workflow_name, format, workflow, variables,
@@ -305,7 +331,7 @@ impl Store {
                 let sql =
                     format!("UPDATE jobs SET idempotency_key = NULL WHERE job_id = $1 AND {}", fenced(2));
                 sqlx::query(&sql).bind(old).bind(epoch).execute(&self.pool).await?;
-                return Box::pin(self.insert_job(job, placement)).await;
+                return Box::pin(self.insert_job_one(job, placement)).await;
             }
             if let Some(row) = row {
                 let status: String = row.get("status");
@@ -350,7 +376,7 @@ impl Store {
     pub async fn pending_jobs(&self, limit: i64) -> StoreResult<Vec<PendingJob>> {
         Ok(sqlx::query_as(
             "SELECT job_id, tenant, requires, target_robot_id, waiting_reason, priority, rejections FROM jobs
-             WHERE status = 'pending' ORDER BY priority DESC, created_at LIMIT $1",
+             WHERE status = 'pending' ORDER BY priority DESC, created_at, job_id LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -539,7 +565,7 @@ impl Store {
     // ----- robot reports ------------------------------------------------------------------
 
     /// `queued` (offer `$o`) → `running`, attempt + 1, lease. Idempotent for the same robot and
-    /// session.
+    /// session. Concurrent claims share one statement.
     pub async fn claim(
         &self,
         tenant: &TenantId,
@@ -549,35 +575,22 @@ impl Store {
         offer_no: i32,
         lease: Duration,
     ) -> StoreResult<Verdict<Claimed>> {
+        let request = batch::ClaimRequest {
+            tenant: tenant.clone(),
+            robot: robot.clone(),
+            session,
+            job_id,
+            offer_no,
+            lease,
+        };
+        self.batches()?.claim.call(request).await.map_err(|_| StoreError::NotLeader)?
+    }
+
+    /// A claim the batch statement did not apply: a repeat of our own claim, or refused.
+    async fn claim_settle(&self, req: &batch::ClaimRequest) -> StoreResult<Verdict<Claimed>> {
         let epoch = self.epoch()?;
-        let sql = format!(
-            "WITH j AS (
-                UPDATE jobs SET status = 'running', attempt = attempt + 1, robot_id = $3, session_id = $4,
-                    lease_until = now() + make_interval(secs => $5), claimed_at = now(), started_at = now(),
-                    progress = 0, current_node = NULL, history_seq = history_seq + 1
-                WHERE job_id = $1 AND tenant = $2 AND status = 'queued' AND offer_no = $6 AND {}
-                RETURNING *
-            ), h AS (
-                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
-                SELECT tenant, job_id, robot_id, history_seq, 'job.started', attempt,
-                       jsonb_build_object('robot_id', robot_id, 'offer_no', offer_no) FROM j
-            )
-            SELECT attempt, format, workflow, variables, timeout_s, workflow_name, offer_subject FROM j",
-            fenced(7)
-        );
-        let row = sqlx::query(&sql)
-            .bind(uuid(job_id))
-            .bind(tenant.as_str())
-            .bind(robot.as_str())
-            .bind(session.0)
-            .bind(secs(lease))
-            .bind(offer_no)
-            .bind(epoch)
-            .fetch_optional(&self.pool)
-            .await?;
-        if let Some(row) = row {
-            return Ok(Verdict::Accepted(claimed(&row)));
-        }
+        let batch::ClaimRequest { tenant, robot, session, job_id, offer_no, lease } = req;
+        let (session, job_id, offer_no, lease) = (*session, *job_id, *offer_no, *lease);
         // Not claimed: a repeat of our own claim, or refused. Read the job to tell.
         let row = sqlx::query(
             "SELECT status, offer_no, robot_id, session_id, attempt, format, workflow, variables, timeout_s,
@@ -642,6 +655,7 @@ impl Store {
     }
 
     /// `running` (attempt `$a`) → a terminal status. Idempotent for the same attempt.
+    /// Concurrent completions share one statement.
     #[allow(clippy::too_many_arguments)]
     pub async fn complete(
         &self,
@@ -654,47 +668,25 @@ impl Store {
         error: Option<&str>,
         failed_step: Option<&str>,
     ) -> StoreResult<Verdict<()>> {
-        let epoch = self.epoch()?;
-        let (status, kind, error_type) = match outcome {
-            RunOutcome::Completed => ("completed", "job.completed", None),
-            RunOutcome::Failed => ("failed", "job.failed", Some("workflow_error")),
-            RunOutcome::Cancelled => ("cancelled", "job.cancelled", None),
-            RunOutcome::TimedOut => ("timed_out", "job.timed_out", Some("timeout")),
+        let request = batch::CompleteRequest {
+            tenant: tenant.clone(),
+            robot: robot.clone(),
+            job_id,
+            attempt,
+            outcome,
+            output: output.to_string(),
+            error: error.map(str::to_owned),
+            failed_step: failed_step.map(str::to_owned),
         };
-        let sql = format!(
-            "WITH j AS (
-                UPDATE jobs SET status = $4, output = $5, error_message = $6, error_type = $7,
-                    completed_at = now(), lease_until = NULL, progress = CASE WHEN $4 = 'completed' THEN 100 ELSE progress END,
-                    history_seq = history_seq + 1
-                WHERE job_id = $1 AND tenant = $2 AND status = 'running' AND attempt = $3 AND robot_id = $8 AND {}
-                RETURNING *
-            ), h AS (
-                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
-                SELECT tenant, job_id, robot_id, history_seq, $10, attempt,
-                       jsonb_build_object('status', status, 'error', error_message, 'failed_step', $11::text,
-                           'duration_ms', (extract(epoch FROM completed_at - started_at) * 1000)::bigint)
-                FROM j
-            )
-            SELECT count(*) FROM j",
-            fenced(9)
-        );
-        let (n,): (i64,) = sqlx::query_as(&sql)
-            .bind(uuid(job_id))
-            .bind(tenant.as_str())
-            .bind(attempt)
-            .bind(status)
-            .bind(Json(output))
-            .bind(error)
-            .bind(error_type)
-            .bind(robot.as_str())
-            .bind(epoch)
-            .bind(kind)
-            .bind(failed_step)
-            .fetch_one(&self.pool)
-            .await?;
-        if n > 0 {
-            return Ok(Verdict::Accepted(()));
-        }
+        self.batches()?.complete.call(request).await.map_err(|_| StoreError::NotLeader)?
+    }
+
+    /// A completion the batch statement did not apply: a repeat of one applied, or refused.
+    async fn complete_settle(&self, req: &batch::CompleteRequest) -> StoreResult<Verdict<()>> {
+        let epoch = self.epoch()?;
+        let batch::CompleteRequest { tenant, robot, job_id, attempt, outcome, .. } = req;
+        let (job_id, attempt) = (*job_id, *attempt);
+        let (status, _, _) = batch::outcome_columns(*outcome);
         let row: Option<(String, i32, Option<String>)> =
             sqlx::query_as("SELECT status, attempt, robot_id FROM jobs WHERE job_id = $1 AND tenant = $2")
                 .bind(uuid(job_id))
@@ -787,27 +779,26 @@ impl Store {
         }
     }
 
-    /// Record progress of a running attempt (not a state change).
-    pub async fn progress(
+    /// Record progress of a running attempt (not a state change), without waiting: reports
+    /// queued together are written in one statement, the latest of each attempt.
+    pub fn record_progress(
         &self,
         tenant: &TenantId,
         job_id: JobId,
         attempt: i32,
         progress: i16,
         node: Option<&str>,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE jobs SET progress = $4, current_node = $5
-             WHERE job_id = $1 AND tenant = $2 AND attempt = $3 AND status = 'running'",
-        )
-        .bind(uuid(job_id))
-        .bind(tenant.as_str())
-        .bind(attempt)
-        .bind(progress.clamp(0, 100))
-        .bind(node)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    ) {
+        if let Ok(b) = self.batches() {
+            let record = batch::ProgressRecord {
+                tenant: tenant.clone(),
+                job_id,
+                attempt,
+                progress,
+                node: node.map(str::to_owned),
+            };
+            let _ = b.progress.send(record);
+        }
     }
 
     // ----- sweeps -------------------------------------------------------------------------
@@ -1069,24 +1060,12 @@ impl Store {
         Ok(())
     }
 
-    /// Record a heartbeat's figures (not a state change: no history row).
-    pub async fn robot_heartbeat(&self, hb: &fleet_schemas::robot::Heartbeat) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE robots SET run_state = $3, online = true, cpu_percent = $4, memory_mb = $5,
-                 last_heartbeat = $6, max_jobs = $7, capabilities = $8, updated_at = now()
-             WHERE tenant = $1 AND robot_id = $2",
-        )
-        .bind(hb.tenant.as_str())
-        .bind(hb.robot_id.as_str())
-        .bind(run_state_str(hb.state))
-        .bind(hb.cpu_percent)
-        .bind(hb.memory_mb)
-        .bind(hb.sent_at)
-        .bind(hb.max_jobs as i32)
-        .bind(&hb.capabilities)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    /// Record a heartbeat's figures (not a state change: no history row), without waiting:
+    /// heartbeats queued together are written in one statement, the latest of each robot.
+    pub fn record_heartbeat(&self, hb: fleet_schemas::robot::Heartbeat) {
+        if let Ok(b) = self.batches() {
+            let _ = b.heartbeat.send(hb);
+        }
     }
 
     /// A robot went offline: record it, with an event naming its orphaned jobs.

@@ -1,0 +1,549 @@
+//! The hot path's writes, batched: submits, claims and completions of many jobs in one
+//! statement each (one round trip, one commit, one WAL flush), and heartbeat and progress
+//! records coalesced. Each statement is the same compare-and-set as the single-job transition
+//! it replaces, over `unnest` arrays; a request it did not match (a repeat, a superseded offer,
+//! a lost race) is settled on its own afterwards, exactly as before.
+//!
+//! See [`crate::batch`] for how requests are grouped.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fleet_schemas::robot::{Heartbeat, RunOutcome};
+use fleet_schemas::{JobId, RobotId, SessionId, TenantId};
+use serde_json::{Value, json};
+use sqlx::Row;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    Claimed, Inserted, NewJob, Placement, Store, StoreError, StoreResult, Verdict, claimed, run_state_str,
+};
+use crate::batch::Batcher;
+use crate::leader::fenced;
+
+/// Most requests in one statement. Large enough that a busy fabric commits rarely, small enough
+/// that one statement stays short (its rows are locked until it commits).
+const MAX_BATCH: usize = 256;
+
+pub(super) type Answer<T> = StoreResult<T>;
+
+/// A claim of an offer by a robot session.
+#[derive(Debug, Clone)]
+pub(super) struct ClaimRequest {
+    pub tenant: TenantId,
+    pub robot: RobotId,
+    pub session: SessionId,
+    pub job_id: JobId,
+    pub offer_no: i32,
+    pub lease: Duration,
+}
+
+/// The end of an attempt as a robot reports it.
+#[derive(Debug, Clone)]
+pub(super) struct CompleteRequest {
+    pub tenant: TenantId,
+    pub robot: RobotId,
+    pub job_id: JobId,
+    pub attempt: i32,
+    pub outcome: RunOutcome,
+    pub output: String,
+    pub error: Option<String>,
+    pub failed_step: Option<String>,
+}
+
+/// Progress of a running attempt.
+#[derive(Debug, Clone)]
+pub(super) struct ProgressRecord {
+    pub tenant: TenantId,
+    pub job_id: JobId,
+    pub attempt: i32,
+    pub progress: i16,
+    pub node: Option<String>,
+}
+
+/// The batch writers of one store.
+pub(super) struct Batches {
+    pub insert: Batcher<(NewJob, Placement), Answer<Inserted>>,
+    pub claim: Batcher<ClaimRequest, Answer<Verdict<Claimed>>>,
+    pub complete: Batcher<CompleteRequest, Answer<Verdict<()>>>,
+    pub heartbeat: Batcher<Heartbeat, ()>,
+    pub progress: Batcher<ProgressRecord, ()>,
+}
+
+impl Batches {
+    pub fn spawn(store: &Store) -> Self {
+        let s = store.clone();
+        let insert = Batcher::spawn(MAX_BATCH, move |reqs| {
+            let s = s.clone();
+            async move { s.insert_many(reqs).await }
+        });
+        let s = store.clone();
+        let claim = Batcher::spawn(MAX_BATCH, move |reqs| {
+            let s = s.clone();
+            async move { s.claim_many(reqs).await }
+        });
+        let s = store.clone();
+        let complete = Batcher::spawn(MAX_BATCH, move |reqs| {
+            let s = s.clone();
+            async move { s.complete_many(reqs).await }
+        });
+        let s = store.clone();
+        let heartbeat = Batcher::spawn(MAX_BATCH * 4, move |beats| {
+            let s = s.clone();
+            async move {
+                let n = beats.len();
+                if let Err(e) = s.heartbeats_many(beats).await {
+                    tracing::debug!(error = %e, "heartbeats not recorded");
+                }
+                vec![(); n]
+            }
+        });
+        let s = store.clone();
+        let progress = Batcher::spawn(MAX_BATCH, move |records| {
+            let s = s.clone();
+            async move {
+                let n = records.len();
+                if let Err(e) = s.progress_many(records).await {
+                    tracing::debug!(error = %e, "progress not recorded");
+                }
+                vec![(); n]
+            }
+        });
+        Self { insert, claim, complete, heartbeat, progress }
+    }
+}
+
+/// One answer per request: the statement's error, shared by all.
+fn all_failed<T>(e: &StoreError, n: usize) -> Vec<Answer<T>> {
+    (0..n).map(|_| Err(e.share())).collect()
+}
+
+fn now_ms() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+impl Store {
+    // ----- submits ------------------------------------------------------------------------
+
+    async fn insert_many(&self, reqs: Vec<(NewJob, Placement)>) -> Vec<Answer<Inserted>> {
+        // A request whose deadline passed while it queued is not committed (the gateway has
+        // answered, or will answer, that it is not done).
+        let now = now_ms();
+        let live: Vec<usize> =
+            (0..reqs.len()).filter(|&i| reqs[i].0.deadline_unix_ms.is_none_or(|d| d >= now)).collect();
+        let mut answers: Vec<Option<Answer<Inserted>>> =
+            (0..reqs.len()).map(|_| Some(Err(StoreError::PastDeadline))).collect();
+        for &i in &live {
+            answers[i] = None;
+        }
+        let batch: Vec<&(NewJob, Placement)> = live.iter().map(|&i| &reqs[i]).collect();
+        match self.insert_statement(&batch).await {
+            Ok(rows) => {
+                for (k, &i) in live.iter().enumerate() {
+                    if let Some(created_at) = rows.get(&batch[k].0.job_id) {
+                        answers[i] = Some(Ok(inserted(&reqs[i].0, &reqs[i].1, *created_at)));
+                    }
+                }
+            }
+            Err(e) => {
+                for &i in &live {
+                    answers[i] = Some(Err(e.share()));
+                }
+            }
+        }
+        // Not inserted: an idempotency key already used (or a lost fence); settle each alone.
+        let mut out = Vec::with_capacity(reqs.len());
+        for (i, answer) in answers.into_iter().enumerate() {
+            out.push(match answer {
+                Some(a) => a,
+                None => self.insert_job_one(&reqs[i].0, &reqs[i].1).await,
+            });
+        }
+        out
+    }
+
+    async fn insert_statement(
+        &self,
+        batch: &[&(NewJob, Placement)],
+    ) -> StoreResult<HashMap<JobId, OffsetDateTime>> {
+        if batch.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let epoch = self.epoch()?;
+        let mut c = InsertColumns::default();
+        for (job, placement) in batch {
+            c.push(job, placement);
+        }
+        let sql = format!(
+            "WITH u AS (
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                    $7::text[], $8::text[], $9::text[], $10::int2[], $11::text[], $12::text[], $13::text[],
+                    $14::int8[], $15::text[], $16::text[], $17::text[], $18::int4[], $19::uuid[], $20::text[],
+                    $21::text[], $22::text[])
+                WITH ORDINALITY AS u(job_id, tenant, workflow_id, workflow_name, format, workflow, variables,
+                    metadata, requires, priority, trigger_type, execution_mode, target_robot_id, timeout_s,
+                    status, waiting_reason, offer_subject, max_attempts, request_id, idempotency_key,
+                    submitted, assigned, ord)
+            ), ins AS (
+                INSERT INTO jobs (job_id, tenant, workflow_id, workflow_name, format, workflow, variables,
+                    metadata, requires, priority, trigger_type, execution_mode, target_robot_id, timeout_s,
+                    status, waiting_reason, offer_no, offer_subject, offered_at, max_attempts, request_id,
+                    idempotency_key, history_seq, created_at)
+                SELECT job_id, tenant, workflow_id, workflow_name, format, workflow::json, variables::jsonb,
+                    metadata::jsonb, ARRAY(SELECT json_array_elements_text(requires::json)), priority,
+                    trigger_type, execution_mode, target_robot_id, timeout_s, status, waiting_reason,
+                    CASE WHEN status = 'queued' THEN 1 ELSE 0 END, offer_subject,
+                    CASE WHEN status = 'queued' THEN now() END, max_attempts, request_id, idempotency_key,
+                    CASE WHEN status = 'queued' THEN 2 ELSE 1 END,
+                    -- Distinct and in submission order, for first-in first-out within a priority.
+                    clock_timestamp()
+                FROM u WHERE {}
+                ORDER BY ord
+                ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                RETURNING job_id, tenant, status, created_at
+            ), h AS (
+                INSERT INTO job_history (tenant, job_id, seq, kind, attempt, data, occurred_at)
+                SELECT ins.tenant, ins.job_id, v.seq, v.kind, 0, v.data::jsonb, ins.created_at
+                FROM ins JOIN u ON u.job_id = ins.job_id
+                CROSS JOIN LATERAL (VALUES (1, 'job.submitted', u.submitted), (2, 'job.assigned', u.assigned))
+                    AS v(seq, kind, data)
+                WHERE v.seq = 1 OR ins.status = 'queued'
+                ORDER BY u.ord, v.seq
+            )
+            SELECT job_id, created_at FROM ins",
+            fenced(23)
+        );
+        let rows: Vec<(Uuid, OffsetDateTime)> = sqlx::query_as(&sql)
+            .bind(c.job_id)
+            .bind(c.tenant)
+            .bind(c.workflow_id)
+            .bind(c.workflow_name)
+            .bind(c.format)
+            .bind(c.workflow)
+            .bind(c.variables)
+            .bind(c.metadata)
+            .bind(c.requires)
+            .bind(c.priority)
+            .bind(c.trigger_type)
+            .bind(c.execution_mode)
+            .bind(c.target_robot_id)
+            .bind(c.timeout_s)
+            .bind(c.status)
+            .bind(c.waiting_reason)
+            .bind(c.offer_subject)
+            .bind(c.max_attempts)
+            .bind(c.request_id)
+            .bind(c.idempotency_key)
+            .bind(c.submitted)
+            .bind(c.assigned)
+            .bind(epoch)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|(id, at)| (JobId(id), at)).collect())
+    }
+
+    // ----- claims -------------------------------------------------------------------------
+
+    async fn claim_many(&self, reqs: Vec<ClaimRequest>) -> Vec<Answer<Verdict<Claimed>>> {
+        let rows = match self.claim_statement(&reqs).await {
+            Ok(rows) => rows,
+            Err(e) => return all_failed(&e, reqs.len()),
+        };
+        let mut out = Vec::with_capacity(reqs.len());
+        for req in &reqs {
+            let won = rows.get(&req.job_id).filter(|(robot, session, offer_no, _)| {
+                robot == req.robot.as_str() && *session == req.session.0 && *offer_no == req.offer_no
+            });
+            out.push(match won {
+                Some((_, _, _, claimed)) => Ok(Verdict::Accepted(claimed.clone())),
+                None => self.claim_settle(req).await,
+            });
+        }
+        out
+    }
+
+    async fn claim_statement(
+        &self,
+        reqs: &[ClaimRequest],
+    ) -> StoreResult<HashMap<JobId, (String, Uuid, i32, Claimed)>> {
+        let epoch = self.epoch()?;
+        let sql = format!(
+            "WITH u AS (
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::int[], $6::float8[])
+                    AS u(job_id, tenant, robot_id, session_id, offer_no, lease_s)
+            ), j AS (
+                UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, robot_id = u.robot_id,
+                    session_id = u.session_id, lease_until = now() + make_interval(secs => u.lease_s),
+                    claimed_at = now(), started_at = now(), progress = 0, current_node = NULL,
+                    history_seq = jobs.history_seq + 1
+                FROM u
+                WHERE jobs.job_id = u.job_id AND jobs.tenant = u.tenant AND jobs.status = 'queued'
+                  AND jobs.offer_no = u.offer_no AND {}
+                RETURNING jobs.*
+            ), h AS (
+                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
+                SELECT tenant, job_id, robot_id, history_seq, 'job.started', attempt,
+                       jsonb_build_object('robot_id', robot_id, 'offer_no', offer_no) FROM j
+            )
+            SELECT job_id, robot_id, session_id, offer_no, attempt, format, workflow, variables, timeout_s,
+                   workflow_name, offer_subject FROM j",
+            fenced(7)
+        );
+        let rows = sqlx::query(&sql)
+            .bind(reqs.iter().map(|r| r.job_id.0).collect::<Vec<_>>())
+            .bind(reqs.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
+            .bind(reqs.iter().map(|r| r.robot.as_str()).collect::<Vec<_>>())
+            .bind(reqs.iter().map(|r| r.session.0).collect::<Vec<_>>())
+            .bind(reqs.iter().map(|r| r.offer_no).collect::<Vec<_>>())
+            .bind(reqs.iter().map(|r| r.lease.as_secs_f64()).collect::<Vec<_>>())
+            .bind(epoch)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                (
+                    JobId(row.get("job_id")),
+                    (row.get("robot_id"), row.get("session_id"), row.get("offer_no"), claimed(row)),
+                )
+            })
+            .collect())
+    }
+
+    // ----- completions --------------------------------------------------------------------
+
+    async fn complete_many(&self, reqs: Vec<CompleteRequest>) -> Vec<Answer<Verdict<()>>> {
+        let done = match self.complete_statement(&reqs).await {
+            Ok(done) => done,
+            Err(e) => return all_failed(&e, reqs.len()),
+        };
+        let mut out = Vec::with_capacity(reqs.len());
+        for req in &reqs {
+            let ours = done.get(&req.job_id).is_some_and(|(attempt, robot)| {
+                *attempt == req.attempt && robot.as_deref() == Some(req.robot.as_str())
+            });
+            out.push(if ours { Ok(Verdict::Accepted(())) } else { self.complete_settle(req).await });
+        }
+        out
+    }
+
+    async fn complete_statement(
+        &self,
+        reqs: &[CompleteRequest],
+    ) -> StoreResult<HashMap<JobId, (i32, Option<String>)>> {
+        let epoch = self.epoch()?;
+        let mut status = Vec::with_capacity(reqs.len());
+        let mut kind = Vec::with_capacity(reqs.len());
+        let mut error_type = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let (s, k, t) = outcome_columns(r.outcome);
+            status.push(s);
+            kind.push(k);
+            error_type.push(t);
+        }
+        let sql = format!(
+            "WITH u AS (
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[],
+                    $7::text[], $8::text[], $9::text[], $10::text[])
+                    AS u(job_id, tenant, attempt, status, output, error, error_type, robot_id, kind, failed_step)
+            ), j AS (
+                UPDATE jobs SET status = u.status, output = u.output::jsonb, error_message = u.error,
+                    error_type = u.error_type, completed_at = now(), lease_until = NULL,
+                    progress = CASE WHEN u.status = 'completed' THEN 100 ELSE jobs.progress END,
+                    history_seq = jobs.history_seq + 1
+                FROM u
+                WHERE jobs.job_id = u.job_id AND jobs.tenant = u.tenant AND jobs.status = 'running'
+                  AND jobs.attempt = u.attempt AND jobs.robot_id = u.robot_id AND {}
+                RETURNING jobs.*, u.kind AS h_kind, u.failed_step AS h_failed_step
+            ), h AS (
+                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
+                SELECT tenant, job_id, robot_id, history_seq, h_kind, attempt,
+                       jsonb_build_object('status', status, 'error', error_message, 'failed_step', h_failed_step,
+                           'duration_ms', (extract(epoch FROM completed_at - started_at) * 1000)::bigint)
+                FROM j
+            )
+            SELECT job_id, attempt, robot_id FROM j",
+            fenced(11)
+        );
+        let rows: Vec<(Uuid, i32, Option<String>)> = sqlx::query_as(&sql)
+            .bind(reqs.iter().map(|r| r.job_id.0).collect::<Vec<_>>())
+            .bind(reqs.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
+            .bind(reqs.iter().map(|r| r.attempt).collect::<Vec<_>>())
+            .bind(status)
+            .bind(reqs.iter().map(|r| r.output.as_str()).collect::<Vec<_>>())
+            .bind(reqs.iter().map(|r| r.error.as_deref()).collect::<Vec<_>>())
+            .bind(error_type)
+            .bind(reqs.iter().map(|r| r.robot.as_str()).collect::<Vec<_>>())
+            .bind(kind)
+            .bind(reqs.iter().map(|r| r.failed_step.as_deref()).collect::<Vec<_>>())
+            .bind(epoch)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|(id, attempt, robot)| (JobId(id), (attempt, robot))).collect())
+    }
+
+    // ----- records that are not transitions -----------------------------------------------
+
+    /// The latest heartbeat of each robot in the batch, in one statement.
+    async fn heartbeats_many(&self, beats: Vec<Heartbeat>) -> StoreResult<()> {
+        let mut latest: HashMap<(TenantId, RobotId), Heartbeat> = HashMap::with_capacity(beats.len());
+        for hb in beats {
+            latest.insert((hb.tenant.clone(), hb.robot_id.clone()), hb);
+        }
+        let beats: Vec<Heartbeat> = latest.into_values().collect();
+        sqlx::query(
+            "UPDATE robots SET run_state = u.run_state, online = true, cpu_percent = u.cpu_percent,
+                 memory_mb = u.memory_mb, last_heartbeat = u.sent_at, max_jobs = u.max_jobs,
+                 capabilities = ARRAY(SELECT json_array_elements_text(u.capabilities::json)), updated_at = now()
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::real[], $5::float8[], $6::timestamptz[],
+                 $7::int[], $8::text[])
+                 AS u(tenant, robot_id, run_state, cpu_percent, memory_mb, sent_at, max_jobs, capabilities)
+             WHERE robots.tenant = u.tenant AND robots.robot_id = u.robot_id",
+        )
+        .bind(beats.iter().map(|b| b.tenant.as_str()).collect::<Vec<_>>())
+        .bind(beats.iter().map(|b| b.robot_id.as_str()).collect::<Vec<_>>())
+        .bind(beats.iter().map(|b| run_state_str(b.state)).collect::<Vec<_>>())
+        .bind(beats.iter().map(|b| b.cpu_percent).collect::<Vec<_>>())
+        .bind(beats.iter().map(|b| b.memory_mb).collect::<Vec<_>>())
+        .bind(beats.iter().map(|b| b.sent_at).collect::<Vec<_>>())
+        .bind(beats.iter().map(|b| b.max_jobs as i32).collect::<Vec<_>>())
+        .bind(beats.iter().map(|b| json!(b.capabilities).to_string()).collect::<Vec<_>>())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The latest progress of each attempt in the batch, in one statement.
+    async fn progress_many(&self, records: Vec<ProgressRecord>) -> StoreResult<()> {
+        let mut latest: HashMap<(JobId, i32), ProgressRecord> = HashMap::with_capacity(records.len());
+        for r in records {
+            latest.insert((r.job_id, r.attempt), r);
+        }
+        let records: Vec<ProgressRecord> = latest.into_values().collect();
+        sqlx::query(
+            "UPDATE jobs SET progress = u.progress, current_node = u.node
+             FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int2[], $5::text[])
+                 AS u(job_id, tenant, attempt, progress, node)
+             WHERE jobs.job_id = u.job_id AND jobs.tenant = u.tenant AND jobs.attempt = u.attempt
+               AND jobs.status = 'running'",
+        )
+        .bind(records.iter().map(|r| r.job_id.0).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.attempt).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.progress.clamp(0, 100)).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.node.as_deref()).collect::<Vec<_>>())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The status, history kind and error type an outcome records.
+pub(super) fn outcome_columns(outcome: RunOutcome) -> (&'static str, &'static str, Option<&'static str>) {
+    match outcome {
+        RunOutcome::Completed => ("completed", "job.completed", None),
+        RunOutcome::Failed => ("failed", "job.failed", Some("workflow_error")),
+        RunOutcome::Cancelled => ("cancelled", "job.cancelled", None),
+        RunOutcome::TimedOut => ("timed_out", "job.timed_out", Some("timeout")),
+    }
+}
+
+/// What an inserted job looks like to the submitter.
+fn inserted(job: &NewJob, placement: &Placement, created_at: OffsetDateTime) -> Inserted {
+    let (status, offer_no, subject, reason) = match placement {
+        Placement::Offer { subject, .. } => {
+            (fleet_schemas::api::JobStatus::Queued, 1, Some(subject.clone()), None)
+        }
+        Placement::Pending { reason } => {
+            (fleet_schemas::api::JobStatus::Pending, 0, None, Some(reason.clone()))
+        }
+    };
+    Inserted {
+        job_id: job.job_id,
+        status,
+        offer_no,
+        waiting_reason: reason,
+        created_at,
+        offer_subject: subject,
+        existing: false,
+    }
+}
+
+/// The history data of a submission: what was asked for and where it went.
+pub(super) fn submitted_data(job: &NewJob, placement: &Placement) -> (Value, Value) {
+    let (status, target, reason) = match placement {
+        Placement::Offer { target, .. } => ("queued", Some(target.as_str()), None),
+        Placement::Pending { reason } => ("pending", None, Some(reason.as_str())),
+    };
+    let submitted = json!({
+        "workflow_id": job.workflow_id,
+        "workflow_name": job.workflow_name,
+        "priority": job.priority,
+        "requires": job.requires,
+        "target_robot_id": job.target_robot_id,
+        "status": status,
+        "waiting_reason": reason,
+    });
+    (submitted, json!({ "offer_no": 1, "target": target }))
+}
+
+/// The columns of a batch of submissions, one array each.
+#[derive(Default)]
+struct InsertColumns {
+    job_id: Vec<Uuid>,
+    tenant: Vec<String>,
+    workflow_id: Vec<String>,
+    workflow_name: Vec<String>,
+    format: Vec<&'static str>,
+    workflow: Vec<String>,
+    variables: Vec<String>,
+    metadata: Vec<String>,
+    requires: Vec<String>,
+    priority: Vec<i16>,
+    trigger_type: Vec<String>,
+    execution_mode: Vec<String>,
+    target_robot_id: Vec<Option<String>>,
+    timeout_s: Vec<Option<i64>>,
+    status: Vec<&'static str>,
+    waiting_reason: Vec<Option<String>>,
+    offer_subject: Vec<Option<String>>,
+    max_attempts: Vec<i32>,
+    request_id: Vec<Uuid>,
+    idempotency_key: Vec<Option<String>>,
+    submitted: Vec<String>,
+    assigned: Vec<String>,
+}
+
+impl InsertColumns {
+    fn push(&mut self, job: &NewJob, placement: &Placement) {
+        let (status, subject, reason) = match placement {
+            Placement::Offer { subject, .. } => ("queued", Some(subject.clone()), None),
+            Placement::Pending { reason } => ("pending", None, Some(reason.clone())),
+        };
+        let (submitted, assigned) = submitted_data(job, placement);
+        self.job_id.push(job.job_id.0);
+        self.tenant.push(job.tenant.as_str().to_owned());
+        self.workflow_id.push(job.workflow_id.clone());
+        self.workflow_name.push(job.workflow_name.clone());
+        self.format.push(job.format.as_str());
+        // As text: sqlx sends `Json` as jsonb, which would sort the keys.
+        self.workflow.push(job.workflow.to_string());
+        self.variables.push(Value::Object(job.variables.clone()).to_string());
+        self.metadata.push(Value::Object(job.metadata.clone()).to_string());
+        self.requires.push(json!(job.requires).to_string());
+        self.priority.push(job.priority);
+        self.trigger_type.push(job.trigger_type.clone());
+        self.execution_mode.push(job.execution_mode.clone());
+        self.target_robot_id.push(job.target_robot_id.as_ref().map(|r| r.as_str().to_owned()));
+        self.timeout_s.push(job.timeout_s.map(|t| t as i64));
+        self.status.push(status);
+        self.waiting_reason.push(reason);
+        self.offer_subject.push(subject);
+        self.max_attempts.push(job.max_attempts);
+        self.request_id.push(job.request_id.0);
+        self.idempotency_key.push(job.idempotency_key.clone());
+        self.submitted.push(submitted.to_string());
+        self.assigned.push(assigned.to_string());
+    }
+}
