@@ -219,6 +219,11 @@ async fn submit(core: &Core, req: ApiRequest<SubmitJob>) -> ApiResult<Submitted>
         release(core);
     }
     if inserted.status == JobStatus::Pending {
+        core.admission.pending_added(crate::sweeper::PendingKey {
+            priority: job.priority,
+            created_at: inserted.created_at,
+            job_id: inserted.job_id.0,
+        });
         core.wake_admission.notify_one();
     }
     core.wake_relay.notify_one();

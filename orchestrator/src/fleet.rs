@@ -330,6 +330,29 @@ impl FleetView {
         decision
     }
 
+    /// Could any pending job be offered now? False when every robot taking work has its class's
+    /// (and its own) offers at the limit: an admission round would only read jobs to leave
+    /// them waiting.
+    pub fn has_room(&self) -> bool {
+        let tenants = self.tenants.read().expect("not poisoned");
+        tenants.iter().any(|(tenant, view)| {
+            let mut free: HashMap<&Class, u32> = HashMap::new();
+            for e in view.robots.values().filter(|e| e.takes_work()) {
+                *free.entry(&e.class).or_default() += e.free_slots();
+            }
+            let class_room = free.iter().any(|(class, free)| {
+                let waiting = view.offered.get(&subjects::class_offers(tenant, class)).copied().unwrap_or(0);
+                waiting < free + self.prefetch
+            });
+            class_room
+                || view.robots.iter().filter(|(_, e)| e.takes_work()).any(|(robot, e)| {
+                    let waiting =
+                        view.offered.get(&subjects::robot_offers(tenant, robot)).copied().unwrap_or(0);
+                    waiting < e.free_slots() + self.prefetch
+                })
+        })
+    }
+
     /// Start of an admission pass: forget who was blocked; the pass records it anew.
     pub fn begin_pass(&self) {
         for view in self.tenants.write().expect("not poisoned").values_mut() {

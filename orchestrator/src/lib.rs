@@ -60,6 +60,8 @@ pub struct Core {
     /// Wakes the admission pass (a slot freed, a robot came online, a job went pending).
     pub wake_admission: Notify,
     pub health: sweeper::Health,
+    /// Where admission resumes reading the pending queue.
+    pub admission: sweeper::AdmissionCursor,
 }
 
 /// Run an orchestrator until `shutdown`: connect, migrate, set up JetStream, then lead or stand
@@ -104,6 +106,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         wake_relay: Notify::new(),
         wake_admission: Notify::new(),
         health: sweeper::Health::default(),
+        admission: sweeper::AdmissionCursor::default(),
     });
 
     // Aborted if this future is dropped (a crash in tests): a lease kept alive by a detached
@@ -205,6 +208,7 @@ async fn start_leading(core: Arc<Core>, token: CancellationToken) -> JoinSet<()>
     core.fleet.clear();
     core.fabric.forget_consumers();
     core.health.reset();
+    core.admission.reset();
     let mut tasks = JoinSet::new();
     tasks.spawn(serve(core.clone(), fleet_schemas::subjects::API_REQUESTS, token.clone(), api::handle));
     tasks.spawn(serve(core.clone(), fleet_schemas::subjects::ROBOT_REQUESTS, token.clone(), robots::handle));

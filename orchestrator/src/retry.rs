@@ -76,6 +76,7 @@ pub async fn retry(core: &Core, req: ApiRequest<GetById<JobId>>) -> ApiResult<Re
             ),
         });
     };
+    core.admission.reset();
     core.wake_admission.notify_one();
     core.wake_relay.notify_one();
     tracing::info!(%job_id, tenant = %req.tenant, from = previous.as_str(), next_attempt = attempt + 1, "job retried");

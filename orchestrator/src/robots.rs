@@ -137,6 +137,7 @@ async fn register(
         Err(e) => return unavailable(e),
     }
     core.wake_relay.notify_one();
+    core.admission.reset();
     core.wake_admission.notify_one();
     tracing::info!(%tenant, %robot, capabilities = ?caps, max_jobs = req.max_jobs, "robot registered");
     RobotReply::Accepted(RegisterGrant {
@@ -217,6 +218,8 @@ fn given_back(core: &Core, tenant: &TenantId, robot: &RobotId, job: fleet_schema
         core.fleet.ended(tenant, robot, job);
     }
     core.wake_relay.notify_one();
+    // It went back to pending, ahead of jobs submitted after it.
+    core.admission.reset();
     core.wake_admission.notify_one();
 }
 

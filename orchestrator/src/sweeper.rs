@@ -2,13 +2,15 @@
 //! offer watchdog and stale robots. Each pass looks at the record and moves it one step toward
 //! what it should be; every step is a compare-and-set, so running a pass twice is harmless.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleet_schemas::{Class, JobId, RobotId, TenantId};
+use time::OffsetDateTime;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::Core;
 use crate::fleet::{Decision, Placing};
@@ -19,6 +21,8 @@ use crate::store::ToOffer;
 const ADMIT_BATCH: i64 = 64;
 /// How often the bookkeeping is rebuilt from the database when nothing else triggers it.
 const RELOAD_EVERY: Duration = Duration::from_secs(5);
+/// Longest time waiting reasons go unrefreshed while no robot has room.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
 /// Since when the leader has had both PostgreSQL and NATS. Leases are only expired after a full
 /// lease period of health, so an outage (during which robots cannot renew) does not make the
@@ -44,6 +48,90 @@ impl Health {
 
     fn healthy_for(&self, d: Duration) -> bool {
         self.since.lock().expect("not poisoned").is_some_and(|s| s.elapsed() >= d)
+    }
+}
+
+/// A pending job's place in admission order: priority (highest first), then submission time,
+/// then id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingKey {
+    pub priority: i16,
+    pub created_at: OffsetDateTime,
+    pub job_id: Uuid,
+}
+
+impl PendingKey {
+    fn order(&self) -> (std::cmp::Reverse<i16>, OffsetDateTime, Uuid) {
+        (std::cmp::Reverse(self.priority), self.created_at, self.job_id)
+    }
+}
+
+/// Where the next admission round starts reading pending jobs.
+///
+/// Under a backlog, admission runs once per freed slot, and the front of the pending index is
+/// full of entries of jobs already admitted (dead until vacuum), which every round read again
+/// (fleet-bench: over a thousand index entries per job). The cursor skips them: everything
+/// before it was admitted. Any job that may become pending *before* it (released, rejected,
+/// expired, retried, recalled, or submitted with a higher priority) resets it; so does the
+/// periodic reload, as a backstop.
+#[derive(Debug, Default)]
+pub struct AdmissionCursor {
+    state: Mutex<(u64, Option<PendingKey>)>,
+    /// The generation and time of the last full pass.
+    last_pass: Mutex<Option<(u64, Instant)>>,
+    /// When queue positions in waiting reasons were last written.
+    positions_at: Mutex<Option<Instant>>,
+}
+
+impl AdmissionCursor {
+    /// Read from the front again.
+    pub fn reset(&self) {
+        let mut state = self.state.lock().expect("not poisoned");
+        state.0 += 1;
+        state.1 = None;
+    }
+
+    /// A submission went pending: reset if it sorts before the cursor.
+    pub fn pending_added(&self, key: PendingKey) {
+        let before = self.state.lock().expect("not poisoned").1.is_some_and(|c| key.order() < c.order());
+        if before {
+            self.reset();
+        }
+    }
+
+    /// Nothing went pending ahead of the queue since a pass less than `REFRESH_EVERY` ago, so
+    /// a pass may be skipped when no robot has room.
+    fn recently_passed(&self) -> bool {
+        let generation = self.state.lock().expect("not poisoned").0;
+        self.last_pass
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|(g, at)| g == generation && at.elapsed() < REFRESH_EVERY)
+    }
+
+    fn positions_due(&self) -> bool {
+        self.positions_at.lock().expect("not poisoned").is_none_or(|at| at.elapsed() >= REFRESH_EVERY)
+    }
+
+    fn positions_written(&self) {
+        *self.positions_at.lock().expect("not poisoned") = Some(Instant::now());
+    }
+
+    fn passed(&self, generation: u64) {
+        *self.last_pass.lock().expect("not poisoned") = Some((generation, Instant::now()));
+    }
+
+    fn begin(&self) -> (u64, Option<PendingKey>) {
+        *self.state.lock().expect("not poisoned")
+    }
+
+    /// Move the cursor, unless it was reset since the round began (the round may have read
+    /// past a job that went pending meanwhile).
+    fn advance(&self, generation: u64, key: Option<PendingKey>) {
+        let mut state = self.state.lock().expect("not poisoned");
+        if state.0 == generation {
+            state.1 = key;
+        }
     }
 }
 
@@ -125,6 +213,12 @@ async fn sweep(core: &Core) {
 /// Offer pending jobs, highest priority first, where a robot can take them; record why the
 /// others wait; fail those every eligible robot rejected.
 async fn admit_pending(core: &Core) {
+    // Under a backlog most wakes (a claim, a heartbeat) free nothing: skip reading the queue
+    // then, but still refresh waiting reasons now and then.
+    if core.admission.recently_passed() && !core.fleet.has_room() {
+        return;
+    }
+    let generation = core.admission.begin().0;
     // Bounded: a full batch that was all offered means more may fit; stop at the first batch
     // in which something had to wait (the rest wait behind it).
     for _ in 0..64 {
@@ -132,11 +226,19 @@ async fn admit_pending(core: &Core) {
             break;
         }
     }
+    core.admission.passed(generation);
+}
+
+/// A waiting reason without its queue position.
+fn reason_kind(reason: &str) -> &str {
+    reason.split(" (position ").next().unwrap_or(reason)
 }
 
 /// One round; true when a full batch was read and every job in it was offered or failed.
 async fn admit_round(core: &Core) -> bool {
-    let pending = match core.store.pending_jobs(ADMIT_BATCH).await {
+    let (generation, from) = core.admission.begin();
+    let positions_due = core.admission.positions_due();
+    let pending = match core.store.pending_jobs(from.as_ref(), ADMIT_BATCH).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "cannot list pending jobs");
@@ -144,13 +246,22 @@ async fn admit_round(core: &Core) -> bool {
         }
     };
     let full = pending.len() as i64 == ADMIT_BATCH;
+    // The next round starts at the first job this one leaves pending (or at its last job).
+    let mut next_from: Option<PendingKey> = None;
+    let mut last: Option<PendingKey> = None;
     core.fleet.begin_pass();
     let mut reasons = Vec::new();
     let mut waiting: HashMap<TenantId, u32> = HashMap::new();
+    // Offers decided this round, admitted together in one statement below.
+    let mut admits: Vec<(JobId, String, String)> = Vec::new();
+    let mut admitted_in: Vec<TenantId> = Vec::new();
     for job in pending {
+        let key = PendingKey { priority: job.priority, created_at: job.created_at, job_id: job.job_id };
+        last = Some(key);
         let (Ok(tenant), Ok(requires)) = (TenantId::new(job.tenant.as_str()), Class::parse(&job.requires))
         else {
             tracing::error!(job_id = %job.job_id, "pending job with an invalid tenant or capabilities");
+            next_from.get_or_insert(key);
             continue;
         };
         let target = job.target_robot_id.as_deref().and_then(|r| RobotId::new(r).ok());
@@ -166,44 +277,71 @@ async fn admit_round(core: &Core) -> bool {
                 {
                     tracing::warn!(error = %e, "consumer not ready");
                     core.fleet.unoffered(&tenant, &subject);
+                    next_from.get_or_insert(key);
                     continue;
                 }
-                match core.store.admit(JobId(job.job_id), &subject, &to).await {
-                    Ok(Some(offer)) => {
-                        core.wake_relay.notify_one();
-                        core.offers.publish_or_log(&offer).await;
-                    }
-                    Ok(None) => core.fleet.unoffered(&tenant, &subject),
-                    Err(e) => {
-                        core.fleet.unoffered(&tenant, &subject);
-                        tracing::warn!(error = %e, "admission failed");
-                        return false;
-                    }
-                }
+                admits.push((JobId(job.job_id), subject, to));
+                admitted_in.push(tenant);
             }
             Decision::Wait { reason } => {
+                next_from.get_or_insert(key);
                 *waiting.entry(tenant).or_default() += 1;
-                if job.waiting_reason.as_deref() != Some(reason.as_str()) {
+                // A new kind of reason is recorded at once; a new queue position only on the
+                // periodic refresh (it changes for every waiting job whenever one starts).
+                let old = job.waiting_reason.as_deref();
+                if old.map(reason_kind) != Some(reason_kind(&reason))
+                    || (positions_due && old != Some(&reason))
+                {
                     reasons.push((job.job_id, reason));
                 }
             }
             Decision::Fail { reason } => {
                 match core.store.fail_pending(JobId(job.job_id), &reason, "rejected").await {
                     Ok(_) => core.wake_relay.notify_one(),
-                    Err(e) => tracing::warn!(error = %e, "could not fail a rejected job"),
+                    Err(e) => {
+                        next_from.get_or_insert(key);
+                        tracing::warn!(error = %e, "could not fail a rejected job");
+                    }
                 }
             }
         }
     }
-    if let Err(e) = core.store.set_waiting_reasons(&reasons).await {
-        tracing::warn!(error = %e, "cannot record waiting reasons");
+    let mut ok = true;
+    match core.store.admit(&admits).await {
+        Ok(offers) => {
+            let moved_jobs: HashSet<JobId> = offers.iter().map(|o| o.job_id).collect();
+            // A job that was not pending any more (cancelled meanwhile) gives its place back.
+            for ((job_id, subject, _), tenant) in admits.iter().zip(&admitted_in) {
+                if !moved_jobs.contains(job_id) {
+                    core.fleet.unoffered(tenant, subject);
+                }
+            }
+            core.admission.advance(generation, next_from.or(last).or(from));
+            if !offers.is_empty() {
+                core.wake_relay.notify_one();
+                futures::future::join_all(offers.iter().map(|o| core.offers.publish_or_log(o))).await;
+            }
+        }
+        Err(e) => {
+            for ((_, subject, _), tenant) in admits.iter().zip(&admitted_in) {
+                core.fleet.unoffered(tenant, subject);
+            }
+            tracing::warn!(error = %e, "admission failed");
+            ok = false;
+        }
     }
-    full && waiting.is_empty()
+    match core.store.set_waiting_reasons(&reasons).await {
+        Ok(()) if positions_due => core.admission.positions_written(),
+        Ok(()) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot record waiting reasons"),
+    }
+    ok && full && waiting.is_empty()
 }
 
 /// Rebuild the leader's bookkeeping (running jobs per robot, waiting offers per subject) from
 /// the database, correcting any drift.
 pub(crate) async fn reload(core: &Core) {
+    core.admission.reset();
     match core.store.snapshot().await {
         Ok(snap) => core.fleet.reload(&snap),
         Err(e) => tracing::warn!(error = %e, "cannot reload the fleet bookkeeping"),

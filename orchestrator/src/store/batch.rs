@@ -17,7 +17,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Claimed, Inserted, NewJob, Placement, Store, StoreError, StoreResult, Verdict, claimed, run_state_str,
+    Claimed, Inserted, NewJob, Placement, Store, StoreError, StoreResult, Verdict, claimed, lock_in_order,
+    run_state_str,
 };
 use crate::batch::Batcher;
 use crate::leader::fenced;
@@ -272,14 +273,14 @@ impl Store {
             "WITH u AS (
                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::int[], $6::float8[])
                     AS u(job_id, tenant, robot_id, session_id, offer_no, lease_s)
-            ), j AS (
+            ), {}, j AS (
                 UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, robot_id = u.robot_id,
                     session_id = u.session_id, lease_until = now() + make_interval(secs => u.lease_s),
                     claimed_at = now(), started_at = now(), progress = 0, current_node = NULL,
                     history_seq = jobs.history_seq + 1
-                FROM u
-                WHERE jobs.job_id = u.job_id AND jobs.tenant = u.tenant AND jobs.status = 'queued'
-                  AND jobs.offer_no = u.offer_no AND {}
+                FROM u, l
+                WHERE l.job_id = u.job_id AND jobs.job_id = l.job_id AND l.tenant = u.tenant
+                  AND l.status = 'queued' AND l.offer_no = u.offer_no AND {}
                 RETURNING jobs.*
             ), h AS (
                 INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
@@ -288,6 +289,7 @@ impl Store {
             )
             SELECT job_id, robot_id, session_id, offer_no, attempt, format, workflow, variables, timeout_s,
                    workflow_name, offer_subject FROM j",
+            lock_in_order(1),
             fenced(7)
         );
         let rows = sqlx::query(&sql)
@@ -347,14 +349,14 @@ impl Store {
                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[],
                     $7::text[], $8::text[], $9::text[], $10::text[])
                     AS u(job_id, tenant, attempt, status, output, error, error_type, robot_id, kind, failed_step)
-            ), j AS (
+            ), {}, j AS (
                 UPDATE jobs SET status = u.status, output = u.output::jsonb, error_message = u.error,
                     error_type = u.error_type, completed_at = now(), lease_until = NULL,
                     progress = CASE WHEN u.status = 'completed' THEN 100 ELSE jobs.progress END,
                     history_seq = jobs.history_seq + 1
-                FROM u
-                WHERE jobs.job_id = u.job_id AND jobs.tenant = u.tenant AND jobs.status = 'running'
-                  AND jobs.attempt = u.attempt AND jobs.robot_id = u.robot_id AND {}
+                FROM u, l
+                WHERE l.job_id = u.job_id AND jobs.job_id = l.job_id AND l.tenant = u.tenant
+                  AND l.status = 'running' AND l.attempt = u.attempt AND l.robot_id = u.robot_id AND {}
                 RETURNING jobs.*, u.kind AS h_kind, u.failed_step AS h_failed_step
             ), h AS (
                 INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
@@ -364,6 +366,7 @@ impl Store {
                 FROM j
             )
             SELECT job_id, attempt, robot_id FROM j",
+            lock_in_order(1),
             fenced(11)
         );
         let rows: Vec<(Uuid, i32, Option<String>)> = sqlx::query_as(&sql)
@@ -421,20 +424,23 @@ impl Store {
             latest.insert((r.job_id, r.attempt), r);
         }
         let records: Vec<ProgressRecord> = latest.into_values().collect();
-        sqlx::query(
-            "UPDATE jobs SET progress = u.progress, current_node = u.node
-             FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int2[], $5::text[])
-                 AS u(job_id, tenant, attempt, progress, node)
-             WHERE jobs.job_id = u.job_id AND jobs.tenant = u.tenant AND jobs.attempt = u.attempt
-               AND jobs.status = 'running'",
-        )
-        .bind(records.iter().map(|r| r.job_id.0).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.attempt).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.progress.clamp(0, 100)).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.node.as_deref()).collect::<Vec<_>>())
-        .execute(&self.pool)
-        .await?;
+        let sql = format!(
+            "WITH {}
+            UPDATE jobs SET progress = u.progress, current_node = u.node
+            FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int2[], $5::text[])
+                AS u(job_id, tenant, attempt, progress, node), l
+            WHERE l.job_id = u.job_id AND jobs.job_id = l.job_id AND l.tenant = u.tenant
+              AND l.attempt = u.attempt AND l.status = 'running'",
+            lock_in_order(1)
+        );
+        sqlx::query(&sql)
+            .bind(records.iter().map(|r| r.job_id.0).collect::<Vec<_>>())
+            .bind(records.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
+            .bind(records.iter().map(|r| r.attempt).collect::<Vec<_>>())
+            .bind(records.iter().map(|r| r.progress.clamp(0, 100)).collect::<Vec<_>>())
+            .bind(records.iter().map(|r| r.node.as_deref()).collect::<Vec<_>>())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 }

@@ -25,6 +25,23 @@ use crate::leader::{Leadership, fenced};
 
 mod batch;
 
+/// A CTE `l` that locks the jobs whose ids are in parameter `$param` (a `uuid[]`) in job id
+/// order and returns what compare-and-set conditions test. Every statement that changes several
+/// jobs takes its locks this way, so two of them never wait for each other in opposite orders (a
+/// deadlock, which PostgreSQL breaks only after `deadlock_timeout`).
+///
+/// The statement then updates `FROM l WHERE jobs.job_id = l.job_id` and tests its conditions on
+/// `l` (the locked, newest version of each row), never on `jobs.status`: a status test on
+/// `jobs` lets the planner pick a partial index on that status (`jobs_pending_order`,
+/// `jobs_queued_offered`), which it believes small and then walks whole (fleet-bench: a thousand
+/// index entries read per job), where the primary key finds each row directly.
+fn lock_in_order(param: usize) -> String {
+    format!(
+        "l AS MATERIALIZED (SELECT job_id, tenant, status, offer_no, attempt, robot_id FROM jobs \
+         WHERE job_id = ANY(${param}::uuid[]) ORDER BY job_id FOR UPDATE)"
+    )
+}
+
 /// Store failures, decided once: the database is unreachable (retry), or we are not the leader
 /// (retry elsewhere), or a bug.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +77,10 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_) => StoreError::Unavailable(e),
             sqlx::Error::Database(db) => {
-                // Class 08 (connection), 57P (shutdown / cannot connect now), 53 (resources).
+                // Class 08 (connection), 57P (shutdown / cannot connect now), 53 (resources),
+                // 40 (deadlock or serialization failure: the statement may simply run again).
                 let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-                if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") {
+                if ["08", "57P", "53", "40"].iter().any(|class| code.starts_with(class)) {
                     StoreError::Unavailable(e)
                 } else {
                     StoreError::Other(e)
@@ -184,6 +202,7 @@ pub struct PendingJob {
     pub target_robot_id: Option<String>,
     pub waiting_reason: Option<String>,
     pub priority: i16,
+    pub created_at: OffsetDateTime,
     /// `[{"robot_id", "reason", "at"}]` of the robots that rejected it.
     pub rejections: Json<Vec<Rejection>>,
 }
@@ -357,11 +376,13 @@ impl Store {
         let ids: Vec<Uuid> = seqs.iter().map(|s| s.0.0).collect();
         let offers: Vec<i32> = seqs.iter().map(|s| s.1).collect();
         let nums: Vec<i64> = seqs.iter().map(|s| s.2 as i64).collect();
-        sqlx::query(
-            "UPDATE jobs SET offer_seq = u.seq
-             FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS u(job_id, offer_no, seq)
-             WHERE jobs.job_id = u.job_id AND jobs.offer_no = u.offer_no",
-        )
+        sqlx::query(&format!(
+            "WITH {}
+                UPDATE jobs SET offer_seq = u.seq
+                FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS u(job_id, offer_no, seq), l
+                WHERE l.job_id = u.job_id AND jobs.job_id = l.job_id AND l.offer_no = u.offer_no",
+            lock_in_order(1)
+        ))
         .bind(ids)
         .bind(offers)
         .bind(nums)
@@ -372,13 +393,39 @@ impl Store {
 
     // ----- admission ----------------------------------------------------------------------
 
-    /// Pending jobs, highest priority first, then oldest.
-    pub async fn pending_jobs(&self, limit: i64) -> StoreResult<Vec<PendingJob>> {
-        Ok(sqlx::query_as(
-            "SELECT job_id, tenant, requires, target_robot_id, waiting_reason, priority, rejections FROM jobs
-             WHERE status = 'pending' ORDER BY priority DESC, created_at, job_id LIMIT $1",
-        )
+    /// Pending jobs in admission order (highest priority first, then oldest), from `from` on.
+    pub async fn pending_jobs(
+        &self,
+        from: Option<&crate::sweeper::PendingKey>,
+        limit: i64,
+    ) -> StoreResult<Vec<PendingJob>> {
+        const COLUMNS: &str =
+            "job_id, tenant, requires, target_robot_id, waiting_reason, priority, created_at, rejections";
+        let Some(from) = from else {
+            return Ok(sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM jobs
+                 WHERE status = 'pending' ORDER BY priority DESC, created_at, job_id LIMIT $1"
+            ))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?);
+        };
+        // The rest of the cursor's priority, then the lower priorities: two index ranges, so
+        // the entries before the cursor are never read.
+        Ok(sqlx::query_as(&format!(
+            "(SELECT {COLUMNS} FROM jobs
+              WHERE status = 'pending' AND priority = $2 AND created_at >= $3
+                AND (created_at, job_id) >= ($3, $4)
+              ORDER BY created_at, job_id LIMIT $1)
+             UNION ALL
+             (SELECT {COLUMNS} FROM jobs
+              WHERE status = 'pending' AND priority < $2 ORDER BY priority DESC, created_at, job_id LIMIT $1)
+             LIMIT $1"
+        ))
         .bind(limit)
+        .bind(from.priority)
+        .bind(from.created_at)
+        .bind(from.job_id)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -393,31 +440,48 @@ impl Store {
         .await?)
     }
 
-    /// `pending` → `queued` with the next offer number.
-    pub async fn admit(&self, job_id: JobId, subject: &str, target: &str) -> StoreResult<Option<ToOffer>> {
+    /// `pending` → `queued` with the next offer number, for many jobs in one statement:
+    /// `(job, subject, target)` each. Returns the offers of the jobs that moved (a job no longer
+    /// pending is left alone).
+    pub async fn admit(&self, admits: &[(JobId, String, String)]) -> StoreResult<Vec<ToOffer>> {
+        if admits.is_empty() {
+            return Ok(Vec::new());
+        }
         let epoch = self.epoch()?;
         let sql = format!(
-            "WITH j AS (
-                UPDATE jobs SET status = 'queued', offer_no = offer_no + 1, offer_subject = $2,
-                    offered_at = now(), offer_seq = NULL, waiting_reason = NULL, history_seq = history_seq + 1
-                WHERE job_id = $1 AND status = 'pending' AND {}
-                RETURNING job_id, tenant, offer_no, history_seq, attempt
+            "WITH u AS (
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(job_id, subject, target)
+            ), {}, j AS (
+                UPDATE jobs SET status = 'queued', offer_no = jobs.offer_no + 1, offer_subject = u.subject,
+                    offered_at = now(), offer_seq = NULL, waiting_reason = NULL,
+                    history_seq = jobs.history_seq + 1
+                FROM u, l
+                WHERE l.job_id = u.job_id AND jobs.job_id = l.job_id AND l.status = 'pending' AND {}
+                RETURNING jobs.job_id, jobs.tenant, jobs.offer_no, jobs.history_seq, jobs.attempt, u.target
             ), h AS (
                 INSERT INTO job_history (tenant, job_id, seq, kind, attempt, data)
                 SELECT tenant, job_id, history_seq, 'job.assigned', attempt,
-                       jsonb_build_object('offer_no', offer_no, 'target', $4::text) FROM j
+                       jsonb_build_object('offer_no', offer_no, 'target', target) FROM j
             )
-            SELECT offer_no FROM j",
-            fenced(3)
+            SELECT job_id, offer_no FROM j",
+            lock_in_order(1),
+            fenced(4)
         );
-        let row: Option<(i32,)> = sqlx::query_as(&sql)
-            .bind(uuid(job_id))
-            .bind(subject)
+        let rows: Vec<(Uuid, i32)> = sqlx::query_as(&sql)
+            .bind(admits.iter().map(|a| a.0.0).collect::<Vec<_>>())
+            .bind(admits.iter().map(|a| a.1.as_str()).collect::<Vec<_>>())
+            .bind(admits.iter().map(|a| a.2.as_str()).collect::<Vec<_>>())
             .bind(epoch)
-            .bind(target)
-            .fetch_optional(&self.pool)
+            .fetch_all(&self.pool)
             .await?;
-        Ok(row.map(|(offer_no,)| ToOffer { job_id, offer_no, subject: subject.to_owned() }))
+        let offer_nos: std::collections::HashMap<Uuid, i32> = rows.into_iter().collect();
+        Ok(admits
+            .iter()
+            .filter_map(|(job_id, subject, _)| {
+                let offer_no = *offer_nos.get(&job_id.0)?;
+                Some(ToOffer { job_id: *job_id, offer_no, subject: subject.clone() })
+            })
+            .collect())
     }
 
     /// Update why pending jobs wait (not a state change: no history row).
@@ -427,11 +491,13 @@ impl Store {
         }
         let ids: Vec<Uuid> = reasons.iter().map(|r| r.0).collect();
         let texts: Vec<String> = reasons.iter().map(|r| r.1.clone()).collect();
-        sqlx::query(
-            "UPDATE jobs SET waiting_reason = u.reason
-             FROM unnest($1::uuid[], $2::text[]) AS u(job_id, reason)
-             WHERE jobs.job_id = u.job_id AND jobs.status = 'pending'",
-        )
+        sqlx::query(&format!(
+            "WITH {}
+                UPDATE jobs SET waiting_reason = u.reason
+                FROM unnest($1::uuid[], $2::text[]) AS u(job_id, reason), l
+                WHERE l.job_id = u.job_id AND jobs.job_id = l.job_id AND l.status = 'pending'",
+            lock_in_order(1)
+        ))
         .bind(ids)
         .bind(texts)
         .execute(&self.pool)
@@ -854,8 +920,10 @@ impl Store {
                 UPDATE jobs SET status = 'timed_out', completed_at = now(), lease_until = NULL,
                     error_message = 'timed out after ' || timeout_s || ' s', error_type = 'timeout',
                     history_seq = history_seq + 1
-                WHERE status = 'running' AND timeout_s IS NOT NULL
-                  AND started_at + make_interval(secs => timeout_s) < now() AND {}
+                WHERE job_id IN (SELECT job_id FROM jobs WHERE status = 'running' AND timeout_s IS NOT NULL
+                        AND started_at + make_interval(secs => timeout_s) < now()
+                        ORDER BY job_id FOR UPDATE SKIP LOCKED)
+                  AND status = 'running' AND {}
                 RETURNING tenant, job_id, robot_id, history_seq, attempt, error_message
             ), h AS (
                 INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
