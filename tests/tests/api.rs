@@ -403,6 +403,7 @@ async fn retry_needs_an_operator_and_the_registry_an_admin() {
         &TenantId::default_tenant(),
         Role::Admin,
         "admin",
+        None,
     )
     .await
     .unwrap();
@@ -457,6 +458,7 @@ async fn retry_needs_an_operator_and_the_registry_an_admin() {
         &TenantId::new("acme").unwrap(),
         Role::Admin,
         "acme",
+        None,
     )
     .await
     .unwrap();

@@ -62,6 +62,7 @@ async fn keys_roles_tenants_revocation_and_rotation() {
         &TenantId::new("acme").unwrap(),
         Role::Admin,
         "first",
+        None,
     )
     .await
     .unwrap();
@@ -170,9 +171,15 @@ async fn every_endpoint_checks_key_role_tenant_and_input() {
     let key = |tenant: &'static str, role: Role| {
         let config = config.clone();
         async move {
-            fleet_orchestrator::keys::create_with_config(&config, &TenantId::new(tenant).unwrap(), role, "m")
-                .await
-                .unwrap()
+            fleet_orchestrator::keys::create_with_config(
+                &config,
+                &TenantId::new(tenant).unwrap(),
+                role,
+                "m",
+                None,
+            )
+            .await
+            .unwrap()
         }
     };
     let (admin, operator, viewer, other) = (
