@@ -5,44 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Stack, WAIT};
+use common::{Secure, Stack, WAIT};
 use fleet_schemas::TenantId;
 use fleet_schemas::keys::Role;
 use fleet_tests::wait_for;
 use serde_json::{Value, json};
-
-struct Secure {
-    base: String,
-    http: reqwest::Client,
-    _token: tokio_util::sync::DropGuard,
-}
-
-impl Secure {
-    async fn start(stack: &Stack) -> Secure {
-        let (base, guard) = stack.start_secure_gateway().await;
-        Secure { base, http: stack.http.clone(), _token: guard }
-    }
-
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        key: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(key) = key {
-            // As the Canvas does: both headers, same key.
-            req = req.bearer_auth(key).header("x-api-key", key);
-        }
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-}
 
 fn workflow() -> Value {
     json!({"workflow_name": "keyed", "workflow_json": {"steps": [{"id": "a", "kind": "log", "message": "x"}]}})
@@ -56,16 +23,7 @@ async fn keys_roles_tenants_revocation_and_rotation() {
     robot.tenant = TenantId::new("acme").unwrap();
     stack.start_robot(robot);
     let secure = Secure::start(&stack).await;
-    let config = common::orchestrator_config(&stack.nats, &stack.db);
-    let admin = fleet_orchestrator::keys::create_with_config(
-        &config,
-        &TenantId::new("acme").unwrap(),
-        Role::Admin,
-        "first",
-        None,
-    )
-    .await
-    .unwrap();
+    let admin = stack.cli_key("acme", Role::Admin, None).await;
 
     // No key, a malformed one, a made-up one: 401.
     for key in [
@@ -167,26 +125,11 @@ async fn every_endpoint_checks_key_role_tenant_and_input() {
     robot.tenant = TenantId::new("acme").unwrap();
     stack.start_robot(robot);
     let secure = Secure::start(&stack).await;
-    let config = common::orchestrator_config(&stack.nats, &stack.db);
-    let key = |tenant: &'static str, role: Role| {
-        let config = config.clone();
-        async move {
-            fleet_orchestrator::keys::create_with_config(
-                &config,
-                &TenantId::new(tenant).unwrap(),
-                role,
-                "m",
-                None,
-            )
-            .await
-            .unwrap()
-        }
-    };
     let (admin, operator, viewer, other) = (
-        key("acme", Role::Admin).await,
-        key("acme", Role::Operator).await,
-        key("acme", Role::Viewer).await,
-        key("beta", Role::Admin).await,
+        stack.cli_key("acme", Role::Admin, None).await,
+        stack.cli_key("acme", Role::Operator, None).await,
+        stack.cli_key("acme", Role::Viewer, None).await,
+        stack.cli_key("beta", Role::Admin, None).await,
     );
     let (_, job) = secure.send(Method::POST, "/api/v1/workflows", Some(&operator), Some(workflow())).await;
     let job = job["job_id"].as_str().unwrap().to_owned();
