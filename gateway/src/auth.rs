@@ -97,12 +97,6 @@ pub struct Caller {
     pub rate_limit: Option<Rate>,
 }
 
-impl Caller {
-    fn of(key: KeyIdentity) -> Caller {
-        Caller { tenant: key.tenant, role: key.role, key_id: Some(key.key_id), rate_limit: key.rate_limit }
-    }
-}
-
 /// The outcome of checking a request's key, before development mode is applied: left in the
 /// request's extensions by the rate-limit middleware for the [`Caller`] extractor, so a key is
 /// checked (and, on a cache miss, sent to the orchestrator) once per request.
@@ -110,6 +104,10 @@ impl Caller {
 pub struct Verified(pub Result<Caller, HttpError>);
 
 impl Caller {
+    fn of(key: KeyIdentity) -> Caller {
+        Caller { tenant: key.tenant, role: key.role, key_id: Some(key.key_id), rate_limit: key.rate_limit }
+    }
+
     /// 403 unless the caller's role includes `needed`.
     pub fn require(&self, needed: Role) -> Result<(), HttpError> {
         if self.role.allows(needed) {
