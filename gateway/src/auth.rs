@@ -13,6 +13,10 @@
 //! Canvas has configured; a request that carries a valid key acts as that key, so keys can be
 //! tried out locally.
 //!
+//! A key is checked once per request, by the rate-limit middleware ([`crate::rate_limit`]),
+//! which needs the key's id and its own rate limit before anything else happens; it leaves the
+//! outcome in the request ([`Verified`]) for the [`Caller`] extractor.
+//!
 //! A key is held in an [`ApiKey`] whose `Debug` never prints it, so it cannot reach a log by
 //! accident. Roles nest: admin ⊃ operator ⊃ viewer; a handler asks for the role it needs with
 //! [`Caller::require`], which answers 403 otherwise.
@@ -22,10 +26,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
-use axum::http::HeaderMap;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use fleet_schemas::api::{ApiError, Endpoint, KeyIdentity, VerifyKey};
-use fleet_schemas::keys::{self, Role};
+use fleet_schemas::keys::{self, Rate, Role};
 use fleet_schemas::{RequestId, TenantId};
 
 use crate::AppState;
@@ -89,16 +93,28 @@ pub struct Caller {
     pub role: Role,
     /// The key's id (`None` for a keyless development-mode request).
     pub key_id: Option<String>,
+    /// The key's own rate limit (`None`: the gateway's default).
+    pub rate_limit: Option<Rate>,
 }
 
+/// The outcome of checking a request's key, before development mode is applied: left in the
+/// request's extensions by the rate-limit middleware for the [`Caller`] extractor, so a key is
+/// checked (and, on a cache miss, sent to the orchestrator) once per request.
+#[derive(Debug, Clone)]
+pub struct Verified(pub Result<Caller, HttpError>);
+
 impl Caller {
+    fn of(key: KeyIdentity) -> Caller {
+        Caller { tenant: key.tenant, role: key.role, key_id: Some(key.key_id), rate_limit: key.rate_limit }
+    }
+
     /// 403 unless the caller's role includes `needed`.
     pub fn require(&self, needed: Role) -> Result<(), HttpError> {
         if self.role.allows(needed) {
             Ok(())
         } else {
             Err(HttpError::new(
-                axum::http::StatusCode::FORBIDDEN,
+                StatusCode::FORBIDDEN,
                 "forbidden",
                 format!("this key's role ({}) may not do this; it needs the {needed} role", self.role),
             ))
@@ -136,25 +152,32 @@ pub fn credential(headers: &HeaderMap) -> Result<Option<ApiKey>, HttpError> {
     }
 }
 
-/// Decide who the caller is.
-pub async fn authenticate(state: &AppState, key: Option<ApiKey>) -> Result<Caller, HttpError> {
-    let verified = verify(state, key).await;
-    match verified {
-        Err(e) if state.config().dev_mode && e.status == axum::http::StatusCode::UNAUTHORIZED => {
-            Ok(Caller { tenant: TenantId::default_tenant(), role: Role::Admin, key_id: None })
-        }
-        other => other,
+/// The key a request presents: the `token` query parameter on the Canvas's live view (a
+/// WebSocket cannot carry headers; [`crate::routes::live`]), the key headers everywhere else.
+pub fn presented(uri: &Uri, headers: &HeaderMap) -> Result<Option<ApiKey>, HttpError> {
+    if uri.path() == crate::routes::live::PATH {
+        let query = crate::routes::QueryParams::from_uri(uri).ok();
+        return Ok(query.and_then(|q| q.get("token").map(|t| ApiKey(t.to_owned()))));
     }
+    credential(headers)
 }
 
-async fn verify(state: &AppState, key: Option<ApiKey>) -> Result<Caller, HttpError> {
+/// Check a key: from the cache when it was verified recently, else by asking the orchestrator,
+/// but only if `before_asking` allows it (the rate limiter refuses to ask for a peer that is
+/// over its limit, so a flood of made-up keys does not become a flood of lookups).
+pub async fn verify(
+    state: &AppState,
+    key: Option<ApiKey>,
+    before_asking: impl FnOnce() -> Result<(), HttpError>,
+) -> Result<Caller, HttpError> {
     let Some(key) = key else { return Err(HttpError::unauthorized(NO_KEY_MESSAGE)) };
     let parsed = keys::parse_key(key.expose())
         .ok_or_else(|| HttpError::unauthorized("not a Fleet API key (expected crpa_<key id>_<secret>)"))?;
     let id = (parsed.key_id.clone(), keys::secret_hash(&parsed.secret));
     if let Some(known) = state.key_cache().get(&id) {
-        return Ok(Caller { tenant: known.tenant, role: known.role, key_id: Some(known.key_id) });
+        return Ok(Caller::of(known));
     }
+    before_asking()?;
     let verify = VerifyKey { key_id: id.0.clone(), secret_sha256: id.1.clone() };
     // The envelope's tenant is ignored for verification: the key says whose it is.
     let answer: Result<KeyIdentity, CallError> = state
@@ -164,7 +187,7 @@ async fn verify(state: &AppState, key: Option<ApiKey>) -> Result<Caller, HttpErr
     match answer {
         Ok(known) => {
             state.key_cache().put(id, known.clone());
-            Ok(Caller { tenant: known.tenant, role: known.role, key_id: Some(known.key_id) })
+            Ok(Caller::of(known))
         }
         Err(CallError::Api(ApiError::NotFound { .. })) => {
             Err(HttpError::unauthorized("unknown, revoked or expired API key"))
@@ -173,17 +196,33 @@ async fn verify(state: &AppState, key: Option<ApiKey>) -> Result<Caller, HttpErr
     }
 }
 
+/// Development mode: a request without a valid key acts as tenant `default`, admin.
+fn with_dev_mode(state: &AppState, verified: Result<Caller, HttpError>) -> Result<Caller, HttpError> {
+    match verified {
+        Err(e) if state.config().dev_mode && e.status == StatusCode::UNAUTHORIZED => Ok(Caller {
+            tenant: TenantId::default_tenant(),
+            role: Role::Admin,
+            key_id: None,
+            rate_limit: None,
+        }),
+        other => other,
+    }
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let key = match credential(&parts.headers) {
-            Ok(k) => k,
-            // A malformed header must not lock a developer out in development mode.
-            Err(_) if state.config().dev_mode => None,
-            Err(e) => return Err(e),
+        let verified = match parts.extensions.get::<Verified>() {
+            Some(Verified(v)) => v.clone(),
+            // Not through the rate-limit middleware: check the key here.
+            None => match presented(&parts.uri, &parts.headers) {
+                Ok(key) => verify(state, key, || Ok(())).await,
+                Err(e) => Err(e),
+            },
         };
-        let caller = authenticate(state, key).await?;
+        // A malformed header is a 401 too, so it does not lock a developer out in development mode.
+        let caller = with_dev_mode(state, verified)?;
         tracing::Span::current().record("tenant", caller.tenant.as_str());
         Ok(caller)
     }

@@ -9,15 +9,17 @@
 
 use std::time::Duration;
 
+use fleet_schemas::keys::Rate;
+
 /// Default NATS URL, the conventional local server.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// Default deadline the orchestrator is given for one request.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on a request body: under NATS's 1 MiB payload limit with room for the envelope.
 pub const DEFAULT_BODY_LIMIT_BYTES: usize = 900 * 1024;
-/// Default rate limit per API key (or per peer IP without one): 100 requests per minute, and the
-/// whole minute's allowance may be used at once (a Canvas loading its dashboard fires a handful
-/// of calls together).
+/// Default rate limit per API key (or per peer IP without a valid key): 100 requests per minute,
+/// and the whole minute's allowance may be used at once (a Canvas loading its dashboard fires a
+/// handful of calls together).
 pub const DEFAULT_RATE_LIMIT: RateLimit =
     RateLimit { requests: 100, per: Duration::from_secs(60), burst: 100 };
 
@@ -37,19 +39,16 @@ impl RateLimit {
         if s == "0" || s.eq_ignore_ascii_case("off") {
             return Ok(None);
         }
-        let err = || format!("{s:?} is not a rate: expected e.g. 100/min, 5/s, 1000/h, or off");
-        let (n, unit) = s.split_once('/').ok_or_else(err)?;
-        let requests: u32 = n.trim().parse().map_err(|_| err())?;
-        let per = match unit.trim() {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            _ => return Err(err()),
-        };
-        if requests == 0 {
-            return Ok(None);
-        }
-        Ok(Some(RateLimit { requests, per, burst: requests }))
+        let rate = Rate::parse_allowing_zero(s)
+            .map_err(|_| format!("{s:?} is not a rate: expected e.g. 100/min, 5/s, 1000/h, or off"))?;
+        Ok((rate.requests > 0).then(|| RateLimit::from(rate)))
+    }
+}
+
+/// A key's own rate: the whole period's allowance may come at once.
+impl From<Rate> for RateLimit {
+    fn from(rate: Rate) -> Self {
+        RateLimit { requests: rate.requests, per: rate.period(), burst: rate.requests }
     }
 }
 

@@ -53,7 +53,7 @@ struct Inner {
     config: GatewayConfig,
     orchestrator: Orchestrator,
     jetstream: async_nats::jetstream::Context,
-    limiter: Option<rate_limit::Limiter>,
+    limiter: rate_limit::Limiter,
     metrics: metrics::Metrics,
     keys: auth::KeyCache,
     /// Cancelled at shutdown: ends the long-lived streams (SSE, WebSockets), which graceful
@@ -66,7 +66,7 @@ impl AppState {
     pub fn new(config: GatewayConfig, client: async_nats::Client) -> Self {
         let orchestrator = Orchestrator::new(client.clone(), config.request_timeout);
         let jetstream = async_nats::jetstream::new(client);
-        let limiter = config.rate_limit.map(rate_limit::Limiter::new);
+        let limiter = rate_limit::Limiter::new(config.rate_limit);
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -106,8 +106,8 @@ impl AppState {
         &self.inner.jetstream
     }
 
-    pub fn limiter(&self) -> Option<&rate_limit::Limiter> {
-        self.inner.limiter.as_ref()
+    pub fn limiter(&self) -> &rate_limit::Limiter {
+        &self.inner.limiter
     }
 
     pub fn metrics(&self) -> &metrics::Metrics {

@@ -34,8 +34,9 @@ struct Args {
     #[arg(long, env = "FLEET_BODY_LIMIT_BYTES", default_value_t = DEFAULT_BODY_LIMIT_BYTES)]
     body_limit_bytes: usize,
 
-    /// Requests allowed per API key (per peer IP without one): e.g. 100/min, 20/s, 5000/h, or
-    /// off (0) for benchmarks.
+    /// Default rate limit, of each API key without a limit of its own and of each client address
+    /// for requests without a valid key: e.g. 100/min, 20/s, 5000/h, or off (0) for benchmarks
+    /// (keys with a limit of their own stay limited).
     #[arg(long, env = "FLEET_RATE_LIMIT", default_value = "100/min", value_parser = parse_rate)]
     rate_limit: RateArg,
 

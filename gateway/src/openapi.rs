@@ -382,6 +382,49 @@ pub struct ActivityEvent {
     pub job_id: Option<String>,
 }
 
+/// An API key (`fleet_schemas::api::KeyView`); never its secret.
+#[derive(ToSchema)]
+pub struct ApiKeyObject {
+    pub id: String,
+    pub name: String,
+    /// The same as `name`.
+    pub key_name: String,
+    pub description: Option<String>,
+    /// admin, operator or viewer
+    pub role: String,
+    /// active, revoked or expired
+    pub status: String,
+    /// The robot of a robot key.
+    pub robot_id: Option<String>,
+    pub robot_name: Option<String>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub expires_at: Option<String>,
+    #[schema(format = DateTime)]
+    pub last_used_at: Option<String>,
+    pub last_used_ip: Option<String>,
+    /// The key's own rate limit at the gateway, `<requests>/<s|min|h>`; `null`: the gateway's
+    /// default.
+    #[schema(example = "1000/min")]
+    pub rate_limit: Option<String>,
+}
+
+/// A new or rotated key (`fleet_schemas::api::CreatedKey`): the key itself is shown only here.
+#[derive(ToSchema)]
+pub struct CreatedApiKey {
+    /// `crpa_<key id>_<secret>`; Fleet keeps only its hash.
+    pub api_key: String,
+    pub key: ApiKeyObject,
+}
+
+/// `GET /api/v1/api-keys` (`fleet_schemas::api::KeyList`).
+#[derive(ToSchema)]
+pub struct ApiKeyList {
+    pub keys: Vec<ApiKeyObject>,
+    pub total: u32,
+}
+
 /// `GET /health`.
 #[derive(ToSchema)]
 pub struct Health {
@@ -568,5 +611,26 @@ mod tests {
         };
         assert_eq!(keys("ActivityEvent"), keys_of(event.clone()));
         assert_eq!(keys("Activity"), keys_of(api::Activity { events: vec![event], total: 1 }));
+        let key = api::KeyView {
+            id: String::new(),
+            name: String::new(),
+            key_name: String::new(),
+            description: None,
+            role: fleet_schemas::keys::Role::Viewer,
+            status: String::new(),
+            robot_id: None,
+            robot_name: None,
+            created_at: t,
+            expires_at: None,
+            last_used_at: None,
+            last_used_ip: None,
+            rate_limit: None,
+        };
+        assert_eq!(keys("ApiKeyObject"), keys_of(key.clone()));
+        assert_eq!(
+            keys("CreatedApiKey"),
+            keys_of(api::CreatedKey { api_key: String::new(), key: key.clone() })
+        );
+        assert_eq!(keys("ApiKeyList"), keys_of(api::KeyList { keys: vec![key], total: 1 }));
     }
 }

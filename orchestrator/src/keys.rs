@@ -11,7 +11,7 @@ use fleet_schemas::api::{
     ApiError, ApiRequest, ApiResult, CreateKey, CreatedKey, KeyAction, KeyIdentity, KeyList, KeyView,
     ListKeys, VerifyKey,
 };
-use fleet_schemas::keys::{self, Role};
+use fleet_schemas::keys::{self, Rate, RatePeriod, Role};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 
@@ -23,6 +23,23 @@ const MAX_NAME: usize = 200;
 
 const SELECT: &str = "SELECT k.*, r.name AS robot_name FROM api_keys k
     LEFT JOIN robots r ON r.tenant = k.tenant AND r.robot_id = k.robot_id";
+
+/// A key's own rate from its two columns (`None`: the gateway's default). The table's checks
+/// keep them both set or both null, with a known period.
+fn stored_rate(requests: Option<i32>, period_s: Option<i32>) -> Option<Rate> {
+    let requests = u32::try_from(requests?).ok().filter(|n| *n > 0)?;
+    let period = RatePeriod::from_seconds(u32::try_from(period_s?).ok()?)?;
+    Some(Rate { requests, period })
+}
+
+/// The two columns of a key's own rate.
+fn rate_columns(rate: Option<Rate>) -> (Option<i32>, Option<i32>) {
+    match rate {
+        // `Rate::MAX_REQUESTS` fits an `integer`, and so does every period.
+        Some(r) => (i32::try_from(r.requests).ok(), i32::try_from(r.period.seconds()).ok()),
+        None => (None, None),
+    }
+}
 
 fn view(row: &PgRow) -> KeyView {
     let revoked: Option<time::OffsetDateTime> = row.get("revoked_at");
@@ -49,6 +66,7 @@ fn view(row: &PgRow) -> KeyView {
         expires_at,
         last_used_at: row.get("last_used_at"),
         last_used_ip: row.get("last_used_ip"),
+        rate_limit: stored_rate(row.get("rate_limit_requests"), row.get("rate_limit_period_s")),
     }
 }
 
@@ -67,10 +85,20 @@ pub async fn create(pool: &PgPool, tenant: &TenantId, req: &CreateKey) -> Result
             message: "must be in the future".into(),
         });
     }
+    if let Some(rate) = req.rate_limit
+        && (rate.requests == 0 || rate.requests > Rate::MAX_REQUESTS)
+    {
+        return Err(ApiError::Invalid {
+            field: "rate_limit".into(),
+            message: format!("must be {}", Rate::RULE),
+        });
+    }
+    let (rate_requests, rate_period_s) = rate_columns(req.rate_limit);
     let (key_id, secret, full) = keys::new_key();
     sqlx::query(
-        "INSERT INTO api_keys (key_id, tenant, name, description, role, secret_sha256, robot_id, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO api_keys (key_id, tenant, name, description, role, secret_sha256, robot_id, expires_at,
+                               rate_limit_requests, rate_limit_period_s)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&key_id)
     .bind(tenant.as_str())
@@ -80,6 +108,8 @@ pub async fn create(pool: &PgPool, tenant: &TenantId, req: &CreateKey) -> Result
     .bind(keys::secret_hash(&secret))
     .bind(req.robot_id.as_ref().map(|r| r.as_str()))
     .bind(req.expires_at)
+    .bind(rate_requests)
+    .bind(rate_period_s)
     .execute(pool)
     .await
     .map_err(StoreError::from)?;
@@ -100,22 +130,24 @@ async fn get(pool: &PgPool, tenant: &TenantId, key_id: &str) -> Result<Option<Ke
 }
 
 pub async fn verify(core: &Core, req: ApiRequest<VerifyKey>) -> ApiResult<KeyIdentity> {
-    let row: Option<(String, String)> = sqlx::query_as(
+    let row: Option<(String, String, Option<i32>, Option<i32>)> = sqlx::query_as(
         "UPDATE api_keys SET last_used_at = now()
          WHERE key_id = $1 AND secret_sha256 = $2 AND revoked_at IS NULL
            AND (expires_at IS NULL OR expires_at > now())
-         RETURNING tenant, role",
+         RETURNING tenant, role, rate_limit_requests, rate_limit_period_s",
     )
     .bind(&req.body.key_id)
     .bind(&req.body.secret_sha256)
     .fetch_optional(&core.store.pool)
     .await
     .map_err(StoreError::from)?;
-    let (tenant, role) = row.ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
+    let (tenant, role, rate_requests, rate_period_s) =
+        row.ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
     Ok(KeyIdentity {
         key_id: req.body.key_id,
         tenant: TenantId::new(tenant).map_err(|e| ApiError::Internal { message: e.to_string() })?,
         role: Role::parse(&role).unwrap_or(Role::Viewer),
+        rate_limit: stored_rate(rate_requests, rate_period_s),
     })
 }
 
@@ -205,11 +237,13 @@ pub async fn delete(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyVie
 }
 
 /// For `fleet-orchestrator api-key create`: connect, migrate, create, return the raw key.
+/// `rate_limit` is the key's own rate limit (`None`: the gateway's default).
 pub async fn create_with_config(
     config: &crate::Config,
     tenant: &TenantId,
     role: Role,
     name: &str,
+    rate_limit: Option<Rate>,
 ) -> anyhow::Result<String> {
     use anyhow::Context;
     // Same connection rules as the orchestrator (a missing database is created), but give up
@@ -224,7 +258,14 @@ pub async fn create_with_config(
         .await?
         .context("PostgreSQL did not answer within 30 s (DATABASE_URL)")?;
     sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
-    let req = CreateKey { name: name.to_owned(), role, description: None, expires_at: None, robot_id: None };
+    let req = CreateKey {
+        name: name.to_owned(),
+        role,
+        description: None,
+        expires_at: None,
+        robot_id: None,
+        rate_limit,
+    };
     let created = create(&pool, tenant, &req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     pool.close().await;
     Ok(created.api_key)

@@ -38,6 +38,10 @@ enum ApiKeyCommand {
         /// A name to recognise the key by.
         #[arg(long, default_value = "cli")]
         name: String,
+        /// The key's own rate limit at the gateway, e.g. 1000/min, 20/s or 5000/h (all of it may
+        /// come at once); without it the gateway's --rate-limit applies.
+        #[arg(long, value_parser = parse_rate)]
+        rate_limit: Option<fleet_schemas::keys::Rate>,
     },
 }
 
@@ -65,8 +69,8 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    if let Some(Command::ApiKey(ApiKeyCommand::Create { tenant, role, name })) = cli.command {
-        return runtime.block_on(create_key(config, tenant, role, name));
+    if let Some(Command::ApiKey(ApiKeyCommand::Create { tenant, role, name, rate_limit })) = cli.command {
+        return runtime.block_on(create_key(config, tenant, role, name, rate_limit));
     }
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
@@ -106,11 +110,16 @@ async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
+fn parse_rate(s: &str) -> Result<fleet_schemas::keys::Rate, String> {
+    fleet_schemas::keys::Rate::parse(s)
+}
+
 async fn create_key(
     config: fleet_orchestrator::Config,
     tenant: String,
     role: String,
     name: String,
+    rate_limit: Option<fleet_schemas::keys::Rate>,
 ) -> std::process::ExitCode {
     let tenant = match fleet_schemas::TenantId::new(tenant) {
         Ok(t) => t,
@@ -123,10 +132,14 @@ async fn create_key(
         eprintln!("fleet-orchestrator: --role must be admin, operator or viewer");
         return std::process::ExitCode::from(2);
     };
-    match fleet_orchestrator::keys::create_with_config(&config, &tenant, role, &name).await {
+    match fleet_orchestrator::keys::create_with_config(&config, &tenant, role, &name, rate_limit).await {
         Ok(key) => {
             println!("{key}");
-            eprintln!("API key for tenant {tenant} with role {role} created; it is shown only this once.");
+            let limit = rate_limit.map_or_else(|| "the gateway's default".to_owned(), |r| r.to_string());
+            eprintln!(
+                "API key for tenant {tenant} with role {role} and rate limit {limit} created; \
+                 it is shown only this once."
+            );
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {

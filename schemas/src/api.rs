@@ -435,6 +435,9 @@ pub struct KeyIdentity {
     pub key_id: String,
     pub tenant: TenantId,
     pub role: crate::keys::Role,
+    /// The key's own rate limit; `None`: the gateway's default.
+    #[serde(default)]
+    pub rate_limit: Option<crate::keys::Rate>,
 }
 
 /// Create a key in the caller's tenant.
@@ -447,6 +450,9 @@ pub struct CreateKey {
     pub expires_at: Option<OffsetDateTime>,
     /// A key for one robot (the Canvas's robot keys).
     pub robot_id: Option<RobotId>,
+    /// The key's own rate limit; `None`: the gateway's default.
+    #[serde(default)]
+    pub rate_limit: Option<crate::keys::Rate>,
 }
 
 /// A key as listed (never its secret).
@@ -468,6 +474,9 @@ pub struct KeyView {
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_used_at: Option<OffsetDateTime>,
     pub last_used_ip: Option<String>,
+    /// The key's own rate limit (`1000/min`); `None`: the gateway's default.
+    #[serde(default)]
+    pub rate_limit: Option<crate::keys::Rate>,
 }
 
 /// A new key: shown once.

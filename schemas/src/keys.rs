@@ -5,8 +5,12 @@
 //! hex digits, 244 random bits) is checked against its SHA-256. A fast hash is enough because the
 //! secret is long and random — there is nothing to brute-force — and it keeps the request path
 //! cheap (no slow password hash per request).
+//!
+//! A key may carry its own request [`Rate`] (`1000/min`), which the gateway applies instead of
+//! its global default; it is stored with the key, so rotating the key keeps it.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -50,6 +54,112 @@ impl Role {
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// The period of a [`Rate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RatePeriod {
+    Second,
+    Minute,
+    Hour,
+}
+
+impl RatePeriod {
+    pub const ALL: [RatePeriod; 3] = [RatePeriod::Second, RatePeriod::Minute, RatePeriod::Hour];
+
+    pub fn seconds(self) -> u32 {
+        match self {
+            RatePeriod::Second => 1,
+            RatePeriod::Minute => 60,
+            RatePeriod::Hour => 3600,
+        }
+    }
+
+    pub fn from_seconds(seconds: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.seconds() == seconds)
+    }
+
+    /// The unit as written after the `/` (the canonical spelling).
+    pub fn unit(self) -> &'static str {
+        match self {
+            RatePeriod::Second => "s",
+            RatePeriod::Minute => "min",
+            RatePeriod::Hour => "h",
+        }
+    }
+
+    fn parse(unit: &str) -> Option<Self> {
+        match unit {
+            "s" | "sec" | "second" => Some(RatePeriod::Second),
+            "m" | "min" | "minute" => Some(RatePeriod::Minute),
+            "h" | "hour" => Some(RatePeriod::Hour),
+            _ => None,
+        }
+    }
+}
+
+/// A request rate, written `1000/min`, `20/s` or `5000/h`: `requests` per `period`, all of which
+/// may come at once. On the wire and in JSON it is that string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Rate {
+    pub requests: u32,
+    pub period: RatePeriod,
+}
+
+impl Rate {
+    /// Most requests per period (it must fit PostgreSQL's `integer`; a billion per second is
+    /// unlimited in practice).
+    pub const MAX_REQUESTS: u32 = 1_000_000_000;
+    /// What a rate looks like, for error messages.
+    pub const RULE: &'static str = "a rate such as 1000/min, 20/s or 5000/h (at least 1 request)";
+
+    /// Parse `N/unit` (units `s`, `sec`, `second`, `m`, `min`, `minute`, `h`, `hour`). `N` may
+    /// be 0: the caller decides what that means (the gateway's global limit reads it as off).
+    pub fn parse_allowing_zero(s: &str) -> Result<Rate, String> {
+        let s = s.trim();
+        let err = || format!("{s:?} is not {}", Rate::RULE);
+        let (n, unit) = s.split_once('/').ok_or_else(err)?;
+        let requests: u32 = n.trim().parse().map_err(|_| err())?;
+        let period = RatePeriod::parse(unit.trim()).ok_or_else(err)?;
+        if requests > Rate::MAX_REQUESTS {
+            return Err(format!("{s:?} is too high: at most {} requests per period", Rate::MAX_REQUESTS));
+        }
+        Ok(Rate { requests, period })
+    }
+
+    /// Parse a rate of at least one request.
+    pub fn parse(s: &str) -> Result<Rate, String> {
+        let rate = Self::parse_allowing_zero(s)?;
+        if rate.requests == 0 {
+            return Err(format!("{:?} is not {}", s.trim(), Rate::RULE));
+        }
+        Ok(rate)
+    }
+
+    pub fn period(self) -> Duration {
+        Duration::from_secs(u64::from(self.period.seconds()))
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.requests, self.period.unit())
+    }
+}
+
+impl From<Rate> for String {
+    fn from(r: Rate) -> String {
+        r.to_string()
+    }
+}
+
+impl TryFrom<String> for Rate {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Rate, String> {
+        Rate::parse(&s)
     }
 }
 
@@ -122,6 +232,29 @@ mod tests {
     #[test]
     fn hash_is_sha256_hex() {
         assert_eq!(secret_hash("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn rates_parse_and_print() {
+        let r = Rate::parse("1000/min").unwrap();
+        assert_eq!((r.requests, r.period, r.period()), (1000, RatePeriod::Minute, Duration::from_secs(60)));
+        assert_eq!(r.to_string(), "1000/min");
+        assert_eq!(Rate::parse(" 5 / second ").unwrap().to_string(), "5/s");
+        assert_eq!(Rate::parse("7/hour").unwrap().period(), Duration::from_secs(3600));
+        assert_eq!(Rate::parse_allowing_zero("0/min").unwrap().requests, 0);
+        for bad in ["", "100", "0/min", "x/min", "10/week", "-1/s", "1000000001/s", "off"] {
+            assert!(Rate::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Rate::parse("1000000001/s").unwrap_err().contains("at most"));
+        // On the wire and in JSON a rate is its string, and a bad one does not deserialize.
+        assert_eq!(serde_json::to_value(r).unwrap(), serde_json::json!("1000/min"));
+        assert_eq!(serde_json::from_value::<Rate>(serde_json::json!("20/s")).unwrap().requests, 20);
+        assert!(serde_json::from_value::<Rate>(serde_json::json!("fast")).is_err());
+        let packed = rmp_serde::to_vec_named(&Some(r)).unwrap();
+        assert_eq!(rmp_serde::from_slice::<Option<Rate>>(&packed).unwrap(), Some(r));
+        for p in RatePeriod::ALL {
+            assert_eq!(RatePeriod::from_seconds(p.seconds()), Some(p));
+        }
     }
 
     #[test]

@@ -5,35 +5,12 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{Stack, WAIT};
-use fleet_schemas::TenantId;
+use common::{Stack, WAIT, send};
 use fleet_schemas::keys::Role;
 use fleet_tests::wait_for;
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
-
-/// One request with an optional key and body; answers status, headers and JSON body.
-async fn send(
-    http: &reqwest::Client,
-    base: &str,
-    method: Method,
-    path: &str,
-    key: Option<&str>,
-    body: Option<Value>,
-) -> (u16, HeaderMap, Value) {
-    let mut req = http.request(method, format!("{base}{path}"));
-    if let Some(key) = key {
-        req = req.bearer_auth(key).header("x-api-key", key);
-    }
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    (status, headers, r.json().await.unwrap_or(Value::Null))
-}
 
 async fn call(stack: &Stack, method: Method, path: &str, body: Option<Value>) -> (u16, HeaderMap, Value) {
     send(&stack.http, &stack.base, method, path, None, body).await
@@ -397,15 +374,7 @@ async fn the_job_list_pages_by_cursor_and_idempotency_keys_return_the_first_job(
 async fn retry_needs_an_operator_and_the_registry_an_admin() {
     let stack = Stack::start().await;
     let (base, _guard) = stack.start_secure_gateway().await;
-    let config = common::orchestrator_config(&stack.nats, &stack.db);
-    let admin = fleet_orchestrator::keys::create_with_config(
-        &config,
-        &TenantId::default_tenant(),
-        Role::Admin,
-        "admin",
-    )
-    .await
-    .unwrap();
+    let admin = stack.cli_key("default", Role::Admin, None).await;
     let mut keys = std::collections::HashMap::new();
     for role in ["operator", "viewer"] {
         let (status, _, body) = send(
@@ -452,14 +421,7 @@ async fn retry_needs_an_operator_and_the_registry_an_admin() {
         send(&stack.http, &base, Method::GET, "/api/v1/metrics/activity", Some(&keys["viewer"]), None).await;
     assert_eq!(status, 200);
     // Another tenant's ids are 404, exactly like ids that do not exist.
-    let acme = fleet_orchestrator::keys::create_with_config(
-        &config,
-        &TenantId::new("acme").unwrap(),
-        Role::Admin,
-        "acme",
-    )
-    .await
-    .unwrap();
+    let acme = stack.cli_key("acme", Role::Admin, None).await;
     let ours = id_of(&stack.submit(json!({"workflow_name": "mine", "workflow_json": {"steps": [{"id": "a", "kind": "log", "message": "x"}]}})).await);
     let their_view: [(Method, String, Option<Value>); 3] = [
         (Method::POST, format!("/api/v1/jobs/{ours}/retry"), None),

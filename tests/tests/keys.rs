@@ -3,46 +3,15 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Stack, WAIT};
+use common::{Secure, Stack, WAIT};
 use fleet_schemas::TenantId;
 use fleet_schemas::keys::Role;
 use fleet_tests::wait_for;
+use reqwest::Method;
 use serde_json::{Value, json};
-
-struct Secure {
-    base: String,
-    http: reqwest::Client,
-    _token: tokio_util::sync::DropGuard,
-}
-
-impl Secure {
-    async fn start(stack: &Stack) -> Secure {
-        let (base, guard) = stack.start_secure_gateway().await;
-        Secure { base, http: stack.http.clone(), _token: guard }
-    }
-
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        key: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(key) = key {
-            // As the Canvas does: both headers, same key.
-            req = req.bearer_auth(key).header("x-api-key", key);
-        }
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-}
 
 fn workflow() -> Value {
     json!({"workflow_name": "keyed", "workflow_json": {"steps": [{"id": "a", "kind": "log", "message": "x"}]}})
@@ -50,21 +19,12 @@ fn workflow() -> Value {
 
 #[tokio::test]
 async fn keys_roles_tenants_revocation_and_rotation() {
-    use reqwest::Method;
     let mut stack = Stack::start().await;
     let mut robot = stack.robot_config("acme-robot", &[]);
     robot.tenant = TenantId::new("acme").unwrap();
     stack.start_robot(robot);
     let secure = Secure::start(&stack).await;
-    let config = common::orchestrator_config(&stack.nats, &stack.db);
-    let admin = fleet_orchestrator::keys::create_with_config(
-        &config,
-        &TenantId::new("acme").unwrap(),
-        Role::Admin,
-        "first",
-    )
-    .await
-    .unwrap();
+    let admin = stack.cli_key("acme", Role::Admin, None).await;
 
     // No key, a malformed one, a made-up one: 401.
     for key in [
@@ -156,105 +116,384 @@ async fn keys_roles_tenants_revocation_and_rotation() {
     stack.stop().await;
 }
 
-/// Every endpoint: no key → 401; a role too low → 403; another tenant's id → 404 exactly as an
-/// unknown one; bad input → 422 naming the field.
+/// One endpoint of the matrix.
+struct Case {
+    method: Method,
+    /// Its route, as `fleet_gateway::routes::ROUTES` lists it.
+    route: &'static str,
+    path: String,
+    body: Option<Value>,
+    /// The least role allowed; the roles below get 403.
+    least: Role,
+    /// An id of tenant acme in `path`, and one that exists nowhere: another tenant asking for the
+    /// first gets exactly the answer of the second (404).
+    ids: Option<(String, String)>,
+    /// A request with bad input (path and body), and the field its 422 names.
+    bad: Option<(String, Option<Value>, &'static str)>,
+    /// A live stream, whose success path is checked on its own.
+    stream: bool,
+}
+
+fn case(
+    method: Method,
+    route: &'static str,
+    path: impl Into<String>,
+    body: Option<Value>,
+    least: Role,
+) -> Case {
+    Case { method, route, path: path.into(), body, least, ids: None, bad: None, stream: false }
+}
+
+impl Case {
+    fn owns(mut self, id: &str, missing: &str) -> Self {
+        self.ids = Some((id.to_owned(), missing.to_owned()));
+        self
+    }
+
+    fn bad(mut self, path: impl Into<String>, body: Option<Value>, field: &'static str) -> Self {
+        self.bad = Some((path.into(), body, field));
+        self
+    }
+
+    fn stream(mut self) -> Self {
+        self.stream = true;
+        self
+    }
+}
+
+/// The first event of `GET /api/v1/events?since=0` as Server-Sent Events.
+async fn first_event(secure: &Secure, key: &str) -> Value {
+    let mut r = secure
+        .http
+        .get(format!("{}/api/v1/events?since=0", secure.base))
+        .bearer_auth(key)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut text = String::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let chunk = r.chunk().await.unwrap().expect("the stream stays open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            // An event ends with a blank line; keepalive comments carry no `data:`.
+            let complete = text.rsplit_once("\n\n").map_or("", |(complete, _)| complete);
+            let data = complete.split("\n\n").find_map(|event| {
+                event.lines().find_map(|l| l.strip_prefix("data:")).map(|d| d.trim().to_owned())
+            });
+            if let Some(data) = data {
+                return serde_json::from_str(&data).unwrap();
+            }
+        }
+    })
+    .await
+    .expect("an event in time")
+}
+
+/// The Canvas's live view opened with `token` (the upgrade itself succeeds either way; a bad
+/// token is answered on the socket).
+async fn live_view(
+    secure: &Secure,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let url = format!("{}/ws/monitoring/live-jobs?token={token}", secure.base.replace("http://", "ws://"));
+    let (socket, response) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
+    assert_eq!(response.status(), 101);
+    socket
+}
+
+/// Every endpoint: the success path; no key or a wrong one → 401; a role too low → 403; another
+/// tenant's id → 404, exactly as an id that does not exist; bad input → 422 naming the field.
 #[tokio::test]
 async fn every_endpoint_checks_key_role_tenant_and_input() {
-    use reqwest::Method;
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
     let mut stack = Stack::start().await;
     let mut robot = stack.robot_config("acme-r", &[]);
     robot.tenant = TenantId::new("acme").unwrap();
     stack.start_robot(robot);
     let secure = Secure::start(&stack).await;
-    let config = common::orchestrator_config(&stack.nats, &stack.db);
-    let key = |tenant: &'static str, role: Role| {
-        let config = config.clone();
-        async move {
-            fleet_orchestrator::keys::create_with_config(&config, &TenantId::new(tenant).unwrap(), role, "m")
-                .await
-                .unwrap()
-        }
-    };
     let (admin, operator, viewer, other) = (
-        key("acme", Role::Admin).await,
-        key("acme", Role::Operator).await,
-        key("acme", Role::Viewer).await,
-        key("beta", Role::Admin).await,
+        stack.cli_key("acme", Role::Admin, None).await,
+        stack.cli_key("acme", Role::Operator, None).await,
+        stack.cli_key("acme", Role::Viewer, None).await,
+        stack.cli_key("beta", Role::Admin, None).await,
     );
-    let (_, job) = secure.send(Method::POST, "/api/v1/workflows", Some(&operator), Some(workflow())).await;
-    let job = job["job_id"].as_str().unwrap().to_owned();
-    let (_, made) = secure
-        .send(Method::POST, "/api/v1/api-keys", Some(&admin), Some(json!({"name": "k", "role": "viewer"})))
-        .await;
-    let key_id = made["key"]["id"].as_str().unwrap().to_owned();
+    let key_of = |role: Role| match role {
+        Role::Viewer => &viewer,
+        Role::Operator => &operator,
+        Role::Admin => &admin,
+    };
+    let ok = |what: &str, (status, answer): (u16, Value)| -> Value {
+        assert_eq!(status, 200, "{what}: {answer}");
+        answer
+    };
+    // Objects of tenant acme to act on: a job that runs, one that waits (nothing has a gpu) to be
+    // cancelled and then retried, keys to revoke, rotate and delete, a robot key, a robot to
+    // delete.
+    let submit = |body: Value| secure.send(Method::POST, "/api/v1/workflows", Some(&operator), Some(body));
+    let job = ok("submit", submit(workflow()).await)["job_id"].as_str().unwrap().to_owned();
+    let mut waiting = workflow();
+    waiting["required_capabilities"] = json!(["gpu"]);
+    let waiting = ok("submit", submit(waiting).await)["job_id"].as_str().unwrap().to_owned();
+    let new_key = |name: &'static str| {
+        let body = json!({"name": name, "role": "viewer"});
+        secure.send(Method::POST, "/api/v1/api-keys", Some(&admin), Some(body))
+    };
+    let [to_revoke, to_rotate, to_delete] = [
+        ok("key", new_key("revoke").await),
+        ok("key", new_key("rotate").await),
+        ok("key", new_key("delete").await),
+    ]
+    .map(|made| made["key"]["id"].as_str().unwrap().to_owned());
     wait_for("acme's robot", WAIT, || async {
         let (s, _) = secure.send(Method::GET, "/api/v1/metrics/robots/acme-r", Some(&viewer), None).await;
         (s == 200).then_some(())
     })
     .await
     .unwrap();
+    let robot_key = json!({"robot_id": "acme-r", "name": "rk"});
+    let (status, made) =
+        secure.send(Method::POST, "/api/v1/robot-api-keys", Some(&admin), Some(robot_key.clone())).await;
+    let robot_key_id = ok("robot key", (status, made))["key"]["id"].as_str().unwrap().to_owned();
+    let gone = json!({"robot_id": "acme-gone", "name": "g", "hostname": "h"});
+    ok("register", secure.send(Method::POST, "/api/v1/robots/register", Some(&admin), Some(gone)).await);
+    // Another tenant's own objects, so that its key has something to see.
+    let (status, _) = secure.send(Method::POST, "/api/v1/workflows", Some(&other), Some(workflow())).await;
+    assert_eq!(status, 200);
 
-    // (method, path, body, least role, names an object of tenant acme)
-    let v = Role::Viewer;
-    let o = Role::Operator;
-    let a = Role::Admin;
-    let endpoints: Vec<(Method, String, Option<Value>, Role, bool)> = vec![
-        (Method::GET, "/api/v1/metrics/jobs".into(), None, v, false),
-        (Method::GET, format!("/api/v1/metrics/jobs/{job}"), None, v, true),
-        (Method::GET, format!("/api/v1/jobs/{job}/logs"), None, v, true),
-        (Method::GET, "/api/v1/metrics/robots".into(), None, v, false),
-        (Method::GET, "/api/v1/metrics/robots/acme-r".into(), None, v, true),
-        (Method::GET, "/api/v1/robots/acme-r/logs".into(), None, v, true),
-        (Method::GET, "/api/v1/robots/acme-r/metrics".into(), None, v, true),
-        (Method::GET, "/api/v1/metrics/fleet".into(), None, v, false),
-        (Method::GET, "/api/v1/metrics/analytics".into(), None, v, false),
-        (Method::GET, "/api/v1/metrics/activity".into(), None, v, false),
-        (Method::GET, "/api/v1/queues".into(), None, v, false),
-        (Method::GET, "/api/v1/openapi.json".into(), None, v, false),
-        (Method::POST, "/api/v1/workflows".into(), Some(workflow()), o, false),
-        (Method::POST, "/api/v1/robots/acme-r/pause".into(), None, o, true),
-        (Method::PUT, "/api/v1/robots/acme-r/status".into(), Some(json!({"status": "online"})), o, true),
-        (Method::POST, "/api/v1/robots/commands".into(), Some(json!({"command": "resume"})), o, false),
-        (Method::POST, format!("/api/v1/jobs/{job}/retry"), None, o, true),
-        (Method::GET, "/api/v1/api-keys".into(), None, a, false),
-        (Method::GET, "/api/v1/robot-api-keys".into(), None, a, false),
-        (Method::POST, format!("/api/v1/api-keys/{key_id}/revoke"), None, a, true),
-        (Method::PUT, "/api/v1/robots/acme-r".into(), Some(json!({"name": "renamed"})), a, true),
+    // Ids that exist nowhere, of the same shapes.
+    let no_job = fleet_schemas::JobId::new().to_string();
+    let no_key = "0".repeat(32);
+    let no_robot = "no-such-robot";
+    let (v, o, a) = (Role::Viewer, Role::Operator, Role::Admin);
+    let get = Method::GET;
+    let post = Method::POST;
+    let put = Method::PUT;
+    let delete = Method::DELETE;
+    // In the order their success paths run (each may depend on the ones before).
+    let cases = vec![
+        case(get.clone(), "/metrics", "/metrics", None, v),
+        case(get.clone(), "/api/v1/openapi.json", "/api/v1/openapi.json", None, v),
+        case(get.clone(), "/api/v1/metrics/jobs", "/api/v1/metrics/jobs", None, v).bad(
+            "/api/v1/metrics/jobs?limit=0",
+            None,
+            "limit",
+        ),
+        case(get.clone(), "/api/v1/metrics/jobs/{job_id}", format!("/api/v1/metrics/jobs/{job}"), None, v)
+            .owns(&job, &no_job),
+        case(get.clone(), "/api/v1/jobs/{job_id}/logs", format!("/api/v1/jobs/{job}/logs"), None, v)
+            .owns(&job, &no_job)
+            .bad(format!("/api/v1/jobs/{job}/logs?limit=0"), None, "limit"),
+        case(get.clone(), "/api/v1/metrics/robots", "/api/v1/metrics/robots", None, v).bad(
+            "/api/v1/metrics/robots?status=sleepy",
+            None,
+            "status",
+        ),
+        case(get.clone(), "/api/v1/metrics/robots/{robot_id}", "/api/v1/metrics/robots/acme-r", None, v)
+            .owns("acme-r", no_robot),
+        case(get.clone(), "/api/v1/robots/{robot_id}/logs", "/api/v1/robots/acme-r/logs", None, v)
+            .owns("acme-r", no_robot)
+            .bad("/api/v1/robots/acme-r/logs?since=yesterday", None, "since"),
+        case(get.clone(), "/api/v1/robots/{robot_id}/metrics", "/api/v1/robots/acme-r/metrics", None, v)
+            .owns("acme-r", no_robot),
+        case(get.clone(), "/api/v1/metrics/fleet", "/api/v1/metrics/fleet", None, v),
+        case(get.clone(), "/api/v1/metrics/analytics", "/api/v1/metrics/analytics", None, v).bad(
+            "/api/v1/metrics/analytics?days=0",
+            None,
+            "days",
+        ),
+        case(get.clone(), "/api/v1/metrics/activity", "/api/v1/metrics/activity", None, v).bad(
+            "/api/v1/metrics/activity?since=soon",
+            None,
+            "since",
+        ),
+        case(get.clone(), "/api/v1/queues", "/api/v1/queues", None, v),
+        case(get.clone(), "/api/v1/events", "/api/v1/events", None, v)
+            .bad("/api/v1/events?since=latest", None, "since")
+            .stream(),
+        case(get.clone(), "/ws/monitoring/live-jobs", "/ws/monitoring/live-jobs", None, v).stream(),
+        case(post.clone(), "/api/v1/workflows", "/api/v1/workflows", Some(workflow()), o).bad(
+            "/api/v1/workflows",
+            Some(json!({"workflow_json": {}})),
+            "workflow_name",
+        ),
+        case(post.clone(), "/api/v1/jobs/{job_id}/cancel", format!("/api/v1/jobs/{waiting}/cancel"), None, o)
+            .owns(&waiting, &no_job),
+        case(post.clone(), "/api/v1/jobs/{job_id}/retry", format!("/api/v1/jobs/{waiting}/retry"), None, o)
+            .owns(&waiting, &no_job),
+        case(post.clone(), "/api/v1/robots/{robot_id}/{action}", "/api/v1/robots/acme-r/pause", None, o)
+            .owns("acme-r", no_robot)
+            .bad("/api/v1/robots/acme-r/stop", Some(json!({"force": "yes"})), "force"),
+        case(
+            put.clone(),
+            "/api/v1/robots/{robot_id}/status",
+            "/api/v1/robots/acme-r/status",
+            Some(json!({"status": "online"})),
+            o,
+        )
+        .owns("acme-r", no_robot)
+        .bad("/api/v1/robots/acme-r/status", Some(json!({"status": "busy"})), "status"),
+        case(
+            post.clone(),
+            "/api/v1/robots/commands",
+            "/api/v1/robots/commands",
+            Some(json!({"command": "resume"})),
+            o,
+        )
+        .bad("/api/v1/robots/commands", Some(json!({"command": "explode"})), "command"),
+        case(get.clone(), "/api/v1/api-keys", "/api/v1/api-keys", None, a).bad(
+            "/api/v1/api-keys?status=lost",
+            None,
+            "status",
+        ),
+        case(
+            post.clone(),
+            "/api/v1/api-keys",
+            "/api/v1/api-keys",
+            Some(json!({"name": "new", "role": "viewer"})),
+            a,
+        )
+        .bad("/api/v1/api-keys", Some(json!({"name": "x", "role": "root"})), "role"),
+        case(
+            post.clone(),
+            "/api/v1/api-keys/{key_id}/{action}",
+            format!("/api/v1/api-keys/{to_revoke}/revoke"),
+            Some(json!({"reason": "matrix"})),
+            a,
+        )
+        .owns(&to_revoke, &no_key)
+        .bad(format!("/api/v1/api-keys/{to_revoke}/revoke"), Some(json!({"reason": 5})), "reason"),
+        case(
+            post.clone(),
+            "/api/v1/api-keys/{key_id}/{action}",
+            format!("/api/v1/api-keys/{to_rotate}/rotate"),
+            None,
+            a,
+        )
+        .owns(&to_rotate, &no_key),
+        case(delete.clone(), "/api/v1/api-keys/{key_id}", format!("/api/v1/api-keys/{to_delete}"), None, a)
+            .owns(&to_delete, &no_key),
+        case(get.clone(), "/api/v1/robot-api-keys", "/api/v1/robot-api-keys", None, a).bad(
+            "/api/v1/robot-api-keys?limit=5000",
+            None,
+            "limit",
+        ),
+        case(post.clone(), "/api/v1/robot-api-keys", "/api/v1/robot-api-keys", Some(robot_key), a).bad(
+            "/api/v1/robot-api-keys",
+            Some(json!({"robot_id": "Not Ok", "name": "x"})),
+            "robot_id",
+        ),
+        case(
+            post.clone(),
+            "/api/v1/robot-api-keys/{key_id}/{action}",
+            format!("/api/v1/robot-api-keys/{robot_key_id}/revoke"),
+            None,
+            a,
+        )
+        .owns(&robot_key_id, &no_key),
+        case(
+            post.clone(),
+            "/api/v1/robots/register",
+            "/api/v1/robots/register",
+            Some(json!({"robot_id": "acme-new", "name": "n", "hostname": "h", "capabilities": ["gpu"]})),
+            a,
+        )
+        .bad("/api/v1/robots/register", Some(json!({"name": "x", "hostname": "h"})), "robot_id"),
+        case(
+            put.clone(),
+            "/api/v1/robots/{robot_id}",
+            "/api/v1/robots/acme-r",
+            Some(json!({"name": "renamed"})),
+            a,
+        )
+        .owns("acme-r", no_robot)
+        .bad("/api/v1/robots/acme-r", Some(json!({"name": " "})), "name"),
+        case(delete.clone(), "/api/v1/robots/{robot_id}", "/api/v1/robots/acme-gone", None, a)
+            .owns("acme-gone", no_robot),
     ];
-    for (method, path, body, least, owned) in &endpoints {
-        let (status, answer) = secure.send(method.clone(), path, None, body.clone()).await;
-        assert_eq!(status, 401, "{method} {path} without a key: {answer}");
-        if *least > Role::Viewer {
-            let (status, answer) = secure.send(method.clone(), path, Some(&viewer), body.clone()).await;
-            assert_eq!(status, 403, "{method} {path} as viewer: {answer}");
+    // The matrix covers every route but /health (which needs no key).
+    let covered: BTreeSet<(String, &str)> = cases.iter().map(|c| (c.method.to_string(), c.route)).collect();
+    let routes: BTreeSet<(String, &str)> = fleet_gateway::routes::ROUTES
+        .iter()
+        .filter(|(_, route)| *route != "/health")
+        .map(|(method, route)| (method.to_string(), *route))
+        .collect();
+    assert_eq!(covered, routes, "the matrix and the routes served differ");
+
+    let made_up = format!("crpa_{}_{}", "1".repeat(32), "2".repeat(64));
+    for c in &cases {
+        let (method, path) = (&c.method, c.path.as_str());
+        for key in [None, Some("nope"), Some(made_up.as_str())] {
+            let (status, answer) = secure.send(method.clone(), path, key, c.body.clone()).await;
+            assert_eq!(
+                (status, answer["error"]["code"].as_str()),
+                (401, Some("unauthorized")),
+                "{method} {path} with {key:?}: {answer}"
+            );
         }
-        if *least > Role::Operator {
-            let (status, answer) = secure.send(method.clone(), path, Some(&operator), body.clone()).await;
-            assert_eq!(status, 403, "{method} {path} as operator: {answer}");
+        for lower in Role::ALL.into_iter().filter(|r| *r < c.least) {
+            let (status, answer) =
+                secure.send(method.clone(), path, Some(key_of(lower)), c.body.clone()).await;
+            assert_eq!(status, 403, "{method} {path} as {lower}: {answer}");
         }
-        if *owned {
-            let (status, answer) = secure.send(method.clone(), path, Some(&other), body.clone()).await;
-            assert_eq!(status, 404, "{method} {path} from another tenant: {answer}");
+        if let Some((id, missing)) = &c.ids {
+            let (status, theirs) = secure.send(method.clone(), path, Some(&other), c.body.clone()).await;
+            let nowhere = path.replace(id.as_str(), missing);
+            let (missing_status, none) =
+                secure.send(method.clone(), &nowhere, Some(&admin), c.body.clone()).await;
+            assert_eq!(
+                (status, &theirs["error"]),
+                (404, &none["error"]),
+                "{method} {path} from another tenant, and {nowhere} ({missing_status}): {theirs} vs {none}"
+            );
+        }
+        if let Some((path, body, field)) = &c.bad {
+            let (status, answer) = secure.send(method.clone(), path, Some(&admin), body.clone()).await;
+            assert_eq!(
+                (status, answer["error"]["field"].as_str()),
+                (422, Some(*field)),
+                "{method} {path}: {answer}"
+            );
         }
     }
-    // Bad input names the field.
-    let bad: Vec<(Method, &str, Option<Value>, &str)> = vec![
-        (Method::GET, "/api/v1/metrics/jobs?limit=0", None, "limit"),
-        (Method::GET, "/api/v1/metrics/robots?status=sleepy", None, "status"),
-        (Method::GET, "/api/v1/metrics/analytics?days=0", None, "days"),
-        (Method::POST, "/api/v1/workflows", Some(json!({"workflow_json": {}})), "workflow_name"),
-        (Method::PUT, "/api/v1/robots/acme-r/status", Some(json!({"status": "busy"})), "status"),
-        (Method::POST, "/api/v1/robots/commands", Some(json!({"command": "explode"})), "command"),
-        (Method::POST, "/api/v1/api-keys", Some(json!({"name": "x", "role": "root"})), "role"),
-        (Method::POST, "/api/v1/robots/register", Some(json!({"name": "x", "hostname": "h"})), "robot_id"),
-    ];
-    for (method, path, body, field) in bad {
-        let (status, answer) = secure.send(method.clone(), path, Some(&admin), body).await;
-        assert_eq!(
-            (status, answer["error"]["field"].as_str()),
-            (422, Some(field)),
-            "{method} {path}: {answer}"
-        );
+    // The success paths, with the least role allowed.
+    for c in cases.iter().filter(|c| !c.stream) {
+        let (status, answer) =
+            secure.send(c.method.clone(), &c.path, Some(key_of(c.least)), c.body.clone()).await;
+        assert_eq!(status, 200, "{} {} as {}: {answer}", c.method, c.path, c.least);
     }
+    let (_, robots) = secure.send(Method::GET, "/api/v1/metrics/robots", Some(&viewer), None).await;
+    let names: BTreeSet<&str> =
+        robots.as_array().unwrap().iter().filter_map(|r| r["robot_id"].as_str()).collect();
+    assert_eq!(names, BTreeSet::from(["acme-new", "acme-r"]), "registered and deleted");
+    // The live streams: each tenant's events from the start are its own (acme's came first).
+    assert_eq!(first_event(&secure, &viewer).await["tenant"], "acme");
+    assert_eq!(first_event(&secure, &other).await["tenant"], "beta");
+    // The Canvas's live view: a valid token is served (ping → pong), a wrong one closed with 4001.
+    let mut socket = live_view(&secure, &viewer).await;
+    socket.send(Message::text("ping")).await.unwrap();
+    let pong = tokio::time::timeout(WAIT, async {
+        while let Some(m) = socket.next().await {
+            if let Message::Text(t) = m.unwrap()
+                && t.as_str() == "pong"
+            {
+                return;
+            }
+        }
+        panic!("the live view closed before answering the ping");
+    })
+    .await;
+    assert!(pong.is_ok(), "no pong within {WAIT:?}");
+    let mut socket = live_view(&secure, &made_up).await;
+    let closed = tokio::time::timeout(WAIT, socket.next()).await.unwrap();
+    assert!(
+        matches!(closed, Some(Ok(Message::Close(Some(ref f)))) if u16::from(f.code) == 4001),
+        "{closed:?}"
+    );
     stack.stop().await;
 }

@@ -585,21 +585,24 @@ async fn api_keys_verify_until_revoked_or_rotated() {
     use fleet_schemas::keys::{Role, parse_key, secret_hash};
 
     let fabric = Fabric::start().await;
+    let own_rate = fleet_schemas::keys::Rate::parse("1000/min").unwrap();
     let create = CreateKey {
         name: "ci".into(),
         role: Role::Operator,
         description: None,
         expires_at: None,
         robot_id: None,
+        rate_limit: Some(own_rate),
     };
     let created: CreatedKey = fabric.api(Endpoint::CreateKey, create).await.unwrap();
+    assert_eq!(created.key.rate_limit, Some(own_rate));
     assert!(created.api_key.starts_with("crpa_") && created.api_key.len() >= 40);
     let verify = |key: &str| {
         let parsed = parse_key(key).unwrap();
         VerifyKey { key_id: parsed.key_id, secret_sha256: secret_hash(&parsed.secret) }
     };
     let who: KeyIdentity = fabric.api(Endpoint::VerifyKey, verify(&created.api_key)).await.unwrap();
-    assert_eq!((who.tenant, who.role), (tenant(), Role::Operator));
+    assert_eq!((who.tenant, who.role, who.rate_limit), (tenant(), Role::Operator, Some(own_rate)));
     // A wrong secret for a real key id is refused like an unknown key.
     let mut wrong = verify(&created.api_key);
     wrong.secret_sha256 = secret_hash("guess");
@@ -618,7 +621,8 @@ async fn api_keys_verify_until_revoked_or_rotated() {
         .api(Endpoint::RotateKey, KeyAction { id: created.key.id.clone(), reason: None })
         .await
         .unwrap();
-    assert!(fabric.api::<_, KeyIdentity>(Endpoint::VerifyKey, verify(&rotated.api_key)).await.is_ok());
+    let who: KeyIdentity = fabric.api(Endpoint::VerifyKey, verify(&rotated.api_key)).await.unwrap();
+    assert_eq!(who.rate_limit, Some(own_rate), "a rotated key keeps its own rate limit");
     assert!(fabric.api::<_, KeyIdentity>(Endpoint::VerifyKey, verify(&created.api_key)).await.is_err());
     // Revocation: refused from then on, listed as revoked.
     let revoked: KeyView = fabric

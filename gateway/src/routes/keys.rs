@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::Uri;
 use fleet_schemas::api::{CreateKey, CreatedKey, Endpoint, KeyAction, KeyList, KeyView, ListKeys};
-use fleet_schemas::keys::Role;
+use fleet_schemas::keys::{Rate, Role};
 use fleet_schemas::{RequestId, RobotId};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -36,6 +36,12 @@ pub struct NewKey {
     /// When the key stops working (ISO 8601; a time without offset is UTC).
     #[serde(default)]
     expires_at: Option<String>,
+    /// The key's own rate limit at the gateway: `<requests>/<s|min|h>`, e.g. `1000/min`, all of
+    /// which may come at once. Absent or `null`: the gateway's default (`--rate-limit`, 100/min
+    /// unless configured). A key's own limit applies even when the default is off.
+    #[serde(default)]
+    #[schema(example = "1000/min")]
+    rate_limit: Option<String>,
 }
 
 /// Body of `POST /api/v1/robot-api-keys` (the Canvas's robot keys).
@@ -63,6 +69,10 @@ fn parse_time(field: &str, text: Option<&str>) -> Result<Option<OffsetDateTime>,
         .map_err(|_| HttpError::invalid(field, "must be an ISO 8601 date and time"))
 }
 
+fn rate_limit(field: &str, text: Option<&str>) -> Result<Option<Rate>, HttpError> {
+    text.map(|t| Rate::parse(t).map_err(|e| HttpError::invalid(field, e))).transpose()
+}
+
 fn role(field: &str, text: Option<&str>) -> Result<Role, HttpError> {
     match text {
         None => Ok(Role::Operator),
@@ -73,7 +83,11 @@ fn role(field: &str, text: Option<&str>) -> Result<Role, HttpError> {
 }
 
 #[utoipa::path(post, path = "/api/v1/api-keys", tag = "keys", request_body = NewKey,
-    responses((status = 200, description = "The new key, shown once as `api_key`", body = Object)),
+    responses(
+        (status = 200, description = "The new key, shown once as `api_key`", body = crate::openapi::CreatedApiKey),
+        (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),
+        (status = 422, description = "A field is wrong (`role`, `rate_limit`, …); `error.field` names it", body = crate::openapi::ErrorBody),
+    ),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn create(
     caller: Caller,
@@ -88,12 +102,13 @@ pub async fn create(
         description: body.description,
         expires_at: parse_time("expires_at", body.expires_at.as_deref())?,
         robot_id: None,
+        rate_limit: rate_limit("rate_limit", body.rate_limit.as_deref())?,
     };
     call(&state, Endpoint::CreateKey, request_id, &caller, req, CallKind::Submit).await.map(Json)
 }
 
 #[utoipa::path(post, path = "/api/v1/robot-api-keys", tag = "keys", request_body = NewRobotKey,
-    responses((status = 200, description = "The new robot key, shown once as `api_key`", body = Object)),
+    responses((status = 200, description = "The new robot key, shown once as `api_key`", body = crate::openapi::CreatedApiKey)),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn create_robot_key(
     caller: Caller,
@@ -109,6 +124,7 @@ pub async fn create_robot_key(
         description: body.description,
         expires_at: parse_time("expires_at", body.expires_at.as_deref())?,
         robot_id: Some(robot),
+        rate_limit: None,
     };
     call(&state, Endpoint::CreateKey, request_id, &caller, req, CallKind::Submit).await.map(Json)
 }
@@ -147,7 +163,7 @@ async fn list_keys(
 }
 
 #[utoipa::path(get, path = "/api/v1/api-keys", tag = "keys",
-    responses((status = 200, description = "`{keys, total}`", body = Object)),
+    responses((status = 200, description = "`{keys, total}`", body = crate::openapi::ApiKeyList)),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn list(
     caller: Caller,
@@ -159,7 +175,7 @@ pub async fn list(
 }
 
 #[utoipa::path(get, path = "/api/v1/robot-api-keys", tag = "keys",
-    responses((status = 200, description = "`{keys, total}` of robot keys", body = Object)),
+    responses((status = 200, description = "`{keys, total}` of robot keys", body = crate::openapi::ApiKeyList)),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn list_robot_keys(
     caller: Caller,

@@ -10,10 +10,10 @@
 //!   [`QUEUE_METRICS_EVERY`], from the orchestrator's fleet summary.
 //!
 //! A text `ping` is answered `pong`. The Canvas cannot set headers on a WebSocket, so the key
-//! comes in the `token` query parameter; it is handed to the same [`Caller`] check as a header
-//! key would be, and a refused key closes the socket with code 4001 (what the Canvas expects).
-//! The token is never logged: the request log records the path only, and nothing here logs the
-//! URI.
+//! comes in the `token` query parameter (and only there: [`crate::auth::presented`]); it goes
+//! through the same [`Caller`] check and rate limit as a header key would, and a refused key
+//! closes the socket with code 4001 (what the Canvas expects). The token is never logged: the
+//! request log records the path only, and nothing here logs the URI.
 //!
 //! Only live data is sent (no history): the Canvas asks the REST endpoints for the current
 //! state when it opens the view.
@@ -26,7 +26,6 @@ use axum::extract::ws::{
 };
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use fleet_schemas::api::{Empty, Endpoint, FleetSummary, RobotStatus};
 use fleet_schemas::event::Event;
@@ -34,7 +33,6 @@ use fleet_schemas::{RequestId, TenantId, subjects};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 
-use super::QueryParams;
 use super::events::{KEEPALIVE, SEND_TIMEOUT, going_away};
 use crate::AppState;
 use crate::auth::Caller;
@@ -48,26 +46,17 @@ pub const SUMMARY_DEADLINE: Duration = Duration::from_secs(2);
 /// Close code the Canvas reads as "bad key".
 pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 
-/// The caller named by the `token` query parameter, or why there is none.
+/// The route's path (keys come in its `token` query parameter: [`crate::auth::presented`]).
+pub const PATH: &str = "/ws/monitoring/live-jobs";
+
+/// The caller named by the `token` query parameter, or why there is none: a refused key is
+/// answered on the socket (close code 4001), not with an HTTP status.
 pub struct TokenCaller(pub Result<Caller, HttpError>);
 
 impl FromRequestParts<AppState> for TokenCaller {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let token = QueryParams::from_uri(&parts.uri).ok().and_then(|q| q.get("token").map(str::to_owned));
-        // The token stands in for the key headers, so it goes through exactly the same check.
-        parts.headers.remove(header::AUTHORIZATION);
-        parts.headers.remove("x-api-key");
-        if let Some(token) = token {
-            match HeaderValue::from_str(&token) {
-                Ok(mut v) => {
-                    v.set_sensitive(true);
-                    parts.headers.insert("x-api-key", v);
-                }
-                Err(_) => return Ok(Self(Err(HttpError::unauthorized("malformed token")))),
-            }
-        }
         Ok(Self(Caller::from_request_parts(parts, state).await))
     }
 }

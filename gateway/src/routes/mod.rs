@@ -103,7 +103,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/metrics/fleet", get(fleet::summary))
         .route("/api/v1/queues", get(fleet::queues))
         .route("/api/v1/events", get(events::events))
-        .route("/ws/monitoring/live-jobs", get(live::live_jobs))
+        .route(live::PATH, get(live::live_jobs))
         .route("/api/v1/jobs/{job_id}/retry", post(jobs::retry))
         .route("/api/v1/robots/register", post(registry::register))
         .route("/api/v1/robots/{robot_id}", put(registry::update).delete(registry::delete))

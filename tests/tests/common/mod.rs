@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fleet_schemas::keys::{Rate, Role};
 use fleet_schemas::{Capability, RobotId, TenantId};
 use fleet_tests::{NatsServer, TestDb, wait_for};
 use serde_json::Value;
@@ -38,6 +39,73 @@ impl Part {
         self.task.abort();
         let _ = self.task.await;
     }
+}
+
+/// A gateway without development mode on a stack's NATS, and a client for it; the gateway stops
+/// when the last clone is dropped. Clone it with another `http` to send from another address.
+#[derive(Clone)]
+pub struct Secure {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub guard: std::sync::Arc<tokio_util::sync::DropGuard>,
+}
+
+impl Secure {
+    pub async fn start(stack: &Stack) -> Secure {
+        Self::start_with(stack, |_| {}).await
+    }
+
+    /// With the gateway's configuration adjusted (it starts with no rate limit).
+    pub async fn start_with(stack: &Stack, adjust: impl FnOnce(&mut fleet_gateway::GatewayConfig)) -> Secure {
+        let (base, guard) = stack.start_secure_gateway_with(adjust).await;
+        Secure { base, http: stack.http.clone(), guard: std::sync::Arc::new(guard) }
+    }
+
+    /// One request with `key` in both headers (as the Canvas sends it): status and JSON body.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let (status, _, body) = self.send_full(method, path, key, body).await;
+        (status, body)
+    }
+
+    /// Like [`Secure::send`], with the response headers.
+    pub async fn send_full(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        send(&self.http, &self.base, method, path, key, body).await
+    }
+}
+
+/// One request with an optional key (in both headers, as the Canvas sends it) and body; answers
+/// status, headers and JSON body.
+pub async fn send(
+    http: &reqwest::Client,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut req = http.request(method, format!("{base}{path}"));
+    if let Some(key) = key {
+        req = req.bearer_auth(key).header("x-api-key", key);
+    }
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.json().await.unwrap_or(Value::Null))
 }
 
 pub struct Stack {
@@ -111,16 +179,26 @@ impl Stack {
     /// A second gateway on the same NATS, without development mode (keys required), for tests of
     /// keys and roles. Returns its base URL; it stops when the guard is dropped.
     pub async fn start_secure_gateway(&self) -> (String, tokio_util::sync::DropGuard) {
+        self.start_secure_gateway_with(|_| {}).await
+    }
+
+    /// Like [`Stack::start_secure_gateway`], with the gateway's configuration adjusted (it starts
+    /// with no rate limit).
+    pub async fn start_secure_gateway_with(
+        &self,
+        adjust: impl FnOnce(&mut fleet_gateway::GatewayConfig),
+    ) -> (String, tokio_util::sync::DropGuard) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let token = CancellationToken::new();
-        let config = fleet_gateway::GatewayConfig {
+        let mut config = fleet_gateway::GatewayConfig {
             nats_url: self.nats.url(),
             dev_mode: false,
             request_timeout: Duration::from_secs(5),
             rate_limit: None,
             ..Default::default()
         };
+        adjust(&mut config);
         tokio::spawn(fleet_gateway::run(config, listener, token.clone()));
         wait_for("the secure gateway", WAIT, || async {
             let r = self.http.get(format!("{base}/health")).send().await.ok()?;
@@ -129,6 +207,14 @@ impl Stack {
         .await
         .unwrap();
         (base, token.drop_guard())
+    }
+
+    /// A key of `tenant` made as `fleet-orchestrator api-key create` makes it, with its own rate
+    /// limit if `rate` is given.
+    pub async fn cli_key(&self, tenant: &str, role: Role, rate: Option<Rate>) -> String {
+        let config = orchestrator_config(&self.nats, &self.db);
+        let tenant = TenantId::new(tenant).unwrap();
+        fleet_orchestrator::keys::create_with_config(&config, &tenant, role, "cli", rate).await.unwrap()
     }
 
     pub fn spawn_orchestrator(nats: &NatsServer, db: &TestDb) -> Part {
