@@ -1,8 +1,9 @@
-//! The event relay: publishes `job_history` rows (the outbox) to `FLEET_EVENTS`, in order.
+//! The event relay: publishes `job_history` rows to `FLEET_EVENTS`, in order.
 //!
 //! Rows are written in the same statement as the state change they describe, so an event exists
-//! exactly when the change committed. The relay publishes a batch in id order with pipelined
-//! acks, then marks it published. A crash between the two republishes the batch; the stream
+//! exactly when the change committed; a trigger puts each new row's id in `event_outbox`. The
+//! relay publishes a batch in id order with pipelined acks, then deletes those ids from the
+//! outbox. A crash between the two republishes the batch; the stream
 //! drops the copies by `Nats-Msg-Id` (the row id) within its duplicate window. Per job, rows are
 //! created under the job's row lock, so their ids — and hence the events — are in job order.
 
@@ -65,8 +66,10 @@ pub async fn run(core: Arc<Core>, token: CancellationToken) {
 /// Publish one batch; returns how many rows it published.
 async fn relay_batch(core: &Core) -> anyhow::Result<usize> {
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, tenant, job_id, robot_id, seq, kind, attempt, data, occurred_at
-         FROM job_history WHERE NOT published ORDER BY id LIMIT $1",
+        // The ids first, then each row by its key (a join invites a merge join that walks the
+        // whole history from its first row).
+        "SELECT id, tenant, job_id, robot_id, seq, kind, attempt, data, occurred_at FROM job_history
+         WHERE id = ANY(ARRAY(SELECT id FROM event_outbox ORDER BY id LIMIT $1)) ORDER BY id",
     )
     .bind(BATCH)
     .fetch_all(&core.store.pool)
@@ -103,9 +106,6 @@ async fn relay_batch(core: &Core) -> anyhow::Result<usize> {
         ack.await?;
     }
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    sqlx::query("UPDATE job_history SET published = true WHERE id = ANY($1)")
-        .bind(&ids)
-        .execute(&core.store.pool)
-        .await?;
+    sqlx::query("DELETE FROM event_outbox WHERE id = ANY($1)").bind(&ids).execute(&core.store.pool).await?;
     Ok(rows.len())
 }
