@@ -344,11 +344,13 @@ impl FleetView {
                 let waiting = view.offered.get(&subjects::class_offers(tenant, class)).copied().unwrap_or(0);
                 waiting < free + self.prefetch
             });
+            // A robot's own subject (targeted and rejected jobs) counts while the robot has a
+            // free slot; its prefetch waits for the next pass.
             class_room
                 || view.robots.iter().filter(|(_, e)| e.takes_work()).any(|(robot, e)| {
                     let waiting =
                         view.offered.get(&subjects::robot_offers(tenant, robot)).copied().unwrap_or(0);
-                    waiting < e.free_slots() + self.prefetch
+                    waiting < e.free_slots()
                 })
         })
     }
@@ -588,6 +590,32 @@ mod tests {
         // Both browser robots have an offer each: the next browser job may use the GPU robot
         // rather than wait.
         assert_eq!(subject_of(&view.reserve(&place(&tenant, &browser), 1, false)), gpu_class);
+    }
+
+    #[test]
+    fn room_is_there_until_every_class_is_at_its_limit() {
+        let view = FleetView::new(1);
+        assert!(!view.has_room(), "no robot, no room");
+        add(&view, "r1", &["shell"], 1);
+        let (tenant, any) = (t(), Class::default());
+        assert!(view.has_room());
+        // One slot plus a prefetch of one: two offers fill the class.
+        for _ in 0..2 {
+            assert!(view.has_room());
+            subject_of(&view.reserve(&place(&tenant, &any), 1, false));
+        }
+        // The robot's slot is still free: a job targeted at it could go.
+        assert!(view.has_room());
+        let r1 = RobotId::new("r1").unwrap();
+        // One offer claimed: the robot is busy, and the other offer is the class's prefetch.
+        view.unoffered(&tenant, "fleet.jobs.acme.shell");
+        view.started(&tenant, &r1, JobId::new());
+        assert!(!view.has_room(), "the class is at its limit and the robot is busy");
+        view.unoffered(&tenant, "fleet.jobs.acme.shell");
+        assert!(view.has_room(), "an offer given back makes room");
+        // A robot that is offline takes nothing.
+        view.offline(&tenant, &r1);
+        assert!(!view.has_room());
     }
 
     #[test]

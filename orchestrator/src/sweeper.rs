@@ -391,3 +391,61 @@ async fn republish_unrecorded(core: &Core) {
         Err(e) => tracing::warn!(error = %e, "cannot list unrecorded offers"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(priority: i16, at_ms: i64, id: u128) -> PendingKey {
+        PendingKey {
+            priority,
+            created_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000).unwrap(),
+            job_id: Uuid::from_u128(id),
+        }
+    }
+
+    #[test]
+    fn the_cursor_resets_for_jobs_ahead_of_it_and_not_for_jobs_behind() {
+        let cursor = AdmissionCursor::default();
+        let (generation, from) = cursor.begin();
+        assert_eq!(from, None);
+        cursor.advance(generation, Some(key(10, 1_000, 5)));
+        assert_eq!(cursor.begin().1, Some(key(10, 1_000, 5)));
+        // Behind it: later, or lower priority, or the same time and a larger id.
+        for behind in [key(10, 2_000, 1), key(5, 0, 0), key(10, 1_000, 6)] {
+            cursor.pending_added(behind);
+            assert_eq!(cursor.begin().1, Some(key(10, 1_000, 5)), "{behind:?}");
+        }
+        // Ahead of it: a higher priority.
+        cursor.pending_added(key(20, 9_000, 9));
+        assert_eq!(cursor.begin().1, None);
+    }
+
+    #[test]
+    fn a_round_that_raced_a_reset_does_not_move_the_cursor() {
+        let cursor = AdmissionCursor::default();
+        let (generation, _) = cursor.begin();
+        // A job went back to pending while the round was reading.
+        cursor.reset();
+        cursor.advance(generation, Some(key(10, 1_000, 5)));
+        assert_eq!(cursor.begin().1, None, "the round may have read past the job");
+        assert!(!cursor.recently_passed());
+        let (generation, _) = cursor.begin();
+        cursor.passed(generation);
+        assert!(cursor.recently_passed());
+        cursor.reset();
+        assert!(!cursor.recently_passed(), "a reset asks for a pass");
+    }
+
+    #[test]
+    fn reasons_compare_without_their_queue_position() {
+        assert_eq!(
+            reason_kind("all 2 eligible robots busy (position 4 in queue)"),
+            reason_kind("all 2 eligible robots busy (position 17 in queue)")
+        );
+        assert_ne!(
+            reason_kind("all 2 eligible robots busy (position 4 in queue)"),
+            reason_kind("no online robot of tenant acme")
+        );
+    }
+}
