@@ -12,6 +12,7 @@
 //! retries.
 
 use std::future::Future;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,10 +39,31 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
         F: Fn(Vec<Q>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<A>> + Send,
     {
+        Self::spawn_lingering(max, Duration::ZERO, flush)
+    }
+
+    /// [`Batcher::spawn`], but a flush waits `linger` after its first request for more to
+    /// arrive: for records whose delay matters less than their number (heartbeats), so that
+    /// requests arriving one by one still share a statement.
+    pub fn spawn_lingering<F, Fut>(max: usize, linger: Duration, flush: F) -> Self
+    where
+        F: Fn(Vec<Q>) -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<A>> + Send,
+    {
         let (tx, mut rx) = mpsc::unbounded_channel::<Item<Q, A>>();
         tokio::spawn(async move {
             let mut items = Vec::with_capacity(max);
             while rx.recv_many(&mut items, max).await > 0 {
+                if !linger.is_zero() && items.len() < max {
+                    let until = tokio::time::Instant::now() + linger;
+                    while items.len() < max {
+                        let room = max - items.len();
+                        match tokio::time::timeout_at(until, rx.recv_many(&mut items, room)).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
+                        }
+                    }
+                }
                 let (requests, answers): (Vec<Q>, Vec<_>) =
                     items.drain(..).map(|i| (i.request, i.answer)).unzip();
                 let n = requests.len();
@@ -120,6 +142,25 @@ mod tests {
         // One flush for the first request, and far fewer than 49 for the others.
         let n = flushes.load(Ordering::SeqCst);
         assert!(n <= 3, "{n} flushes for 50 requests");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_batcher_gathers_requests_that_arrive_one_by_one() {
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = sizes.clone();
+        let batcher = Batcher::spawn_lingering(100, Duration::from_millis(100), move |qs: Vec<u32>| {
+            let s = s.clone();
+            async move {
+                s.lock().unwrap().push(qs.len());
+                qs
+            }
+        });
+        for i in 0..10 {
+            batcher.send(i).unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(batcher.call(99).await.unwrap(), 99);
+        assert_eq!(*sizes.lock().unwrap(), vec![11], "one statement for requests 5 ms apart");
     }
 
     #[tokio::test]
