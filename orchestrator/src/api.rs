@@ -141,7 +141,7 @@ fn validate(body: &SubmitJob) -> ApiResult<(ParsedWorkflow, Class)> {
     Ok((parsed, requires))
 }
 
-async fn submit(core: &Core, req: ApiRequest<SubmitJob>) -> ApiResult<Submitted> {
+async fn submit(core: &Arc<Core>, req: ApiRequest<SubmitJob>) -> ApiResult<Submitted> {
     let body = &req.body;
     let (parsed, requires) = validate(body)?;
     if let Some(key) = &body.idempotency_key
@@ -235,7 +235,10 @@ async fn submit(core: &Core, req: ApiRequest<SubmitJob>) -> ApiResult<Submitted>
             offer_no: inserted.offer_no,
             subject: subject.clone(),
         };
-        core.offers.publish_or_log(&offer).await;
+        // The answer does not wait for the offer's publish: the job is committed, and an offer
+        // not published (this process stops first) is published by the watchdog.
+        let core = core.clone();
+        tokio::spawn(async move { core.offers.publish_or_log(&offer).await });
     }
     tracing::info!(job_id = %inserted.job_id, tenant = %req.tenant, status = inserted.status.as_str(), "job submitted");
     Ok(Submitted {

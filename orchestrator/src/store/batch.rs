@@ -20,12 +20,16 @@ use super::{
     Claimed, Inserted, NewJob, Placement, Store, StoreError, StoreResult, Verdict, claimed, lock_in_order,
     run_state_str,
 };
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Settings};
 use crate::leader::fenced;
 
 /// Most requests in one statement. Large enough that a busy fabric commits rarely, small enough
 /// that one statement stays short (its rows are locked until it commits).
 const MAX_BATCH: usize = 256;
+
+/// Submits, claims and completions: flushed at once, one statement of a kind at a time (see
+/// [`Settings::concurrency`]).
+const HOT: Settings = Settings::eager(MAX_BATCH, 1);
 
 /// How long heartbeat records wait for others to share their statement. They are figures for
 /// people (last seen, CPU, state), not transitions: a 10,000-robot fleet beats a thousand times
@@ -80,22 +84,24 @@ pub(super) struct Batches {
 impl Batches {
     pub fn spawn(store: &Store) -> Self {
         let s = store.clone();
-        let insert = Batcher::spawn(MAX_BATCH, move |reqs| {
+        let insert = Batcher::spawn_with(HOT, move |reqs| {
             let s = s.clone();
             async move { s.insert_many(reqs).await }
         });
         let s = store.clone();
-        let claim = Batcher::spawn(MAX_BATCH, move |reqs| {
+        let claim = Batcher::spawn_with(HOT, move |reqs| {
             let s = s.clone();
             async move { s.claim_many(reqs).await }
         });
         let s = store.clone();
-        let complete = Batcher::spawn(MAX_BATCH, move |reqs| {
+        let complete = Batcher::spawn_with(HOT, move |reqs| {
             let s = s.clone();
             async move { s.complete_many(reqs).await }
         });
         let s = store.clone();
-        let heartbeat = Batcher::spawn_lingering(MAX_BATCH * 4, HEARTBEAT_LINGER, move |beats| {
+        // One flush at a time: the latest record of a robot must be written last.
+        let settings = Settings { max: MAX_BATCH * 4, linger: HEARTBEAT_LINGER, concurrency: 1 };
+        let heartbeat = Batcher::spawn_with(settings, move |beats| {
             let s = s.clone();
             async move {
                 let n = beats.len();
