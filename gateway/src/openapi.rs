@@ -10,7 +10,13 @@
 #![allow(dead_code)] // the mirrors are descriptions, never built
 
 use serde_json::Value;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::path::Operation;
+use utoipa::openapi::request_body::RequestBody;
+use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Required, Response};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::routes;
@@ -57,7 +63,9 @@ use crate::routes;
         routes::analytics::analytics,
         routes::analytics::activity,
     ),
-    modifiers(&Security),
+    // The path words are parsed from their enums, which no `body` names, so list them here.
+    components(schemas(routes::commands::RobotAction, routes::keys::KeyVerb)),
+    modifiers(&Security, &EdgeResponses),
     tags(
         (name = "jobs", description = "Submit, list, cancel and follow jobs"),
         (name = "robots", description = "The fleet's robots and commands to them"),
@@ -87,7 +95,179 @@ impl Modify for Security {
             "api_key",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-Api-Key"))),
         );
+        // The Canvas's live view: a WebSocket cannot carry headers, so the key comes as `?token=`.
+        components
+            .add_security_scheme("token", SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::new("token"))));
     }
+}
+
+/// The answers of the edge, shared by the operations they apply to (as `$ref`s to
+/// `components.responses`, so each is described once):
+///
+/// - every operation that needs a key: 401 (no key, or an unknown, revoked or expired one; both
+///   headers carrying different keys), 429 (the rate limit, with `Retry-After`) and 503 (NATS or
+///   the orchestrator out of reach, also while checking the key, with `Retry-After`);
+/// - every operation with a request body: 400 (not JSON, or empty when one is needed) and 413
+///   (over the body limit); a *required* body is read by `crate::extract::JsonBody`, which also
+///   answers 415 to a content type that is not JSON (optional bodies, which the Canvas posts
+///   with no content type at all, are read whatever the content type).
+///
+/// An operation's own description of one of these statuses, when it has one, is kept.
+struct EdgeResponses;
+
+impl EdgeResponses {
+    fn shared() -> [(&'static str, &'static str, Response); 6] {
+        let error = |description: &str| {
+            ResponseBuilder::new().description(description).content(
+                "application/json",
+                ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+            )
+        };
+        let retry_after = || {
+            HeaderBuilder::new()
+                .schema(Some(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1))))
+                .description(Some("Seconds to wait before trying again"))
+                .build()
+        };
+        [
+            ("401", "Unauthorized", error("No API key, or an unknown, revoked or expired one (`unauthorized`)").build()),
+            (
+                "429",
+                "RateLimited",
+                error("Too many requests for this key (`rate_limited`); retry after `Retry-After` seconds")
+                    .header("Retry-After", retry_after())
+                    .build(),
+            ),
+            (
+                "503",
+                "Unavailable",
+                error("Nothing was done: NATS or the orchestrator is out of reach (`unavailable`); retry after `Retry-After` seconds")
+                    .header("Retry-After", retry_after())
+                    .build(),
+            ),
+            ("400", "MalformedBody", error("The body is not JSON, or is empty where one is needed (`malformed_json`)").build()),
+            ("413", "PayloadTooLarge", error("The body is larger than the gateway's limit (`payload_too_large`)").build()),
+            (
+                "415",
+                "UnsupportedMediaType",
+                error("The body's `Content-Type` is not JSON (`unsupported_media_type`); without one, JSON is assumed").build(),
+            ),
+        ]
+    }
+
+    fn apply(op: &mut Operation) {
+        let mut statuses = Vec::new();
+        if op.security.is_some() {
+            statuses.extend(["401", "429", "503"]);
+        }
+        match &op.request_body {
+            Some(RefOr::T(RequestBody { required: Some(Required::True), .. })) => {
+                statuses.extend(["400", "413", "415"])
+            }
+            Some(_) => statuses.extend(["400", "413"]),
+            None => {}
+        }
+        for status in statuses {
+            let name = Self::shared().into_iter().find_map(|(s, name, _)| (s == status).then_some(name));
+            if let Some(name) = name {
+                op.responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
+            }
+        }
+    }
+}
+
+impl Modify for EdgeResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (_, name, response) in Self::shared() {
+            components.responses.insert(name.to_owned(), RefOr::T(response));
+        }
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for op in ops.into_iter().flatten() {
+                Self::apply(op);
+            }
+        }
+    }
+}
+
+/// A capability name as a request gives it: `[a-z0-9_-]{1,32}` (`fleet_schemas::Capability::RULE`).
+#[derive(ToSchema)]
+#[schema(pattern = "^[a-z0-9_-]{1,32}$")]
+pub struct Capability(String);
+
+/// A capability name in the robot registry, where surrounding blanks are trimmed first.
+#[derive(ToSchema)]
+#[schema(pattern = r"^\s*[a-z0-9_-]{1,32}\s*$")]
+pub struct TrimmedCapability(String);
+
+/// A robot id: `[a-z0-9-]{1,64}` (`fleet_schemas::RobotId::RULE`).
+#[derive(ToSchema)]
+#[schema(pattern = "^[a-z0-9-]{1,64}$")]
+pub struct RobotId(String);
+
+/// A robot's tag: not blank (`\S`: some character that is not white space), at most 64
+/// characters once trimmed.
+#[derive(ToSchema)]
+#[schema(pattern = r"\S")]
+pub struct Tag(String);
+
+/// How a job was triggered (`scheduled` is refused until schedules exist).
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TriggerType {
+    Manual,
+    Webhook,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionMode {
+    Lan,
+    Internet,
+}
+
+/// What `PUT /api/v1/robots/{robot_id}/status` can set (busy, offline and error are reported by
+/// the robot, not set).
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SettableStatus {
+    Maintenance,
+    /// Leave maintenance (the same as `idle`).
+    Online,
+    Idle,
+    Paused,
+}
+
+/// The commands of `POST /api/v1/robots/commands`.
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BulkCommand {
+    Pause,
+    Resume,
+    /// The same as `resume`.
+    Start,
+    Maintenance,
+    /// Leave maintenance.
+    Online,
+    Drain,
+    Stop,
+    Restart,
+}
+
+/// A robot status as a filter (`idle` is the same as `online`).
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RobotStatusFilter {
+    Idle,
+    Online,
+    Busy,
+    Offline,
+    Maintenance,
+    Error,
 }
 
 /// Every error answer.
@@ -382,6 +562,118 @@ pub struct ActivityEvent {
     pub job_id: Option<String>,
 }
 
+/// An API key as listed (`fleet_schemas::api::KeyView`): never its secret.
+#[derive(ToSchema)]
+pub struct Key {
+    /// The key id, the part between `crpa_` and the secret.
+    pub id: String,
+    pub name: String,
+    /// The same as `name` (the Canvas reads `key_name`).
+    pub key_name: String,
+    pub description: Option<String>,
+    /// admin, operator or viewer
+    pub role: String,
+    /// active, revoked or expired
+    pub status: String,
+    pub robot_id: Option<String>,
+    pub robot_name: Option<String>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub expires_at: Option<String>,
+    #[schema(format = DateTime)]
+    pub last_used_at: Option<String>,
+    pub last_used_ip: Option<String>,
+}
+
+/// A new or rotated key (`fleet_schemas::api::CreatedKey`).
+#[derive(ToSchema)]
+pub struct CreatedKey {
+    /// The key itself, `crpa_<key id>_<secret>`: shown this once, Fleet keeps only its hash.
+    pub api_key: String,
+    pub key: Key,
+}
+
+/// `GET /api/v1/api-keys` (`fleet_schemas::api::KeyList`).
+#[derive(ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<Key>,
+    /// Keys matching the filters, not only those returned.
+    pub total: u32,
+}
+
+/// Answer of `POST …/{key_id}/revoke`.
+#[derive(ToSchema)]
+pub struct KeyRevoked {
+    pub revoked: bool,
+    pub key_id: String,
+    pub key: Key,
+}
+
+/// Answer of `POST …/{key_id}/{action}`: revoked, or rotated (a new `api_key`).
+#[derive(ToSchema)]
+#[serde(untagged)]
+pub enum KeyActionAnswer {
+    Revoked(KeyRevoked),
+    Rotated(CreatedKey),
+}
+
+/// Answer of `DELETE /api/v1/api-keys/{key_id}`.
+#[derive(ToSchema)]
+pub struct KeyDeleted {
+    pub deleted: bool,
+    pub key_id: String,
+}
+
+/// One event as the live streams send it (`fleet_schemas::event::Event` with `stream_seq`).
+#[derive(ToSchema)]
+pub struct StreamedEvent {
+    /// Schema version.
+    pub v: u32,
+    /// Unique, increasing id of the event.
+    pub id: i64,
+    /// `job.submitted`, `job.started`, `job.completed`, `robot.registered`, …
+    #[schema(rename = "type")]
+    pub kind: String,
+    pub tenant: String,
+    #[schema(format = DateTime)]
+    pub occurred_at: String,
+    pub job_id: Option<String>,
+    pub robot_id: Option<String>,
+    /// Per-job sequence number (1, 2, 3… for each job); absent for robot events.
+    pub seq: Option<i32>,
+    pub attempt: Option<i32>,
+    /// Event-specific fields (`status`, `error`, `class`, `reason`…).
+    pub data: Value,
+    /// The stream sequence: resume after it with `Last-Event-ID` or `?since=`.
+    pub stream_seq: u64,
+}
+
+/// One Server-Sent Event of `GET /api/v1/events`, as OpenAPI 3.1 describes an event stream: one
+/// schema per event, with the fields `id` and `data` (JSON holding a [`StreamedEvent`]).
+pub struct SseEvent;
+
+impl utoipa::PartialSchema for SseEvent {
+    fn schema() -> RefOr<utoipa::openapi::schema::Schema> {
+        let id = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[0-9]+$"))
+            .description(Some("The event's stream sequence (also its `stream_seq`)"));
+        let data = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .content_media_type("application/json")
+            .content_schema(Some(Ref::from_schema_name("StreamedEvent")))
+            .description(Some("The event, one JSON object"));
+        ObjectBuilder::new().property("id", id).required("id").property("data", data).required("data").into()
+    }
+}
+
+impl ToSchema for SseEvent {
+    fn schemas(schemas: &mut Vec<(String, RefOr<utoipa::openapi::schema::Schema>)>) {
+        schemas.push(("StreamedEvent".to_owned(), <StreamedEvent as utoipa::PartialSchema>::schema()));
+    }
+}
+
 /// `GET /health`.
 #[derive(ToSchema)]
 pub struct Health {
@@ -568,5 +860,40 @@ mod tests {
         };
         assert_eq!(keys("ActivityEvent"), keys_of(event.clone()));
         assert_eq!(keys("Activity"), keys_of(api::Activity { events: vec![event], total: 1 }));
+        let key = api::KeyView {
+            id: String::new(),
+            name: String::new(),
+            key_name: String::new(),
+            description: None,
+            role: fleet_schemas::keys::Role::Viewer,
+            status: String::new(),
+            robot_id: None,
+            robot_name: None,
+            created_at: t,
+            expires_at: None,
+            last_used_at: None,
+            last_used_ip: None,
+        };
+        assert_eq!(keys("Key"), keys_of(key.clone()));
+        let created = api::CreatedKey { api_key: String::new(), key: key.clone() };
+        assert_eq!(keys("CreatedKey"), keys_of(created));
+        assert_eq!(keys("KeyList"), keys_of(api::KeyList { keys: vec![key], total: 1 }));
+        // Every optional field set, since unset ones are left out of an event.
+        let event = fleet_schemas::event::Event {
+            v: 1,
+            id: 1,
+            kind: "job.completed".into(),
+            tenant: fleet_schemas::TenantId::default_tenant(),
+            occurred_at: t,
+            job_id: Some(String::new()),
+            robot_id: Some(String::new()),
+            seq: Some(1),
+            attempt: Some(1),
+            data: Value::Null,
+        };
+        let mut streamed = keys_of(event);
+        streamed.push("stream_seq".to_owned()); // added by `routes::events::stream_event`
+        streamed.sort();
+        assert_eq!(keys("StreamedEvent"), streamed);
     }
 }
