@@ -11,7 +11,7 @@
 
 use serde_json::Value;
 use utoipa::openapi::header::HeaderBuilder;
-use utoipa::openapi::path::Operation;
+use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::request_body::RequestBody;
 use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::schema::{ObjectBuilder, Type};
@@ -113,6 +113,11 @@ impl Modify for Security {
 ///   with no content type at all, are read whatever the content type).
 ///
 /// An operation's own description of one of these statuses, when it has one, is kept.
+///
+/// Every query parameter also gets `allowEmptyValue: true`: the gateway reads an empty value
+/// (`?status=`, `?limit=`) as no value at all (`crate::routes::QueryParams`), which is what the
+/// keyword says. utoipa has no field for it (it is deprecated in OpenAPI 3.x, though still
+/// defined), so it goes in through the parameter's extension map, which is written out flat.
 struct EdgeResponses;
 
 impl EdgeResponses {
@@ -156,6 +161,15 @@ impl EdgeResponses {
     }
 
     fn apply(op: &mut Operation) {
+        for parameter in op.parameters.iter_mut().flatten() {
+            if let RefOr::T(p) = parameter
+                && p.parameter_in == ParameterIn::Query
+            {
+                p.extensions
+                    .get_or_insert_with(Default::default)
+                    .insert("allowEmptyValue".to_owned(), true.into());
+            }
+        }
         let mut statuses = Vec::new();
         if op.security.is_some() {
             statuses.extend(["401", "429", "503"]);
@@ -258,6 +272,48 @@ pub enum BulkCommand {
     Restart,
 }
 
+/// A job's status (`fleet_schemas::api::JobStatus`).
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Pending,
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+/// A robot's status (`fleet_schemas::api::RobotStatus`).
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RobotStatus {
+    Online,
+    Busy,
+    Offline,
+    Maintenance,
+    Error,
+}
+
+/// An API key's status.
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+    Expired,
+}
+
+/// An API key's role (`fleet_schemas::keys::Role`): each includes the ones after it.
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Admin,
+    Operator,
+    Viewer,
+}
+
 /// A robot status as a filter (`idle` is the same as `online`).
 #[derive(ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -293,8 +349,7 @@ pub struct Job {
     pub job_id: String,
     pub workflow_id: String,
     pub workflow_name: String,
-    /// pending, queued, running, completed, failed, cancelled, timed_out
-    pub status: String,
+    pub status: JobStatus,
     pub robot_id: Option<String>,
     pub robot_name: Option<String>,
     pub attempt: i32,
@@ -332,8 +387,7 @@ pub struct Robot {
     pub robot_id: String,
     pub name: String,
     pub hostname: String,
-    /// online, busy, offline, maintenance, error
-    pub status: String,
+    pub status: RobotStatus,
     /// What the robot reports: online, paused, maintenance, draining, stopping
     pub state: String,
     /// What it was told: online, paused, maintenance
@@ -390,7 +444,7 @@ pub struct Queue {
 pub struct Cancelled {
     pub job_id: String,
     pub cancelled: bool,
-    pub previous_status: String,
+    pub previous_status: JobStatus,
     pub message: String,
 }
 
@@ -426,7 +480,7 @@ pub struct RobotLogs {
 #[derive(ToSchema)]
 pub struct RobotMetrics {
     pub robot_id: String,
-    pub status: String,
+    pub status: RobotStatus,
     pub state: String,
     pub cpu_percent: Option<f32>,
     pub memory_mb: Option<f64>,
@@ -467,9 +521,9 @@ pub struct Retried {
     pub new_job_id: String,
     pub original_job_id: String,
     /// failed, cancelled or timed_out
-    pub previous_status: String,
+    pub previous_status: JobStatus,
     /// pending
-    pub status: String,
+    pub status: JobStatus,
     pub next_attempt: i32,
     pub message: String,
 }
@@ -571,10 +625,8 @@ pub struct Key {
     /// The same as `name` (the Canvas reads `key_name`).
     pub key_name: String,
     pub description: Option<String>,
-    /// admin, operator or viewer
-    pub role: String,
-    /// active, revoked or expired
-    pub status: String,
+    pub role: Role,
+    pub status: KeyStatus,
     pub robot_id: Option<String>,
     pub robot_name: Option<String>,
     #[schema(format = DateTime)]
@@ -708,6 +760,33 @@ mod tests {
         let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
         keys.sort();
         keys
+    }
+
+    /// The values a described enum lists.
+    fn values(name: &str) -> Vec<String> {
+        let doc = serde_json::to_value(document()).unwrap();
+        let list = doc["components"]["schemas"][name]["enum"].as_array().unwrap_or_else(|| panic!("{name}"));
+        list.iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+    }
+
+    #[test]
+    fn described_enums_list_what_the_code_accepts_and_answers() {
+        use fleet_schemas::api;
+        let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(values("JobStatus"), strings(&api::JobStatus::ALL.map(api::JobStatus::as_str)));
+        assert_eq!(values("RobotStatus"), strings(&api::RobotStatus::ALL.map(api::RobotStatus::as_str)));
+        let mut filter = values("RobotStatusFilter");
+        filter.retain(|s| s != "idle");
+        assert_eq!(filter, values("RobotStatus"), "the filter is the statuses plus idle");
+        assert!(values("RobotStatusFilter").iter().all(|s| api::RobotStatus::parse(s).is_some()));
+        let mut roles = values("Role");
+        roles.sort();
+        let mut real = strings(&fleet_schemas::keys::Role::ALL.map(fleet_schemas::keys::Role::as_str));
+        real.sort();
+        assert_eq!(roles, real);
+        use crate::routes::{commands::RobotAction, keys::KeyVerb, path_enum};
+        assert!(values("RobotAction").iter().all(|a| path_enum::<RobotAction>(a).is_some()));
+        assert!(values("KeyVerb").iter().all(|a| path_enum::<KeyVerb>(a).is_some()));
     }
 
     #[test]

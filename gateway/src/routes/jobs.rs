@@ -63,10 +63,10 @@ pub async fn get(
     tag = "jobs",
     params(
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1 to 500, default 100"),
-        ("status" = Option<String>, Query, description = "pending, queued, running, completed, failed, cancelled, timed_out"),
+        ("status" = Option<crate::openapi::JobStatus>, Query),
         ("workflow_id" = Option<String>, Query),
-        ("robot_id" = Option<String>, Query),
-        ("cursor" = Option<String>, Query, description = "The `X-Next-Cursor` of the previous page"),
+        ("robot_id" = Option<String>, Query, pattern = "^[a-z0-9-]{1,64}$"),
+        ("cursor" = Option<String>, Query, pattern = "^[0-9a-fA-F]{48}$", description = "The `X-Next-Cursor` of the previous page"),
     ),
     responses(
         (status = 200, description = "Newest first, a bare array", body = Vec<crate::openapi::Job>,

@@ -169,7 +169,7 @@ async fn list_keys(
         ("limit" = Option<u32>, Query, minimum = 0, maximum = 1000, description = "0 to 1000, default 100 (0 counts as 1)"),
         ("offset" = Option<i64>, Query, minimum = 0, maximum = 4_294_967_295_i64, description = "Keys to skip, default 0"),
         ("robot_id" = Option<String>, Query, description = "Only this robot's keys"),
-        ("status" = Option<String>, Query, description = "active, revoked or expired"),
+        ("status" = Option<crate::openapi::KeyStatus>, Query),
     ),
     responses(
         (status = 200, description = "The tenant's keys, never their secrets", body = crate::openapi::KeyList),
@@ -191,7 +191,7 @@ pub async fn list(
         ("limit" = Option<u32>, Query, minimum = 0, maximum = 1000, description = "0 to 1000, default 100 (0 counts as 1)"),
         ("offset" = Option<i64>, Query, minimum = 0, maximum = 4_294_967_295_i64, description = "Keys to skip, default 0"),
         ("robot_id" = Option<String>, Query, description = "Only this robot's keys"),
-        ("status" = Option<String>, Query, description = "active, revoked or expired"),
+        ("status" = Option<crate::openapi::KeyStatus>, Query),
     ),
     responses(
         (status = 200, description = "The tenant's robot keys", body = crate::openapi::KeyList),

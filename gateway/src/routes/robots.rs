@@ -21,7 +21,7 @@ use crate::error::{CallKind, HttpError};
     get,
     path = "/api/v1/metrics/robots",
     tag = "robots",
-    params(("status" = Option<String>, Query, description = "idle (= online), online, busy, offline, maintenance, error")),
+    params(("status" = Option<crate::openapi::RobotStatusFilter>, Query)),
     responses(
         (status = 200, description = "A bare array", body = Vec<crate::openapi::Robot>),
         (status = 422, description = "Bad status filter", body = crate::openapi::ErrorBody),
