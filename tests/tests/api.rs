@@ -484,7 +484,8 @@ async fn retry_needs_an_operator_and_the_registry_an_admin() {
 /// shape in a path, reached PostgreSQL, which refused it, and the API answered 500. Now a body or
 /// query answers 422 naming the field and a path 404, like any unknown id. Also: a repeated
 /// query parameter, and a body a robot or key action would have ignored, are refused instead of
-/// silently dropped.
+/// silently dropped; and a job-list cursor with a time before 1970 (which PostgreSQL could not
+/// hold either) is 422 like any cursor this list never made.
 #[tokio::test]
 async fn input_the_database_cannot_hold_is_refused_at_the_edge() {
     let stack = Stack::start().await;
@@ -513,6 +514,8 @@ async fn input_the_database_cannot_hold_is_refused_at_the_edge() {
         ("/api/v1/api-keys?robot_id=%00", "robot_id"),
         ("/api/v1/api-keys?offset=false&offset=", "offset"),
         ("/api/v1/events?since=9223372036854775808", "since"),
+        // A cursor whose time is before 1970 went to PostgreSQL out of its range: 500.
+        ("/api/v1/metrics/jobs?cursor=FbC1a6E1eE98de1DC6D8a9ACd0F7A0B0b80f0F69BDeb88aF", "cursor"),
     ] {
         let (status, _, answer) = call(&stack, Method::GET, query, None).await;
         assert_eq!((status, answer["error"]["field"].as_str()), (422, Some(field)), "{query}: {answer}");

@@ -66,7 +66,7 @@ pub async fn get(
         ("status" = Option<crate::openapi::JobStatus>, Query),
         ("workflow_id" = Option<String>, Query),
         ("robot_id" = Option<String>, Query, pattern = "^[a-z0-9-]{1,64}$"),
-        ("cursor" = Option<String>, Query, pattern = "^[0-9a-fA-F]{48}$", description = "The `X-Next-Cursor` of the previous page"),
+        ("cursor" = Option<String>, Query, pattern = "^[0-7][0-9a-fA-F]{47}$", description = "The `X-Next-Cursor` of the previous page"),
     ),
     responses(
         (status = 200, description = "Newest first, a bare array", body = Vec<crate::openapi::Job>,
@@ -222,6 +222,7 @@ mod tests {
             ("robot_id=R_1", "robot_id"),
             ("cursor=nope", "cursor"),
             ("cursor=0000000000000000zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz", "cursor"),
+            ("cursor=FbC1a6E1eE98de1DC6D8a9ACd0F7A0B0b80f0F69BDeb88aF", "cursor"),
         ] {
             assert_eq!(q(query).unwrap_err().field.as_deref(), Some(field), "{query}");
         }

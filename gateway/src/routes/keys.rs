@@ -131,6 +131,22 @@ pub async fn create_robot_key(
     call(&state, Endpoint::CreateKey, request_id, &caller, req, CallKind::Submit).await.map(Json)
 }
 
+/// The query of both key lists, as the document describes it (it is read with `QueryParams`).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // a description, never built
+struct KeyListQuery {
+    /// 0 to 1000, default 100 (0 counts as 1).
+    #[param(minimum = 0, maximum = 1000)]
+    limit: Option<u32>,
+    /// Keys to skip, default 0.
+    #[param(minimum = 0, maximum = 4_294_967_295_i64)]
+    offset: Option<i64>,
+    /// Only this robot's keys.
+    robot_id: Option<String>,
+    status: Option<crate::openapi::KeyStatus>,
+}
+
 async fn list_keys(
     caller: &Caller,
     state: &AppState,
@@ -165,12 +181,7 @@ async fn list_keys(
 }
 
 #[utoipa::path(get, path = "/api/v1/api-keys", tag = "keys",
-    params(
-        ("limit" = Option<u32>, Query, minimum = 0, maximum = 1000, description = "0 to 1000, default 100 (0 counts as 1)"),
-        ("offset" = Option<i64>, Query, minimum = 0, maximum = 4_294_967_295_i64, description = "Keys to skip, default 0"),
-        ("robot_id" = Option<String>, Query, description = "Only this robot's keys"),
-        ("status" = Option<crate::openapi::KeyStatus>, Query),
-    ),
+    params(KeyListQuery),
     responses(
         (status = 200, description = "The tenant's keys, never their secrets", body = crate::openapi::KeyList),
         (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),
@@ -187,12 +198,7 @@ pub async fn list(
 }
 
 #[utoipa::path(get, path = "/api/v1/robot-api-keys", tag = "keys",
-    params(
-        ("limit" = Option<u32>, Query, minimum = 0, maximum = 1000, description = "0 to 1000, default 100 (0 counts as 1)"),
-        ("offset" = Option<i64>, Query, minimum = 0, maximum = 4_294_967_295_i64, description = "Keys to skip, default 0"),
-        ("robot_id" = Option<String>, Query, description = "Only this robot's keys"),
-        ("status" = Option<crate::openapi::KeyStatus>, Query),
-    ),
+    params(KeyListQuery),
     responses(
         (status = 200, description = "The tenant's robot keys", body = crate::openapi::KeyList),
         (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),
