@@ -527,6 +527,9 @@ async fn input_the_database_cannot_hold_is_refused_at_the_edge() {
         (Method::POST, "/api/v1/robot-api-keys/not-a-key-id/rotate".to_owned()),
         (Method::DELETE, format!("/api/v1/api-keys/{well_formed}")),
         (Method::POST, format!("/api/v1/api-keys/{well_formed}/nothing")),
+        // Path segments that are not UTF-8 answered 400 on these routes, 404 on the others.
+        (Method::POST, "/api/v1/robots/%FF/start".to_owned()),
+        (Method::POST, "/api/v1/api-keys/%FF/rotate".to_owned()),
     ] {
         let (status, _, answer) = call(&stack, method.clone(), &path, None).await;
         assert_eq!(
