@@ -236,16 +236,39 @@ pub enum KeyVerb {
     Rotate,
 }
 
+/// The path of `POST …/{key_id}/{action}`, for both key routes (a description, never built).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct KeyActionPath {
+    #[param(pattern = "^[0-9a-f]{32}$")]
+    key_id: String,
+    action: KeyVerb,
+}
+
+/// The answers of `POST …/{key_id}/{action}`, for both key routes (a description, never built).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum KeyActionResponses {
+    /// revoke: `{revoked, key_id, key}`; rotate: the new `api_key` and the key
+    #[response(status = 200)]
+    Done(crate::openapi::KeyActionAnswer),
+    /// The key's role is not admin
+    #[response(status = 403)]
+    Forbidden(crate::openapi::ErrorBody),
+    /// No such key in the caller's tenant, or no such action
+    #[response(status = 404)]
+    NotFound(crate::openapi::ErrorBody),
+    /// Bad body (or an unknown field)
+    #[response(status = 422)]
+    Invalid(crate::openapi::ErrorBody),
+}
+
 /// `POST …/{key_id}/revoke` (optional `{"reason"}`) and `…/{key_id}/rotate`.
 #[utoipa::path(post, path = "/api/v1/api-keys/{key_id}/{action}", tag = "keys",
-    params(("key_id" = String, Path, pattern = "^[0-9a-f]{32}$"), ("action" = KeyVerb, Path)),
+    params(KeyActionPath),
     request_body(content = Option<RevokeBody>, description = "Optional; only `revoke` records the `reason`, but either action refuses a body that is not this shape"),
-    responses(
-        (status = 200, description = "revoke: `{revoked, key_id, key}`; rotate: the new `api_key` and the key", body = crate::openapi::KeyActionAnswer),
-        (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),
-        (status = 404, description = "No such key in the caller's tenant, or no such action", body = crate::openapi::ErrorBody),
-        (status = 422, description = "Bad body (or an unknown field)", body = crate::openapi::ErrorBody),
-    ),
+    responses(KeyActionResponses),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn key_action(
     caller: Caller,
@@ -299,14 +322,9 @@ pub async fn delete(
 
 /// `POST /api/v1/robot-api-keys/{key_id}/revoke|rotate`: the same as for any key.
 #[utoipa::path(post, path = "/api/v1/robot-api-keys/{key_id}/{action}", tag = "keys",
-    params(("key_id" = String, Path, pattern = "^[0-9a-f]{32}$"), ("action" = KeyVerb, Path)),
+    params(KeyActionPath),
     request_body(content = Option<RevokeBody>, description = "Optional; only `revoke` records the `reason`, but either action refuses a body that is not this shape"),
-    responses(
-        (status = 200, description = "revoke: `{revoked, key_id, key}`; rotate: the new `api_key` and the key", body = crate::openapi::KeyActionAnswer),
-        (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),
-        (status = 404, description = "No such key in the caller's tenant, or no such action", body = crate::openapi::ErrorBody),
-        (status = 422, description = "Bad body (or an unknown field)", body = crate::openapi::ErrorBody),
-    ),
+    responses(KeyActionResponses),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn robot_key_action(
     caller: Caller,
