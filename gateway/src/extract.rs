@@ -7,8 +7,14 @@
 //! A missing `Content-Type` is taken as JSON, because the Canvas and `curl -d` users do not
 //! always send one; an explicit non-JSON content type gets 415.
 //!
+//! No string anywhere in a body may hold U+0000: PostgreSQL's `text` and `jsonb` cannot store
+//! it, so such a body could only fail later, in the database, as a 500. It is refused here with
+//! 422 naming the field.
+//!
 //! Handlers that need no body take no body extractor at all, so a POST with no body and no
-//! `Content-Type` (what the Canvas sends to `/cancel`) is simply accepted.
+//! `Content-Type` (what the Canvas sends to `/cancel`) is simply accepted. Handlers whose body is
+//! optional (`…/stop`'s `{"force": true}`) read it with [`optional_json`], whatever the content
+//! type, since the Canvas posts them with none.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -66,12 +72,54 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
             "the request body must be a JSON object",
         ));
     }
+    if let Some(field) = nul_at(&value) {
+        return Err(HttpError::invalid(field, NUL_MESSAGE));
+    }
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let message = e.inner().to_string();
         let (field, message) = field_of(&path, &message);
         HttpError::invalid(field, message)
     })
+}
+
+/// What a field holding U+0000 is told.
+pub const NUL_MESSAGE: &str = "must not contain the NUL character (U+0000)";
+
+/// The path (`tags[1]`, `metadata.note`) of the first string or object key holding U+0000. The
+/// path is only built on the way back from a find, so a clean body costs no allocation.
+fn nul_at(value: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    // `head` then the child's own path: `a` + `b[0]` = `a.b[0]`, `a` + `[0]` = `a[0]`.
+    fn join(head: String, rest: String) -> String {
+        match rest.chars().next() {
+            None => head,
+            Some('[') => head + &rest,
+            Some(_) => format!("{head}.{rest}"),
+        }
+    }
+    match value {
+        Value::String(s) => s.contains('\0').then(String::new),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_at(item).map(|rest| join(format!("[{i}]"), rest))),
+        Value::Object(map) => map.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                return Some(key.replace('\0', "\\0"));
+            }
+            nul_at(item).map(|rest| join(key.clone(), rest))
+        }),
+        _ => None,
+    }
+}
+
+/// An optional JSON body: none at all (or only whitespace, or JSON `null`) is `T::default()`;
+/// anything else is checked like a required body, unknown fields included, so a body is never
+/// silently ignored.
+pub fn optional_json<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, HttpError> {
+    let text = bytes.trim_ascii();
+    if text.is_empty() || text == b"null" { Ok(T::default()) } else { parse_json(text) }
 }
 
 /// The field a serde error is about. serde reports a missing field at its parent's path, with
@@ -122,5 +170,43 @@ mod tests {
         let e = parse_json::<T>(b"[1]").unwrap_err();
         assert_eq!((e.status.as_u16(), e.field), (422, None));
         assert!(parse_json::<T>(br#"{"name": "a", "unknown": 1}"#).is_ok());
+    }
+
+    /// Regression (schemathesis, `POST /api/v1/robots/register` with a tag holding U+0000):
+    /// PostgreSQL refused the text and the API answered 500; now it is 422 naming the field.
+    #[test]
+    fn nul_characters_are_refused_naming_the_field() {
+        let e = parse_json::<T>(b"{\"name\": \"a\\u0000b\"}").unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.field.as_deref(), e.message.as_str()),
+            (422, Some("name"), NUL_MESSAGE)
+        );
+        let e = parse_json::<T>(br#"{"name": "a", "list": [1, 2], "inner": {"x": ["ok", "\u0000"]}}"#)
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("inner.x[1]"), "{e}");
+        let e = parse_json::<T>(br#"{"name": "a", "extra": [{"k": "\u0000"}]}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("extra[0].k"), "even in a field the handler ignores: {e}");
+        let e = parse_json::<T>(br#"{"name": "a", "m": {"\u0000k": 1}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("m.\\0k"), "in a key: {e}");
+        assert!(parse_json::<T>(br#"{"name": "a\u0001 \\u0000 is fine as text"}"#).is_ok());
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Opt {
+        #[serde(default)]
+        force: bool,
+    }
+
+    #[test]
+    fn optional_body() {
+        for none in [&b""[..], b" \n", b"null", b" null "] {
+            assert!(!optional_json::<Opt>(none).unwrap().force, "{none:?}");
+        }
+        assert!(optional_json::<Opt>(br#"{"force": true}"#).unwrap().force);
+        let e = optional_json::<Opt>(br#"{"force": true, "x": 1}"#).unwrap_err();
+        assert_eq!(e.status.as_u16(), 422, "unknown fields are refused: {e}");
+        assert_eq!(optional_json::<Opt>(b"{nope").unwrap_err().code, "malformed_json");
+        assert_eq!(optional_json::<Opt>(b"[]").unwrap_err().status.as_u16(), 422);
     }
 }

@@ -10,7 +10,13 @@
 #![allow(dead_code)] // the mirrors are descriptions, never built
 
 use serde_json::Value;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::request_body::RequestBody;
+use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Required, Response};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::routes;
@@ -57,7 +63,10 @@ use crate::routes;
         routes::analytics::analytics,
         routes::analytics::activity,
     ),
-    modifiers(&Security),
+    // Named by no `body =` (a path word's enum, the answer of a shared `IntoResponses`), so
+    // not collected on their own: listed here.
+    components(schemas(routes::commands::RobotAction, routes::keys::KeyVerb, KeyActionAnswer)),
+    modifiers(&Security, &EdgeResponses),
     tags(
         (name = "jobs", description = "Submit, list, cancel and follow jobs"),
         (name = "robots", description = "The fleet's robots and commands to them"),
@@ -87,7 +96,238 @@ impl Modify for Security {
             "api_key",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-Api-Key"))),
         );
+        // The Canvas's live view: a WebSocket cannot carry headers, so the key comes as `?token=`.
+        components
+            .add_security_scheme("token", SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::new("token"))));
     }
+}
+
+/// The answers of the edge, shared by the operations they apply to (as `$ref`s to
+/// `components.responses`, so each is described once):
+///
+/// - every operation that needs a key: 401 (no key, or an unknown, revoked or expired one; both
+///   headers carrying different keys), 429 (the rate limit, with `Retry-After`) and 503 (NATS or
+///   the orchestrator out of reach, also while checking the key, with `Retry-After`);
+/// - every operation with a request body: 400 (not JSON, or empty when one is needed) and 413
+///   (over the body limit); a *required* body is read by `crate::extract::JsonBody`, which also
+///   answers 415 to a content type that is not JSON (optional bodies, which the Canvas posts
+///   with no content type at all, are read whatever the content type).
+///
+/// An operation's own description of one of these statuses, when it has one, is kept.
+///
+/// Every query parameter also gets `allowEmptyValue: true`: the gateway reads an empty value
+/// (`?status=`, `?limit=`) as no value at all (`crate::routes::QueryParams`), which is what the
+/// keyword says. utoipa has no field for it (it is deprecated in OpenAPI 3.x, though still
+/// defined), so it goes in through the parameter's extension map, which is written out flat.
+struct EdgeResponses;
+
+impl EdgeResponses {
+    fn shared() -> [(&'static str, &'static str, Response); 6] {
+        let error = |description: &str| {
+            ResponseBuilder::new().description(description).content(
+                "application/json",
+                ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+            )
+        };
+        let retry_after = || {
+            HeaderBuilder::new()
+                .schema(Some(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1))))
+                .description(Some("Seconds to wait before trying again"))
+                .build()
+        };
+        [
+            ("401", "Unauthorized", error("No API key, or an unknown, revoked or expired one (`unauthorized`)").build()),
+            (
+                "429",
+                "RateLimited",
+                error("Too many requests for this key (`rate_limited`); retry after `Retry-After` seconds")
+                    .header("Retry-After", retry_after())
+                    .build(),
+            ),
+            (
+                "503",
+                "Unavailable",
+                error("Nothing was done: NATS or the orchestrator is out of reach (`unavailable`); retry after `Retry-After` seconds")
+                    .header("Retry-After", retry_after())
+                    .build(),
+            ),
+            ("400", "MalformedBody", error("The body is not JSON, or is empty where one is needed (`malformed_json`)").build()),
+            ("413", "PayloadTooLarge", error("The body is larger than the gateway's limit (`payload_too_large`)").build()),
+            (
+                "415",
+                "UnsupportedMediaType",
+                error("The body's `Content-Type` is not JSON (`unsupported_media_type`); without one, JSON is assumed").build(),
+            ),
+        ]
+    }
+
+    fn apply(op: &mut Operation) {
+        for parameter in op.parameters.iter_mut().flatten() {
+            if let RefOr::T(p) = parameter
+                && p.parameter_in == ParameterIn::Query
+            {
+                p.extensions
+                    .get_or_insert_with(Default::default)
+                    .insert("allowEmptyValue".to_owned(), true.into());
+            }
+        }
+        let mut statuses = Vec::new();
+        if op.security.is_some() {
+            statuses.extend(["401", "429", "503"]);
+        }
+        match &op.request_body {
+            Some(RefOr::T(RequestBody { required: Some(Required::True), .. })) => {
+                statuses.extend(["400", "413", "415"])
+            }
+            Some(_) => statuses.extend(["400", "413"]),
+            None => {}
+        }
+        for status in statuses {
+            let name = Self::shared().into_iter().find_map(|(s, name, _)| (s == status).then_some(name));
+            if let Some(name) = name {
+                op.responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
+            }
+        }
+    }
+}
+
+impl Modify for EdgeResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (_, name, response) in Self::shared() {
+            components.responses.insert(name.to_owned(), RefOr::T(response));
+        }
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for op in ops.into_iter().flatten() {
+                Self::apply(op);
+            }
+        }
+    }
+}
+
+/// A capability name as a request gives it: `[a-z0-9_-]{1,32}` (`fleet_schemas::Capability::RULE`).
+#[derive(ToSchema)]
+#[schema(pattern = "^[a-z0-9_-]{1,32}$")]
+pub struct Capability(String);
+
+/// A capability name in the robot registry, where surrounding blanks are trimmed first.
+#[derive(ToSchema)]
+#[schema(pattern = r"^\s*[a-z0-9_-]{1,32}\s*$")]
+pub struct TrimmedCapability(String);
+
+/// A robot id: `[a-z0-9-]{1,64}` (`fleet_schemas::RobotId::RULE`).
+#[derive(ToSchema)]
+#[schema(pattern = "^[a-z0-9-]{1,64}$")]
+pub struct RobotId(String);
+
+/// A robot's tag: not blank (`\S`: some character that is not white space), at most 64
+/// characters once trimmed.
+#[derive(ToSchema)]
+#[schema(pattern = r"\S")]
+pub struct Tag(String);
+
+/// How a job was triggered (`scheduled` is refused until schedules exist).
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TriggerType {
+    Manual,
+    Webhook,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionMode {
+    Lan,
+    Internet,
+}
+
+/// What `PUT /api/v1/robots/{robot_id}/status` can set (busy, offline and error are reported by
+/// the robot, not set).
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SettableStatus {
+    Maintenance,
+    /// Leave maintenance (the same as `idle`).
+    Online,
+    Idle,
+    Paused,
+}
+
+/// The commands of `POST /api/v1/robots/commands`.
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BulkCommand {
+    Pause,
+    Resume,
+    /// The same as `resume`.
+    Start,
+    Maintenance,
+    /// Leave maintenance.
+    Online,
+    Drain,
+    Stop,
+    Restart,
+}
+
+/// String enums listed from the real types' own lists, so the document cannot drift from them.
+macro_rules! listed_enum {
+    ($(#[doc = $doc:literal])* $name:ident = $values:expr) => {
+        $(#[doc = $doc])*
+        pub struct $name;
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> RefOr<utoipa::openapi::schema::Schema> {
+                let doc: &[&str] = &[$($doc),*];
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some($values))
+                    .description(Some(doc.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ")))
+                    .into()
+            }
+        }
+
+        impl ToSchema for $name {}
+    };
+}
+
+listed_enum! {
+    /// A job's status (`fleet_schemas::api::JobStatus`).
+    JobStatus = fleet_schemas::api::JobStatus::ALL.map(fleet_schemas::api::JobStatus::as_str)
+}
+
+listed_enum! {
+    /// A robot's status (`fleet_schemas::api::RobotStatus`).
+    RobotStatus = fleet_schemas::api::RobotStatus::ALL.map(fleet_schemas::api::RobotStatus::as_str)
+}
+
+listed_enum! {
+    /// An API key's role (`fleet_schemas::keys::Role`); each includes those listed before it.
+    Role = fleet_schemas::keys::Role::ALL.map(fleet_schemas::keys::Role::as_str)
+}
+
+/// An API key's status.
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+    Expired,
+}
+
+/// A robot status as a filter (`idle` is the same as `online`).
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RobotStatusFilter {
+    Idle,
+    Online,
+    Busy,
+    Offline,
+    Maintenance,
+    Error,
 }
 
 /// Every error answer.
@@ -113,8 +353,7 @@ pub struct Job {
     pub job_id: String,
     pub workflow_id: String,
     pub workflow_name: String,
-    /// pending, queued, running, completed, failed, cancelled, timed_out
-    pub status: String,
+    pub status: JobStatus,
     pub robot_id: Option<String>,
     pub robot_name: Option<String>,
     pub attempt: i32,
@@ -152,8 +391,7 @@ pub struct Robot {
     pub robot_id: String,
     pub name: String,
     pub hostname: String,
-    /// online, busy, offline, maintenance, error
-    pub status: String,
+    pub status: RobotStatus,
     /// What the robot reports: online, paused, maintenance, draining, stopping
     pub state: String,
     /// What it was told: online, paused, maintenance
@@ -210,7 +448,7 @@ pub struct Queue {
 pub struct Cancelled {
     pub job_id: String,
     pub cancelled: bool,
-    pub previous_status: String,
+    pub previous_status: JobStatus,
     pub message: String,
 }
 
@@ -246,7 +484,7 @@ pub struct RobotLogs {
 #[derive(ToSchema)]
 pub struct RobotMetrics {
     pub robot_id: String,
-    pub status: String,
+    pub status: RobotStatus,
     pub state: String,
     pub cpu_percent: Option<f32>,
     pub memory_mb: Option<f64>,
@@ -287,9 +525,9 @@ pub struct Retried {
     pub new_job_id: String,
     pub original_job_id: String,
     /// failed, cancelled or timed_out
-    pub previous_status: String,
+    pub previous_status: JobStatus,
     /// pending
-    pub status: String,
+    pub status: JobStatus,
     pub next_attempt: i32,
     pub message: String,
 }
@@ -382,19 +620,17 @@ pub struct ActivityEvent {
     pub job_id: Option<String>,
 }
 
-/// An API key (`fleet_schemas::api::KeyView`); never its secret.
+/// An API key as listed (`fleet_schemas::api::KeyView`): never its secret.
 #[derive(ToSchema)]
-pub struct ApiKeyObject {
+pub struct Key {
+    /// The key id, the part between `crpa_` and the secret.
     pub id: String,
     pub name: String,
-    /// The same as `name`.
+    /// The same as `name` (the Canvas reads `key_name`).
     pub key_name: String,
     pub description: Option<String>,
-    /// admin, operator or viewer
-    pub role: String,
-    /// active, revoked or expired
-    pub status: String,
-    /// The robot of a robot key.
+    pub role: Role,
+    pub status: KeyStatus,
     pub robot_id: Option<String>,
     pub robot_name: Option<String>,
     #[schema(format = DateTime)]
@@ -410,19 +646,92 @@ pub struct ApiKeyObject {
     pub rate_limit: Option<String>,
 }
 
-/// A new or rotated key (`fleet_schemas::api::CreatedKey`): the key itself is shown only here.
+/// A new or rotated key (`fleet_schemas::api::CreatedKey`).
 #[derive(ToSchema)]
-pub struct CreatedApiKey {
-    /// `crpa_<key id>_<secret>`; Fleet keeps only its hash.
+pub struct CreatedKey {
+    /// The key itself, `crpa_<key id>_<secret>`: shown this once, Fleet keeps only its hash.
     pub api_key: String,
-    pub key: ApiKeyObject,
+    pub key: Key,
 }
 
 /// `GET /api/v1/api-keys` (`fleet_schemas::api::KeyList`).
 #[derive(ToSchema)]
-pub struct ApiKeyList {
-    pub keys: Vec<ApiKeyObject>,
+pub struct KeyList {
+    pub keys: Vec<Key>,
+    /// Keys matching the filters, not only those returned.
     pub total: u32,
+}
+
+/// Answer of `POST …/{key_id}/revoke`.
+#[derive(ToSchema)]
+pub struct KeyRevoked {
+    pub revoked: bool,
+    pub key_id: String,
+    pub key: Key,
+}
+
+/// Answer of `POST …/{key_id}/{action}`: revoked, or rotated (a new `api_key`).
+#[derive(ToSchema)]
+#[serde(untagged)]
+pub enum KeyActionAnswer {
+    Revoked(KeyRevoked),
+    Rotated(CreatedKey),
+}
+
+/// Answer of `DELETE /api/v1/api-keys/{key_id}`.
+#[derive(ToSchema)]
+pub struct KeyDeleted {
+    pub deleted: bool,
+    pub key_id: String,
+}
+
+/// One event as the live streams send it (`fleet_schemas::event::Event` with `stream_seq`).
+#[derive(ToSchema)]
+pub struct StreamedEvent {
+    /// Schema version.
+    pub v: u32,
+    /// Unique, increasing id of the event.
+    pub id: i64,
+    /// `job.submitted`, `job.started`, `job.completed`, `robot.registered`, …
+    #[schema(rename = "type")]
+    pub kind: String,
+    pub tenant: String,
+    #[schema(format = DateTime)]
+    pub occurred_at: String,
+    pub job_id: Option<String>,
+    pub robot_id: Option<String>,
+    /// Per-job sequence number (1, 2, 3… for each job); absent for robot events.
+    pub seq: Option<i32>,
+    pub attempt: Option<i32>,
+    /// Event-specific fields (`status`, `error`, `class`, `reason`…).
+    pub data: Value,
+    /// The stream sequence: resume after it with `Last-Event-ID` or `?since=`.
+    pub stream_seq: u64,
+}
+
+/// One Server-Sent Event of `GET /api/v1/events`, as OpenAPI 3.1 describes an event stream: one
+/// schema per event, with the fields `id` and `data` (JSON holding a [`StreamedEvent`]).
+pub struct SseEvent;
+
+impl utoipa::PartialSchema for SseEvent {
+    fn schema() -> RefOr<utoipa::openapi::schema::Schema> {
+        let id = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[0-9]+$"))
+            .description(Some("The event's stream sequence (also its `stream_seq`)"));
+        let data = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .content_media_type("application/json")
+            .content_schema(Some(Ref::from_schema_name("StreamedEvent")))
+            .description(Some("The event, one JSON object"));
+        ObjectBuilder::new().property("id", id).required("id").property("data", data).required("data").into()
+    }
+}
+
+impl ToSchema for SseEvent {
+    fn schemas(schemas: &mut Vec<(String, RefOr<utoipa::openapi::schema::Schema>)>) {
+        schemas.push(("StreamedEvent".to_owned(), <StreamedEvent as utoipa::PartialSchema>::schema()));
+    }
 }
 
 /// `GET /health`.
@@ -459,6 +768,27 @@ mod tests {
         let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
         keys.sort();
         keys
+    }
+
+    /// The values a described enum lists.
+    fn values(name: &str) -> Vec<String> {
+        let doc = serde_json::to_value(document()).unwrap();
+        let list = doc["components"]["schemas"][name]["enum"].as_array().unwrap_or_else(|| panic!("{name}"));
+        list.iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+    }
+
+    #[test]
+    fn described_enums_list_what_the_code_accepts_and_answers() {
+        use fleet_schemas::api;
+        let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(values("JobStatus"), strings(&api::JobStatus::ALL.map(api::JobStatus::as_str)));
+        let mut filter = values("RobotStatusFilter");
+        filter.retain(|s| s != "idle");
+        assert_eq!(filter, values("RobotStatus"), "the filter is the statuses plus idle");
+        assert!(values("RobotStatusFilter").iter().all(|s| api::RobotStatus::parse(s).is_some()));
+        use crate::routes::{commands::RobotAction, keys::KeyVerb, path_enum};
+        assert!(values("RobotAction").iter().all(|a| path_enum::<RobotAction>(a).is_some()));
+        assert!(values("KeyVerb").iter().all(|a| path_enum::<KeyVerb>(a).is_some()));
     }
 
     #[test]
@@ -626,11 +956,26 @@ mod tests {
             last_used_ip: None,
             rate_limit: None,
         };
-        assert_eq!(keys("ApiKeyObject"), keys_of(key.clone()));
-        assert_eq!(
-            keys("CreatedApiKey"),
-            keys_of(api::CreatedKey { api_key: String::new(), key: key.clone() })
-        );
-        assert_eq!(keys("ApiKeyList"), keys_of(api::KeyList { keys: vec![key], total: 1 }));
+        assert_eq!(keys("Key"), keys_of(key.clone()));
+        let created = api::CreatedKey { api_key: String::new(), key: key.clone() };
+        assert_eq!(keys("CreatedKey"), keys_of(created));
+        assert_eq!(keys("KeyList"), keys_of(api::KeyList { keys: vec![key], total: 1 }));
+        // Every optional field set, since unset ones are left out of an event.
+        let event = fleet_schemas::event::Event {
+            v: 1,
+            id: 1,
+            kind: "job.completed".into(),
+            tenant: fleet_schemas::TenantId::default_tenant(),
+            occurred_at: t,
+            job_id: Some(String::new()),
+            robot_id: Some(String::new()),
+            seq: Some(1),
+            attempt: Some(1),
+            data: Value::Null,
+        };
+        let mut streamed = keys_of(event);
+        streamed.push("stream_seq".to_owned()); // added by `routes::events::stream_event`
+        streamed.sort();
+        assert_eq!(keys("StreamedEvent"), streamed);
     }
 }

@@ -25,8 +25,9 @@ pub async fn list(core: &Core, req: ApiRequest<ListJobs>) -> ApiResult<Vec<JobVi
     }
     let after = match &q.cursor {
         None => None,
+        // No job was created before 1970; PostgreSQL cannot even hold times before 4713 BC.
         Some(c) => Some((
-            c.created_at().ok_or_else(|| ApiError::Invalid {
+            c.created_at().filter(|t| t.unix_timestamp() >= 0).ok_or_else(|| ApiError::Invalid {
                 field: "cursor".into(),
                 message: "not a cursor of this list".into(),
             })?,

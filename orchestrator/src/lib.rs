@@ -94,7 +94,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
 
     let leadership = Leadership::new();
-    let store = Store::new(pool.clone(), leadership.clone());
+    let store = Store::new(pool.clone(), writer_pool(&config)?, leadership.clone());
     let core = Arc::new(Core {
         offers: Offers::new(fabric.js.clone()),
         config: config.clone(),
@@ -149,9 +149,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     let _ = lease_task.await;
     let _ = client.drain().await;
-    pool.close().await;
+    core.store.close().await;
     Ok(())
 }
+
+/// The connections of the hot path's batch writers ([`store`]'s batched statements). Unlike the
+/// main pool, they keep PostgreSQL's plan cache: planning a batched statement costs about twice
+/// as much as running it (EXPLAIN ANALYZE: 0.45 ms against 0.25 ms for a claim), and at moderate
+/// load most batches hold one job. A generic plan made while `jobs` is empty would scan the
+/// table; these statements find every row by its key, so sequential scans are switched off for
+/// them and the generic plan uses the primary key whatever the table's size.
+fn writer_pool(config: &Config) -> anyhow::Result<sqlx::PgPool> {
+    let options = config
+        .database_url
+        .0
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))?
+        .options([("enable_seqscan", "off")]);
+    Ok(PgPoolOptions::new()
+        .max_connections(WRITER_CONNECTIONS)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options))
+}
+
+/// One per batch writer (submits, claims, completions, heartbeats, progress, offer sequences)
+/// and the event relay.
+const WRITER_CONNECTIONS: u32 = 7;
 
 pub(crate) async fn connect_db(
     config: &Config,

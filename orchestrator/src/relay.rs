@@ -72,7 +72,7 @@ async fn relay_batch(core: &Core) -> anyhow::Result<usize> {
          WHERE id = ANY(ARRAY(SELECT id FROM event_outbox ORDER BY id LIMIT $1)) ORDER BY id",
     )
     .bind(BATCH)
-    .fetch_all(&core.store.pool)
+    .fetch_all(core.store.writer())
     .await?;
     if rows.is_empty() {
         return Ok(0);
@@ -106,6 +106,9 @@ async fn relay_batch(core: &Core) -> anyhow::Result<usize> {
         ack.await?;
     }
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    sqlx::query("DELETE FROM event_outbox WHERE id = ANY($1)").bind(&ids).execute(&core.store.pool).await?;
+    sqlx::query("DELETE FROM event_outbox WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(core.store.writer())
+        .await?;
     Ok(rows.len())
 }

@@ -553,14 +553,17 @@ impl JobCursor {
         format!("{:016x}{}", self.created_at_us as u64, self.job_id.0.simple())
     }
 
-    /// Read a token made by [`JobCursor::token`]; `None` for anything else.
+    /// Read a token made by [`JobCursor::token`]; `None` for anything else, including a time no
+    /// job can have: before 1970 (a token whose time reads as negative once in PostgreSQL went
+    /// below its range, 4713 BC, and the list answered 500) or past what a timestamp holds.
     pub fn parse(token: &str) -> Option<Self> {
         if token.len() != 48 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
-        let created_at_us = u64::from_str_radix(&token[..16], 16).ok()? as i64;
+        let created_at_us = i64::try_from(u64::from_str_radix(&token[..16], 16).ok()?).ok()?;
         let job_id = JobId(uuid::Uuid::parse_str(&token[16..]).ok()?);
-        Some(Self { created_at_us, job_id })
+        let cursor = Self { created_at_us, job_id };
+        cursor.created_at().map(|_| cursor)
     }
 
     /// The time part as a timestamp.
@@ -773,6 +776,12 @@ mod tests {
         {
             assert_eq!(JobCursor::parse(junk), None, "{junk}");
         }
+        // Regression (schemathesis): a well-formed token whose time is before 1970 (here about
+        // 7700 BC) reached PostgreSQL as a timestamp out of its range, and the list answered 500.
+        assert_eq!(JobCursor::parse("FbC1a6E1eE98de1DC6D8a9ACd0F7A0B0b80f0F69BDeb88aF"), None);
+        assert_eq!(JobCursor::parse(&format!("7fffffffffffffff{}", &token[16..])), None, "past year 9999");
+        let epoch = JobCursor { created_at_us: 0, ..c };
+        assert_eq!(JobCursor::parse(&epoch.token()), Some(epoch));
         // Old requests without the new fields still decode.
         #[derive(Serialize)]
         struct OldListJobs {

@@ -180,6 +180,11 @@ fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+/// Is `s` a key id (32 lowercase hex digits)?
+pub fn is_key_id(s: &str) -> bool {
+    is_hex(s, 32)
+}
+
 /// Split `crpa_<32 hex>_<64 hex>`; anything else is not a Fleet key.
 pub fn parse_key(key: &str) -> Option<ParsedKey> {
     let rest = key.strip_prefix(KEY_PREFIX)?;

@@ -55,7 +55,7 @@ fn iso_time(field: &str, text: &str) -> Result<OffsetDateTime, HttpError> {
     get,
     path = "/api/v1/metrics/analytics",
     tag = "fleet",
-    params(("days" = Option<u32>, Query, description = "The window: jobs created in the last 1 to 90 days (default 7)")),
+    params(("days" = Option<u32>, Query, minimum = 1, maximum = 90, description = "The window: jobs created in the last 1 to 90 days (default 7)")),
     responses(
         (status = 200, description = "Figures over the window", body = crate::openapi::Analytics),
         (status = 422, description = "Bad `days`", body = crate::openapi::ErrorBody),
@@ -80,7 +80,7 @@ pub async fn analytics(
     path = "/api/v1/metrics/activity",
     tag = "fleet",
     params(
-        ("limit" = Option<u32>, Query, description = "1 to 200, default 50"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "1 to 200, default 50"),
         ("since" = Option<String>, Query, description = "Only events after this ISO 8601 time"),
         ("event_type" = Option<String>, Query, description = "job_started, job_completed, job_failed, robot_online, robot_offline, or another event's name with `_` for `.` (job_retried, robot_command, …)"),
     ),

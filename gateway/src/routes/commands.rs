@@ -9,8 +9,7 @@
 use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, State, rejection::PathRejection};
 use fleet_schemas::api::{
     CommandResult, CommandTarget, Endpoint, GetById, RobotCommand, RobotCommandRequest, RobotStatus,
     RobotView,
@@ -23,13 +22,29 @@ use super::call;
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{CallKind, HttpError};
-use crate::extract::{JsonBody, parse_json};
+use crate::extract::{JsonBody, optional_json};
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StopBody {
+    /// Hand back running jobs and stop now, instead of finishing them first.
     #[serde(default)]
     force: bool,
+}
+
+/// The per-robot commands, the `{action}` of `POST /api/v1/robots/{robot_id}/{action}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RobotAction {
+    /// Take work again (the same as `resume`).
+    Start,
+    /// Finish running jobs (or, with `{"force": true}`, hand them back) and exit.
+    Stop,
+    /// Finish running jobs, take no new ones.
+    Pause,
+    Resume,
+    /// Drain and restart.
+    Restart,
 }
 
 /// `POST /api/v1/robots/{robot_id}/{action}`.
@@ -38,12 +53,13 @@ pub struct StopBody {
     path = "/api/v1/robots/{robot_id}/{action}",
     tag = "robots",
     params(
-        ("robot_id" = String, Path, description = "Robot id"),
-        ("action" = String, Path, description = "start, stop, pause, resume or restart"),
+        ("robot_id" = String, Path, pattern = "^[a-z0-9-]{1,64}$", description = "Robot id"),
+        ("action" = RobotAction, Path),
     ),
-    request_body(content = Option<StopBody>, description = "Only `stop` takes a body, `{\"force\": true}`, and it is optional"),
+    request_body(content = Option<StopBody>, description = "Optional; only `stop` acts on it (`{\"force\": true}`), but any action refuses a body that is not this shape"),
     responses(
         (status = 200, description = "The robot was told", body = crate::openapi::CommandAnswer),
+        (status = 403, description = "The key's role is below operator", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such robot or action", body = crate::openapi::ErrorBody),
         (status = 422, description = "Bad body", body = crate::openapi::ErrorBody),
     ),
@@ -53,25 +69,21 @@ pub async fn robot_action(
     caller: Caller,
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    Path((robot_id, action)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     body: Bytes,
 ) -> Result<Json<Value>, HttpError> {
     caller.require(fleet_schemas::keys::Role::Operator)?;
+    let Ok(Path((robot_id, action))) = path else { return Err(HttpError::not_found("robot")) };
     let robot_id = RobotId::new(robot_id).map_err(|_| HttpError::not_found("robot"))?;
-    let command = match action.as_str() {
-        "start" | "resume" => RobotCommand::Resume,
-        "pause" => RobotCommand::Pause,
-        "restart" => RobotCommand::Restart,
-        "stop" => {
-            // The body is optional; when present it must be `{"force": bool}`.
-            let stop: StopBody = if body.iter().all(u8::is_ascii_whitespace) {
-                StopBody::default()
-            } else {
-                parse_json(&body)?
-            };
-            RobotCommand::Stop { force: stop.force }
-        }
-        _ => return Err(HttpError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+    let verb = super::path_enum::<RobotAction>(&action).ok_or_else(|| HttpError::not_found("endpoint"))?;
+    // The body is optional for every action; when present it must be `{"force": bool}`, which
+    // only `stop` acts on (a body the action would ignore is still checked, not dropped unread).
+    let options: StopBody = optional_json(&body)?;
+    let command = match verb {
+        RobotAction::Start | RobotAction::Resume => RobotCommand::Resume,
+        RobotAction::Pause => RobotCommand::Pause,
+        RobotAction::Restart => RobotCommand::Restart,
+        RobotAction::Stop => RobotCommand::Stop { force: options.force },
     };
     let result =
         send(&state, request_id, &caller, CommandTarget::Robot { robot_id: robot_id.clone() }, command)
@@ -87,6 +99,7 @@ pub async fn robot_action(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatusBody {
+    #[schema(value_type = crate::openapi::SettableStatus)]
     status: String,
 }
 
@@ -96,10 +109,11 @@ pub struct StatusBody {
     put,
     path = "/api/v1/robots/{robot_id}/status",
     tag = "robots",
-    params(("robot_id" = String, Path, description = "Robot id")),
+    params(("robot_id" = String, Path, pattern = "^[a-z0-9-]{1,64}$", description = "Robot id")),
     request_body = StatusBody,
     responses(
         (status = 200, description = "The robot after the change", body = crate::openapi::Robot),
+        (status = 403, description = "The key's role is below operator", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such robot in the caller's tenant", body = crate::openapi::ErrorBody),
         (status = 422, description = "Bad status (or an unknown field)", body = crate::openapi::ErrorBody),
     ),
@@ -109,11 +123,11 @@ pub async fn set_status(
     caller: Caller,
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    Path(robot_id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<StatusBody>,
 ) -> Result<Json<Value>, HttpError> {
     caller.require(fleet_schemas::keys::Role::Operator)?;
-    let robot_id = RobotId::new(robot_id).map_err(|_| HttpError::not_found("robot"))?;
+    let robot_id = super::path_id(path, "robot", |s| RobotId::new(s).ok())?;
     let command = match body.status.as_str() {
         "maintenance" => RobotCommand::Maintenance { on: true },
         "online" | "idle" => RobotCommand::Maintenance { on: false },
@@ -135,15 +149,18 @@ pub async fn set_status(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkBody {
-    /// pause, resume, maintenance, online, drain, stop, restart
+    #[schema(value_type = crate::openapi::BulkCommand)]
     command: String,
+    /// For `stop`: hand back running jobs and stop now.
     #[serde(default)]
     force: bool,
     /// Only robots with this status (idle = online).
     #[serde(default)]
+    #[schema(value_type = Option<crate::openapi::RobotStatusFilter>)]
     status: Option<String>,
     /// Only robots with all these capabilities.
     #[serde(default)]
+    #[schema(value_type = Vec<crate::openapi::Capability>)]
     capabilities: Vec<String>,
 }
 
@@ -155,6 +172,7 @@ pub struct BulkBody {
     request_body = BulkBody,
     responses(
         (status = 200, description = "How many robots were told", body = crate::openapi::BulkAnswer),
+        (status = 403, description = "The key's role is below operator", body = crate::openapi::ErrorBody),
         (status = 422, description = "Bad command or filter (or an unknown field)", body = crate::openapi::ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = []))

@@ -59,13 +59,15 @@ pub struct StreamEvent {
     path = "/api/v1/events",
     tag = "events",
     params(
-        ("since" = Option<u64>, Query, description = "Resume after this stream sequence (exclusive)"),
-        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this stream sequence; wins over `since`"),
+        ("since" = Option<i64>, Query, minimum = 0, description = "Resume after this stream sequence (exclusive)"),
+        // A string, as every header is (and as the SSE standard has it), of digits.
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, pattern = "^[0-9]{1,19}$", description = "Resume after this stream sequence; wins over `since`"),
     ),
     responses(
-        (status = 200, description = "Server-Sent Events (`Accept: text/event-stream`): `id:` is the stream sequence, `data:` the event JSON with `stream_seq`", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-Sent Events (`Accept: text/event-stream`): `id:` is the stream sequence, `data:` the event JSON with `stream_seq`", content_type = "text/event-stream", body = crate::openapi::SseEvent),
         (status = 101, description = "WebSocket upgrade: text messages, each an event JSON with `stream_seq`"),
         (status = 406, description = "Neither a WebSocket upgrade nor an Accept allowing text/event-stream", body = crate::openapi::ErrorBody),
+        (status = 422, description = "`since` or `Last-Event-ID` is not a stream sequence", body = crate::openapi::ErrorBody),
         (status = 503, description = "The event stream is not available", body = crate::openapi::ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = []))
@@ -78,20 +80,22 @@ pub async fn events(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
     let query = QueryParams::from_uri(&uri)?;
-    let since = match headers.get("last-event-id") {
-        Some(v) => Some(
+    // Both are checked even when both are given (the header wins), so a bad one is never
+    // silently ignored.
+    let from_query = query
+        .get("since")
+        .map(|s| sequence(s).ok_or_else(|| HttpError::invalid("since", SEQUENCE_RULE)))
+        .transpose()?;
+    let from_header = headers
+        .get("last-event-id")
+        .map(|v| {
             v.to_str()
                 .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or_else(|| HttpError::invalid("Last-Event-ID", "must be a stream sequence number"))?,
-        ),
-        None => query
-            .get("since")
-            .map(|s| {
-                s.parse::<u64>().map_err(|_| HttpError::invalid("since", "must be a stream sequence number"))
-            })
-            .transpose()?,
-    };
+                .and_then(|s| sequence(s.trim()))
+                .ok_or_else(|| HttpError::invalid("Last-Event-ID", SEQUENCE_RULE))
+        })
+        .transpose()?;
+    let since = from_header.or(from_query);
     if ws.is_err() && !accepts_event_stream(&headers) {
         return Err(HttpError::new(
             StatusCode::NOT_ACCEPTABLE,
@@ -108,6 +112,17 @@ pub async fn events(
         Ok(ws) => Ok(ws.on_upgrade(move |socket| serve_socket(socket, rx, stop)).into_response()),
         Err(_) => Ok(sse(rx).into_response()),
     }
+}
+
+const SEQUENCE_RULE: &str = "must be a stream sequence number (digits, at most 9223372036854775807)";
+
+/// A stream sequence as a client sends it back: digits only, within what the OpenAPI document
+/// promises (`int64`). JetStream sequences are `u64` but never come near `i64::MAX`.
+fn sequence(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<u64>().ok().filter(|n| i64::try_from(*n).is_ok())
 }
 
 fn accepts_event_stream(headers: &HeaderMap) -> bool {
@@ -232,5 +247,21 @@ pub(crate) fn going_away() -> axum::extract::ws::CloseFrame {
     axum::extract::ws::CloseFrame {
         code: axum::extract::ws::close_code::AWAY,
         reason: "stream ended; resume from the last stream_seq".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (schemathesis, `GET /api/v1/events?since=9223372036854775808`): a sequence past
+    /// the documented `int64` was accepted, and `+5` or ` 5` were too.
+    #[test]
+    fn sequences_are_digits_within_int64() {
+        assert_eq!(sequence("0"), Some(0));
+        assert_eq!(sequence("9223372036854775807"), Some(i64::MAX as u64));
+        for bad in ["9223372036854775808", "18446744073709551615", "+5", " 5", "-1", "", "1e3", "x"] {
+            assert_eq!(sequence(bad), None, "{bad:?}");
+        }
     }
 }

@@ -33,7 +33,7 @@ pub const NEXT_CURSOR: HeaderName = HeaderName::from_static("x-next-cursor");
     get,
     path = "/api/v1/metrics/jobs/{job_id}",
     tag = "jobs",
-    params(("job_id" = String, Path, description = "Job id")),
+    params(("job_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$", description = "Job id (a UUID)")),
     responses(
         (status = 200, description = "The job, with `node_executions`", body = crate::openapi::Job),
         (status = 404, description = "No such job in the caller's tenant", body = crate::openapi::ErrorBody),
@@ -62,11 +62,11 @@ pub async fn get(
     path = "/api/v1/metrics/jobs",
     tag = "jobs",
     params(
-        ("limit" = Option<u32>, Query, description = "1 to 500, default 100"),
-        ("status" = Option<String>, Query, description = "pending, queued, running, completed, failed, cancelled, timed_out"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "1 to 500, default 100"),
+        ("status" = Option<crate::openapi::JobStatus>, Query),
         ("workflow_id" = Option<String>, Query),
-        ("robot_id" = Option<String>, Query),
-        ("cursor" = Option<String>, Query, description = "The `X-Next-Cursor` of the previous page"),
+        ("robot_id" = Option<String>, Query, pattern = "^[a-z0-9-]{1,64}$"),
+        ("cursor" = Option<String>, Query, pattern = "^[0-7][0-9a-fA-F]{47}$", description = "The `X-Next-Cursor` of the previous page"),
     ),
     responses(
         (status = 200, description = "Newest first, a bare array", body = Vec<crate::openapi::Job>,
@@ -143,9 +143,10 @@ fn list_query(q: &QueryParams) -> Result<ListJobs, HttpError> {
     post,
     path = "/api/v1/jobs/{job_id}/cancel",
     tag = "jobs",
-    params(("job_id" = String, Path, description = "Job id")),
+    params(("job_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$", description = "Job id (a UUID)")),
     responses(
         (status = 200, description = "Cancelled, or asked to stop (running)", body = crate::openapi::Cancelled),
+        (status = 403, description = "The key's role is below operator", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such job in the caller's tenant", body = crate::openapi::ErrorBody),
         (status = 409, description = "The job already ended", body = crate::openapi::ErrorBody),
     ),
@@ -168,7 +169,7 @@ pub async fn cancel(
     post,
     path = "/api/v1/jobs/{job_id}/retry",
     tag = "jobs",
-    params(("job_id" = String, Path, description = "Job id")),
+    params(("job_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$", description = "Job id (a UUID)")),
     responses(
         (status = 200, description = "The job runs again as its next attempt, under the same id", body = crate::openapi::Retried),
         (status = 403, description = "The key's role is below operator", body = crate::openapi::ErrorBody),
@@ -197,15 +198,16 @@ mod tests {
     use super::*;
 
     fn q(s: &str) -> Result<ListJobs, HttpError> {
-        list_query(&QueryParams::from_uri(&format!("/x?{s}").parse().unwrap()).unwrap())
+        list_query(&QueryParams::from_uri(&format!("/x?{s}").parse().unwrap())?)
     }
 
     #[test]
     fn list_filters() {
         let l = q("").unwrap();
         assert_eq!((l.limit, l.status, l.robot_id), (100, None, None));
-        let l = q("status=timed_out&limit=500&robot_id=r1&workflow_id=w&status=").unwrap();
+        let l = q("status=&limit=500&robot_id=r1&workflow_id=w").unwrap();
         assert_eq!(l.status, None, "an empty value is no filter");
+        assert_eq!(q("status=failed&status=").unwrap_err().field.as_deref(), Some("status"), "given twice");
         let l = q("status=timed_out&limit=500&robot_id=r1&workflow_id=w").unwrap();
         assert_eq!(l.status, Some(JobStatus::TimedOut));
         assert_eq!((l.limit, l.workflow_id.as_deref()), (500, Some("w")));
@@ -220,6 +222,7 @@ mod tests {
             ("robot_id=R_1", "robot_id"),
             ("cursor=nope", "cursor"),
             ("cursor=0000000000000000zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz", "cursor"),
+            ("cursor=FbC1a6E1eE98de1DC6D8a9ACd0F7A0B0b80f0F69BDeb88aF", "cursor"),
         ] {
             assert_eq!(q(query).unwrap_err().field.as_deref(), Some(field), "{query}");
         }

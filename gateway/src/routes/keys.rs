@@ -7,10 +7,10 @@
 use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, State, rejection::PathRejection};
 use axum::http::Uri;
 use fleet_schemas::api::{CreateKey, CreatedKey, Endpoint, KeyAction, KeyList, KeyView, ListKeys};
-use fleet_schemas::keys::{Rate, Role};
+use fleet_schemas::keys::{self, Rate, Role};
 use fleet_schemas::{RequestId, RobotId};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -20,7 +20,7 @@ use super::{QueryParams, call};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{CallKind, HttpError};
-use crate::extract::{JsonBody, parse_json};
+use crate::extract::{JsonBody, optional_json};
 
 /// Body of `POST /api/v1/api-keys`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -47,7 +47,10 @@ pub struct NewKey {
 /// Body of `POST /api/v1/robot-api-keys` (the Canvas's robot keys).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct NewRobotKey {
+    #[schema(value_type = crate::openapi::RobotId)]
     robot_id: String,
+    /// Not blank; at most 200 characters once trimmed.
+    #[schema(pattern = r"\S")]
     name: String,
     #[serde(default)]
     description: Option<String>,
@@ -73,6 +76,13 @@ fn rate_limit(field: &str, text: Option<&str>) -> Result<Option<Rate>, HttpError
     text.map(|t| Rate::parse(t).map_err(|e| HttpError::invalid(field, e))).transpose()
 }
 
+/// A key id from the path: one that is not even shaped like one (32 lowercase hex digits) is 404,
+/// like any id that does not exist, and never reaches the database (a NUL character in it used
+/// to come back from PostgreSQL as a 500).
+fn known_shape(key_id: String) -> Result<String, HttpError> {
+    if keys::is_key_id(&key_id) { Ok(key_id) } else { Err(HttpError::not_found("key")) }
+}
+
 fn role(field: &str, text: Option<&str>) -> Result<Role, HttpError> {
     match text {
         None => Ok(Role::Operator),
@@ -84,9 +94,9 @@ fn role(field: &str, text: Option<&str>) -> Result<Role, HttpError> {
 
 #[utoipa::path(post, path = "/api/v1/api-keys", tag = "keys", request_body = NewKey,
     responses(
-        (status = 200, description = "The new key, shown once as `api_key`", body = crate::openapi::CreatedApiKey),
+        (status = 200, description = "The new key, shown once as `api_key`", body = crate::openapi::CreatedKey),
         (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),
-        (status = 422, description = "A field is wrong (`role`, `rate_limit`, …); `error.field` names it", body = crate::openapi::ErrorBody),
+        (status = 422, description = "A field is wrong (`role`, `rate_limit`, …) or unknown; `error.field` names it", body = crate::openapi::ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn create(
@@ -108,7 +118,11 @@ pub async fn create(
 }
 
 #[utoipa::path(post, path = "/api/v1/robot-api-keys", tag = "keys", request_body = NewRobotKey,
-    responses((status = 200, description = "The new robot key, shown once as `api_key`", body = crate::openapi::CreatedApiKey)),
+    responses(
+        (status = 200, description = "The new robot key, shown once as `api_key`", body = crate::openapi::CreatedKey),
+        (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),
+        (status = 422, description = "A field is wrong; `error.field` names it", body = crate::openapi::ErrorBody),
+    ),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn create_robot_key(
     caller: Caller,
@@ -127,6 +141,22 @@ pub async fn create_robot_key(
         rate_limit: None,
     };
     call(&state, Endpoint::CreateKey, request_id, &caller, req, CallKind::Submit).await.map(Json)
+}
+
+/// The query of both key lists, as the document describes it (it is read with `QueryParams`).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // a description, never built
+struct KeyListQuery {
+    /// 0 to 1000, default 100 (0 counts as 1).
+    #[param(minimum = 0, maximum = 1000)]
+    limit: Option<u32>,
+    /// Keys to skip, default 0.
+    #[param(minimum = 0, maximum = 4_294_967_295_i64)]
+    offset: Option<i64>,
+    /// Only this robot's keys.
+    robot_id: Option<String>,
+    status: Option<crate::openapi::KeyStatus>,
 }
 
 async fn list_keys(
@@ -163,7 +193,12 @@ async fn list_keys(
 }
 
 #[utoipa::path(get, path = "/api/v1/api-keys", tag = "keys",
-    responses((status = 200, description = "`{keys, total}`", body = crate::openapi::ApiKeyList)),
+    params(KeyListQuery),
+    responses(
+        (status = 200, description = "The tenant's keys, never their secrets", body = crate::openapi::KeyList),
+        (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),
+        (status = 422, description = "A filter is wrong", body = crate::openapi::ErrorBody),
+    ),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn list(
     caller: Caller,
@@ -175,7 +210,12 @@ pub async fn list(
 }
 
 #[utoipa::path(get, path = "/api/v1/robot-api-keys", tag = "keys",
-    responses((status = 200, description = "`{keys, total}` of robot keys", body = crate::openapi::ApiKeyList)),
+    params(KeyListQuery),
+    responses(
+        (status = 200, description = "The tenant's robot keys", body = crate::openapi::KeyList),
+        (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),
+        (status = 422, description = "A filter is wrong", body = crate::openapi::ErrorBody),
+    ),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn list_robot_keys(
     caller: Caller,
@@ -189,59 +229,104 @@ pub async fn list_robot_keys(
     Ok(Json(all))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Optional body of `POST …/{key_id}/revoke`.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RevokeBody {
+pub struct RevokeBody {
+    /// Why, for the record.
     #[serde(default)]
     reason: Option<String>,
 }
 
+/// What can be done to a key, the `{action}` of its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyVerb {
+    /// It stops working (within 5 s); it stays listed as `revoked`.
+    Revoke,
+    /// A new secret, answered once as `api_key`; the old one stops working.
+    Rotate,
+}
+
+/// The path of `POST …/{key_id}/{action}`, for both key routes (a description, never built).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct KeyActionPath {
+    #[param(pattern = "^[0-9a-f]{32}$")]
+    key_id: String,
+    action: KeyVerb,
+}
+
+/// The answers of `POST …/{key_id}/{action}`, for both key routes (a description, never built).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code, clippy::large_enum_variant)] // never built: variant sizes do not matter
+enum KeyActionResponses {
+    /// revoke: `{revoked, key_id, key}`; rotate: the new `api_key` and the key
+    #[response(status = 200)]
+    Done(crate::openapi::KeyActionAnswer),
+    /// The key's role is not admin
+    #[response(status = 403)]
+    Forbidden(crate::openapi::ErrorBody),
+    /// No such key in the caller's tenant, or no such action
+    #[response(status = 404)]
+    NotFound(crate::openapi::ErrorBody),
+    /// Bad body (or an unknown field)
+    #[response(status = 422)]
+    Invalid(crate::openapi::ErrorBody),
+}
+
 /// `POST …/{key_id}/revoke` (optional `{"reason"}`) and `…/{key_id}/rotate`.
 #[utoipa::path(post, path = "/api/v1/api-keys/{key_id}/{action}", tag = "keys",
-    params(("key_id" = String, Path), ("action" = String, Path, description = "revoke or rotate")),
-    responses((status = 200, description = "revoke: `{revoked, key_id}`; rotate: the new `api_key` and the key", body = Object)),
+    params(KeyActionPath),
+    request_body(content = Option<RevokeBody>, description = "Optional; only `revoke` records the `reason`, but either action refuses a body that is not this shape"),
+    responses(KeyActionResponses),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn key_action(
     caller: Caller,
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    Path((key_id, action)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     body: Bytes,
 ) -> Result<Json<Value>, HttpError> {
     caller.require(Role::Admin)?;
-    match action.as_str() {
-        "revoke" => {
-            let body: RevokeBody = if body.iter().all(u8::is_ascii_whitespace) {
-                RevokeBody::default()
-            } else {
-                parse_json(&body)?
-            };
+    let Ok(Path((key_id, verb))) = path else { return Err(HttpError::not_found("key")) };
+    let verb = super::path_enum::<KeyVerb>(&verb).ok_or_else(|| HttpError::not_found("endpoint"))?;
+    let key_id = known_shape(key_id)?;
+    // Optional for both; checked for both, so a body is never dropped unread.
+    let body: RevokeBody = optional_json(&body)?;
+    match verb {
+        KeyVerb::Revoke => {
             let req = KeyAction { id: key_id.clone(), reason: body.reason };
             let key: KeyView =
                 call(&state, Endpoint::RevokeKey, request_id, &caller, req, CallKind::Retryable).await?;
             Ok(Json(json!({"revoked": true, "key_id": key_id, "key": key})))
         }
-        "rotate" => {
+        KeyVerb::Rotate => {
             let req = KeyAction { id: key_id, reason: None };
             let created: CreatedKey =
                 call(&state, Endpoint::RotateKey, request_id, &caller, req, CallKind::Submit).await?;
             Ok(Json(serde_json::to_value(created).map_err(|e| HttpError::internal(e.to_string()))?))
         }
-        _ => Err(HttpError::not_found("endpoint")),
     }
 }
 
 #[utoipa::path(delete, path = "/api/v1/api-keys/{key_id}", tag = "keys",
-    params(("key_id" = String, Path)),
-    responses((status = 200, description = "`{deleted, key_id}`", body = Object)),
+    params(("key_id" = String, Path, pattern = "^[0-9a-f]{32}$")),
+    responses(
+        (status = 200, description = "`{deleted, key_id}`", body = crate::openapi::KeyDeleted),
+        (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such key in the caller's tenant", body = crate::openapi::ErrorBody),
+    ),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn delete(
     caller: Caller,
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    Path(key_id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, HttpError> {
     caller.require(Role::Admin)?;
+    let key_id = super::path_id(path, "key", |s| Some(s.to_owned())).and_then(known_shape)?;
     let req = KeyAction { id: key_id.clone(), reason: None };
     let _: KeyView = call(&state, Endpoint::DeleteKey, request_id, &caller, req, CallKind::Retryable).await?;
     Ok(Json(json!({"deleted": true, "key_id": key_id})))
@@ -249,14 +334,15 @@ pub async fn delete(
 
 /// `POST /api/v1/robot-api-keys/{key_id}/revoke|rotate`: the same as for any key.
 #[utoipa::path(post, path = "/api/v1/robot-api-keys/{key_id}/{action}", tag = "keys",
-    params(("key_id" = String, Path), ("action" = String, Path, description = "revoke or rotate")),
-    responses((status = 200, description = "revoke: `{revoked, key_id}`; rotate: the new `api_key` and the key", body = Object)),
+    params(KeyActionPath),
+    request_body(content = Option<RevokeBody>, description = "Optional; only `revoke` records the `reason`, but either action refuses a body that is not this shape"),
+    responses(KeyActionResponses),
     security(("bearer" = []), ("api_key" = [])))]
 pub async fn robot_key_action(
     caller: Caller,
     state: State<AppState>,
     request_id: Extension<RequestId>,
-    path: Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     body: Bytes,
 ) -> Result<Json<Value>, HttpError> {
     key_action(caller, state, request_id, path, body).await

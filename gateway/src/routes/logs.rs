@@ -62,8 +62,8 @@ enum Since {
     path = "/api/v1/jobs/{job_id}/logs",
     tag = "jobs",
     params(
-        ("job_id" = String, Path, description = "Job id"),
-        ("limit" = Option<u32>, Query, description = "At most this many lines (1 to 10000, default 1000)"),
+        ("job_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$", description = "Job id (a UUID)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "At most this many lines (1 to 10000, default 1000)"),
         ("since" = Option<String>, Query, description = "After this stream sequence (exclusive), or from this time (RFC 3339)"),
     ),
     responses(
@@ -102,13 +102,14 @@ pub async fn job_logs(
     path = "/api/v1/robots/{robot_id}/logs",
     tag = "robots",
     params(
-        ("robot_id" = String, Path, description = "Robot id"),
-        ("limit" = Option<u32>, Query, description = "At most this many lines, the newest (1 to 10000, default 1000)"),
+        ("robot_id" = String, Path, pattern = "^[a-z0-9-]{1,64}$", description = "Robot id"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "At most this many lines, the newest (1 to 10000, default 1000)"),
         ("since" = Option<String>, Query, description = "After this stream sequence (exclusive), or from this time (RFC 3339)"),
     ),
     responses(
         (status = 200, description = "`{robot_id, logs: [LogLine]}`, oldest first", body = crate::openapi::RobotLogs),
         (status = 404, description = "No such robot in the caller's tenant", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Bad `limit` or `since`", body = crate::openapi::ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = []))
 )]
@@ -153,7 +154,7 @@ pub async fn robot_logs(
     get,
     path = "/api/v1/robots/{robot_id}/metrics",
     tag = "robots",
-    params(("robot_id" = String, Path, description = "Robot id")),
+    params(("robot_id" = String, Path, pattern = "^[a-z0-9-]{1,64}$", description = "Robot id")),
     responses(
         (status = 200, description = "The robot's latest heartbeat figures", body = crate::openapi::RobotMetrics),
         (status = 404, description = "No such robot in the caller's tenant", body = crate::openapi::ErrorBody),

@@ -158,18 +158,81 @@ pub(crate) fn path_id<T>(
     path.ok().and_then(|Path(raw)| parse(&raw)).ok_or_else(|| HttpError::not_found(what))
 }
 
+/// A fixed word of the path (the `{action}` of `…/{robot_id}/{action}`), as the enum listing the
+/// words (which is also what the OpenAPI document lists); `None` for any other word.
+pub(crate) fn path_enum<T: DeserializeOwned>(word: &str) -> Option<T> {
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(word)).ok()
+}
+
 /// Query parameters; empty values count as absent (`?status=` means no filter).
+///
+/// A parameter given twice is refused (422 naming it) rather than one of its values silently
+/// winning, and so is a value holding U+0000, which PostgreSQL cannot store or compare (it
+/// used to reach the database and come back as a 500).
 pub(crate) struct QueryParams(HashMap<String, String>);
 
 impl QueryParams {
     pub(crate) fn from_uri(uri: &Uri) -> Result<Self, HttpError> {
         // The rejection's text is not logged: a query string may carry a key.
-        Query::<HashMap<String, String>>::try_from_uri(uri)
-            .map(|Query(q)| Self(q))
-            .map_err(|_| HttpError::new(StatusCode::BAD_REQUEST, "bad_request", "malformed query string"))
+        let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri)
+            .map_err(|_| HttpError::new(StatusCode::BAD_REQUEST, "bad_request", "malformed query string"))?;
+        let mut params = HashMap::with_capacity(pairs.len());
+        for (name, value) in pairs {
+            if name.contains('\0') || value.contains('\0') {
+                return Err(HttpError::invalid(name.replace('\0', "\\0"), crate::extract::NUL_MESSAGE));
+            }
+            if params.contains_key(&name) {
+                return Err(HttpError::invalid(name, "is given more than once"));
+            }
+            params.insert(name, value);
+        }
+        Ok(Self(params))
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(s: &str) -> Result<QueryParams, HttpError> {
+        QueryParams::from_uri(&format!("/x?{s}").parse().unwrap())
+    }
+
+    #[test]
+    fn query_values() {
+        // (QueryParams has no Debug on purpose: a query may carry a key.)
+        let Ok(q) = query("a=1&b=&c=%20x%20") else { panic!("refused") };
+        assert_eq!((q.get("a"), q.get("b"), q.get("c"), q.get("d")), (Some("1"), None, Some("x"), None));
+    }
+
+    /// Regression (schemathesis, `GET /api/v1/robot-api-keys?offset=false&offset=`): the last of
+    /// two values silently won, so `offset=false` was accepted. Now a repeated parameter is 422.
+    #[test]
+    fn a_repeated_parameter_is_refused() {
+        let e = query("offset=false&offset=").err().expect("refused");
+        assert_eq!((e.status.as_u16(), e.field.as_deref()), (422, Some("offset")), "{e}");
+        assert!(query("offset=1&limit=1").is_ok());
+    }
+
+    /// Regression (schemathesis): a NUL character in a filter (`?workflow_id=%00`) reached
+    /// PostgreSQL, which refused it, and the API answered 500.
+    #[test]
+    fn a_nul_character_is_refused() {
+        let e = query("workflow_id=a%00b").err().expect("refused");
+        assert_eq!((e.status.as_u16(), e.field.as_deref()), (422, Some("workflow_id")), "{e}");
+        assert_eq!(query("x%00=1").err().expect("refused").status.as_u16(), 422);
+    }
+
+    #[test]
+    fn path_words() {
+        use commands::RobotAction;
+        assert_eq!(path_enum::<RobotAction>("stop"), Some(RobotAction::Stop));
+        for other in ["Stop", "stop ", "", "status"] {
+            assert_eq!(path_enum::<RobotAction>(other), None, "{other:?}");
+        }
     }
 }

@@ -25,41 +25,54 @@ use crate::extract::JsonBody;
 /// Slots a robot registered without `max_concurrent_jobs` gets (what a robot binary defaults to).
 pub const DEFAULT_SLOTS: u32 = 1;
 
-/// Body of `POST /api/v1/robots/register`.
+/// Body of `POST /api/v1/robots/register`. Texts are trimmed; the orchestrator caps `name` at
+/// 200 characters, `hostname` at 255, `environment` at 64, and tags at 32 of 64 characters each.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
-    /// `[a-z0-9-]{1,64}`
+    /// `[a-z0-9-]{1,64}` (surrounding blanks are trimmed)
+    #[schema(pattern = r"^\s*[a-z0-9-]{1,64}\s*$")]
     robot_id: String,
+    #[schema(pattern = r"\S")]
     name: String,
+    #[schema(pattern = r"\S")]
     hostname: String,
     /// Capability names, `[a-z0-9_-]{1,32}` each.
     #[serde(default)]
+    #[schema(value_type = Vec<crate::openapi::TrimmedCapability>)]
     capabilities: Vec<String>,
     #[serde(default)]
     environment: Option<String>,
-    /// Default 1.
+    /// 1 to 1000, default 1.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
     max_concurrent_jobs: Option<u32>,
     #[serde(default)]
+    #[schema(max_items = 32, value_type = Vec<crate::openapi::Tag>)]
     tags: Vec<String>,
 }
 
-/// Body of `PUT /api/v1/robots/{robot_id}`: only the fields given change.
+/// Body of `PUT /api/v1/robots/{robot_id}`: only the fields given change (the same rules as for
+/// registering).
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateBody {
     #[serde(default)]
+    #[schema(pattern = r"\S")]
     name: Option<String>,
     #[serde(default)]
+    #[schema(pattern = r"\S")]
     hostname: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<Vec<crate::openapi::TrimmedCapability>>)]
     capabilities: Option<Vec<String>>,
     #[serde(default)]
     environment: Option<String>,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
     max_concurrent_jobs: Option<u32>,
     #[serde(default)]
+    #[schema(max_items = 32, value_type = Option<Vec<crate::openapi::Tag>>)]
     tags: Option<Vec<String>>,
 }
 
@@ -128,7 +141,7 @@ pub async fn register(
     put,
     path = "/api/v1/robots/{robot_id}",
     tag = "robots",
-    params(("robot_id" = String, Path, description = "Robot id")),
+    params(("robot_id" = String, Path, pattern = "^[a-z0-9-]{1,64}$", description = "Robot id")),
     request_body = UpdateBody,
     responses(
         (status = 200, description = "The robot after the change", body = crate::openapi::Robot),
@@ -174,7 +187,7 @@ pub async fn update(
     delete,
     path = "/api/v1/robots/{robot_id}",
     tag = "robots",
-    params(("robot_id" = String, Path, description = "Robot id")),
+    params(("robot_id" = String, Path, pattern = "^[a-z0-9-]{1,64}$", description = "Robot id")),
     responses(
         (status = 200, description = "`{\"deleted\": true, \"robot_id\"}`: told to stop and forgotten", body = crate::openapi::RobotDeletedAnswer),
         (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),

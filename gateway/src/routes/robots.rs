@@ -21,7 +21,7 @@ use crate::error::{CallKind, HttpError};
     get,
     path = "/api/v1/metrics/robots",
     tag = "robots",
-    params(("status" = Option<String>, Query, description = "idle (= online), online, busy, offline, maintenance, error")),
+    params(("status" = Option<crate::openapi::RobotStatusFilter>, Query)),
     responses(
         (status = 200, description = "A bare array", body = Vec<crate::openapi::Robot>),
         (status = 422, description = "Bad status filter", body = crate::openapi::ErrorBody),
@@ -53,7 +53,7 @@ pub async fn list(
     get,
     path = "/api/v1/metrics/robots/{robot_id}",
     tag = "robots",
-    params(("robot_id" = String, Path, description = "Robot id")),
+    params(("robot_id" = String, Path, pattern = "^[a-z0-9-]{1,64}$", description = "Robot id")),
     responses(
         (status = 200, description = "The robot, with its statistics", body = crate::openapi::Robot),
         (status = 404, description = "No such robot in the caller's tenant", body = crate::openapi::ErrorBody),

@@ -47,12 +47,20 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 255;
 /// The submission body as sent.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct SubmitBody {
+    /// Not blank; at most 200 characters once trimmed.
+    #[schema(pattern = r"\S")]
     pub workflow_name: String,
     /// An object, or a string holding one (the Canvas sends either).
     #[schema(value_type = Object)]
     pub workflow_json: Value,
+    /// 0 to 20, higher first; default 10.
+    #[schema(minimum = 0, maximum = 20)]
     pub priority: Option<i64>,
+    /// Default `manual`.
+    #[schema(value_type = Option<crate::openapi::TriggerType>)]
     pub trigger_type: Option<String>,
+    /// Default `lan`.
+    #[schema(value_type = Option<crate::openapi::ExecutionMode>)]
     pub execution_mode: Option<String>,
     /// Only meaningful with schedules, which are refused for now, so it is ignored.
     pub schedule_cron: Option<String>,
@@ -60,8 +68,12 @@ pub struct SubmitBody {
     pub metadata: Option<Map<String, Value>>,
     #[schema(value_type = Option<Object>)]
     pub variables: Option<Map<String, Value>>,
+    #[schema(value_type = Option<Vec<crate::openapi::Capability>>)]
     pub required_capabilities: Option<Vec<String>>,
+    #[schema(value_type = Option<crate::openapi::RobotId>)]
     pub target_robot_id: Option<String>,
+    /// 1 s to 30 days.
+    #[schema(minimum = 1, maximum = 2_592_000)]
     pub timeout_s: Option<u64>,
 }
 
@@ -90,6 +102,7 @@ pub struct SubmitResponse {
     responses(
         (status = 200, description = "The job was committed", body = SubmitResponse),
         (status = 400, description = "Not JSON", body = crate::openapi::ErrorBody),
+        (status = 403, description = "The key's role is below operator", body = crate::openapi::ErrorBody),
         (status = 413, description = "Body too large", body = crate::openapi::ErrorBody),
         (status = 422, description = "A field is wrong; `error.field` names it", body = crate::openapi::ErrorBody),
         (status = 500, description = "`outcome_unknown`: no confirmation in time; look the job up by request id", body = crate::openapi::ErrorBody),

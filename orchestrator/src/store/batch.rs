@@ -250,7 +250,7 @@ impl Store {
             .bind(c.submitted)
             .bind(c.assigned)
             .bind(epoch)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.writer)
             .await?;
         Ok(rows.into_iter().map(|(id, at)| (JobId(id), at)).collect())
     }
@@ -311,7 +311,7 @@ impl Store {
             .bind(reqs.iter().map(|r| r.offer_no).collect::<Vec<_>>())
             .bind(reqs.iter().map(|r| r.lease.as_secs_f64()).collect::<Vec<_>>())
             .bind(epoch)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.writer)
             .await?;
         Ok(rows
             .iter()
@@ -392,7 +392,7 @@ impl Store {
             .bind(kind)
             .bind(reqs.iter().map(|r| r.failed_step.as_deref()).collect::<Vec<_>>())
             .bind(epoch)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.writer)
             .await?;
         Ok(rows.into_iter().map(|(id, attempt, robot)| (JobId(id), (attempt, robot))).collect())
     }
@@ -423,7 +423,7 @@ impl Store {
         .bind(beats.iter().map(|b| b.sent_at).collect::<Vec<_>>())
         .bind(beats.iter().map(|b| b.max_jobs as i32).collect::<Vec<_>>())
         .bind(beats.iter().map(|b| json!(b.capabilities).to_string()).collect::<Vec<_>>())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -450,7 +450,7 @@ impl Store {
             .bind(records.iter().map(|r| r.attempt).collect::<Vec<_>>())
             .bind(records.iter().map(|r| r.progress.clamp(0, 100)).collect::<Vec<_>>())
             .bind(records.iter().map(|r| r.node.as_deref()).collect::<Vec<_>>())
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }

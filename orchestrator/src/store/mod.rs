@@ -216,6 +216,8 @@ pub struct Rejection {
 #[derive(Clone)]
 pub struct Store {
     pub pool: PgPool,
+    /// The batch writers' own connections (plans cached; see `crate::writer_pool`).
+    writer: PgPool,
     leadership: Arc<Leadership>,
     /// The batch writers of the hot path (absent only inside the writers' own copies).
     batches: Option<Arc<batch::Batches>>,
@@ -231,10 +233,22 @@ fn secs(d: Duration) -> f64 {
 
 impl Store {
     /// A store with its batch writers (spawned on the current runtime).
-    pub fn new(pool: PgPool, leadership: Arc<Leadership>) -> Self {
-        let base = Self { pool, leadership, batches: None };
+    pub fn new(pool: PgPool, writer: PgPool, leadership: Arc<Leadership>) -> Self {
+        let base = Self { pool, writer, leadership, batches: None };
         let batches = Arc::new(batch::Batches::spawn(&base));
         Self { batches: Some(batches), ..base }
+    }
+
+    /// The batch writers' connections, for other key-only statements of the hot path (the
+    /// event relay).
+    pub fn writer(&self) -> &PgPool {
+        &self.writer
+    }
+
+    /// Close both pools (at shutdown).
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.pool.close().await;
     }
 
     fn batches(&self) -> StoreResult<&batch::Batches> {
@@ -386,7 +400,7 @@ impl Store {
         .bind(ids)
         .bind(offers)
         .bind(nums)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
