@@ -83,36 +83,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
     })
 }
 
-/// What a field holding U+0000 is told.
-pub const NUL_MESSAGE: &str = "must not contain the NUL character (U+0000)";
-
-/// The path (`tags[1]`, `metadata.note`) of the first string or object key holding U+0000. The
-/// path is only built on the way back from a find, so a clean body costs no allocation.
-fn nul_at(value: &serde_json::Value) -> Option<String> {
-    use serde_json::Value;
-    // `head` then the child's own path: `a` + `b[0]` = `a.b[0]`, `a` + `[0]` = `a[0]`.
-    fn join(head: String, rest: String) -> String {
-        match rest.chars().next() {
-            None => head,
-            Some('[') => head + &rest,
-            Some(_) => format!("{head}.{rest}"),
-        }
-    }
-    match value {
-        Value::String(s) => s.contains('\0').then(String::new),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .find_map(|(i, item)| nul_at(item).map(|rest| join(format!("[{i}]"), rest))),
-        Value::Object(map) => map.iter().find_map(|(key, item)| {
-            if key.contains('\0') {
-                return Some(key.replace('\0', "\\0"));
-            }
-            nul_at(item).map(|rest| join(key.clone(), rest))
-        }),
-        _ => None,
-    }
-}
+pub use fleet_schemas::text::{NUL_MESSAGE, nul_at};
 
 /// An optional JSON body: none at all (or only whitespace, or JSON `null`) is `T::default()`;
 /// anything else is checked like a required body, unknown fields included, so a body is never

@@ -115,6 +115,10 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
 
 /// Validate a submission and work out what the job requires.
 fn validate(body: &SubmitJob) -> ApiResult<(ParsedWorkflow, Class)> {
+    // Requests over NATS do not pass the gateway's check.
+    if let Some(field) = serde_json::to_value(body).ok().as_ref().and_then(fleet_schemas::text::nul_at) {
+        return Err(invalid(field, fleet_schemas::text::NUL_MESSAGE));
+    }
     let name = body.workflow_name.trim();
     if name.is_empty() {
         return Err(invalid("workflow_name", "must not be empty"));

@@ -10,6 +10,7 @@ pub mod ids;
 pub mod keys;
 pub mod robot;
 pub mod subjects;
+pub mod text;
 pub mod workflow;
 
 pub use ids::{Capability, Class, IdError, JobId, RequestId, RobotId, SessionId, TenantId};

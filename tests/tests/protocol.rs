@@ -372,6 +372,86 @@ async fn lapsed_lease_reoffers_and_fences_the_old_attempt() {
     fabric.stop().await;
 }
 
+/// Requests of one kind share a statement: a value PostgreSQL refuses (here a NUL character,
+/// which the API refuses before it gets this far) fails its own request only, never the others
+/// batched with it. Straight on the store, past the API's validation.
+#[tokio::test]
+async fn a_value_the_database_refuses_fails_only_its_own_request_in_a_batch() {
+    use fleet_orchestrator::leader::Leadership;
+    use fleet_orchestrator::store::{NewJob, Placement, Store};
+    let db = TestDb::create().await.unwrap();
+    let pool = db.pool().await.unwrap();
+    sqlx::migrate!("../migrations").run(&pool).await.unwrap();
+    let leadership = Leadership::new();
+    let shutdown = CancellationToken::new();
+    let lease = tokio::spawn(fleet_orchestrator::leader::run(
+        leadership.clone(),
+        pool.clone(),
+        Duration::from_secs(10),
+        shutdown.clone(),
+    ));
+    wait_for("the lease", WAIT, || async { leadership.is_leader().then_some(()) }).await.unwrap();
+    let store = Store::new(pool.clone(), pool.clone(), leadership.clone());
+    let job = |name: &str| NewJob {
+        job_id: JobId::new(),
+        tenant: tenant(),
+        workflow_id: "w".into(),
+        workflow_name: name.into(),
+        format: fleet_schemas::workflow::WorkflowFormat::Fleet,
+        workflow: json!({"steps": []}),
+        variables: Default::default(),
+        metadata: Default::default(),
+        requires: vec![],
+        priority: 10,
+        trigger_type: "manual".into(),
+        execution_mode: "lan".into(),
+        target_robot_id: None,
+        timeout_s: None,
+        max_attempts: 3,
+        request_id: RequestId::new(),
+        idempotency_key: None,
+        deadline_unix_ms: None,
+    };
+    let jobs: Vec<NewJob> = (0..40).map(|i| job(if i == 20 { "bad\u{0}name" } else { "good" })).collect();
+    let placement = Placement::Pending { reason: "no robot".into() };
+    let answers = futures::future::join_all(jobs.iter().map(|j| store.insert_job(j, &placement))).await;
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answer.is_ok(), i != 20, "request {i}: {answer:?}");
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&pool).await.unwrap();
+    assert_eq!(stored, 39);
+    shutdown.cancel();
+    lease.await.unwrap();
+}
+
+/// Submissions share one statement: a value PostgreSQL refuses (a NUL character, which JSON
+/// allows and a text column does not) fails its own submission only, never the others that were
+/// batched with it.
+#[tokio::test]
+async fn a_submission_the_database_refuses_fails_alone() {
+    let fabric = Fabric::start().await;
+    let mut poisoned = shell_job();
+    poisoned.workflow_name = "bad\u{0}name".into();
+    let jobs: Vec<SubmitJob> =
+        (0..40).map(|i| if i == 20 { poisoned.clone() } else { shell_job() }).collect();
+    let answers = futures::future::join_all(
+        jobs.into_iter().map(|job| fabric.api::<_, Submitted>(Endpoint::SubmitJob, job)),
+    )
+    .await;
+    for (i, answer) in answers.iter().enumerate() {
+        if i == 20 {
+            assert!(
+                matches!(answer, Err(ApiError::Invalid { field, .. }) if field == "workflow_name"),
+                "the poisoned submission is refused naming its field: {answer:?}"
+            );
+        } else {
+            let submitted = answer.as_ref().unwrap_or_else(|e| panic!("submission {i} failed: {e:?}"));
+            assert_eq!(fabric.job(submitted.job_id).await.workflow_name, "Invoice sync");
+        }
+    }
+    fabric.stop().await;
+}
+
 #[tokio::test]
 async fn bad_submissions_name_the_field() {
     let fabric = Fabric::start().await;

@@ -131,6 +131,13 @@ fn all_failed<T>(e: &StoreError, n: usize) -> Vec<Answer<T>> {
     (0..n).map(|_| Err(e.share())).collect()
 }
 
+/// A batch statement failed in a way that one request may have caused (a value the database
+/// refuses), rather than the database or the leadership being gone: each request must then be
+/// tried alone, so that one bad request never fails the others that shared its statement.
+fn one_may_be_bad(e: &StoreError, n: usize) -> bool {
+    matches!(e, StoreError::Other(_)) && n > 1
+}
+
 fn now_ms() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
@@ -156,6 +163,12 @@ impl Store {
                     if let Some(created_at) = rows.get(&batch[k].0.job_id) {
                         answers[i] = Some(Ok(inserted(&reqs[i].0, &reqs[i].1, *created_at)));
                     }
+                }
+            }
+            Err(e) if one_may_be_bad(&e, batch.len()) => {
+                for &i in &live {
+                    let alone = Box::pin(self.insert_many(vec![reqs[i].clone()])).await;
+                    answers[i] = Some(alone.into_iter().next().unwrap_or_else(|| Err(e.share())));
                 }
             }
             Err(e) => {
@@ -260,6 +273,13 @@ impl Store {
     async fn claim_many(&self, reqs: Vec<ClaimRequest>) -> Vec<Answer<Verdict<Claimed>>> {
         let rows = match self.claim_statement(&reqs).await {
             Ok(rows) => rows,
+            Err(e) if one_may_be_bad(&e, reqs.len()) => {
+                let mut out = Vec::with_capacity(reqs.len());
+                for req in reqs {
+                    out.extend(Box::pin(self.claim_many(vec![req])).await);
+                }
+                return out;
+            }
             Err(e) => return all_failed(&e, reqs.len()),
         };
         let mut out = Vec::with_capacity(reqs.len());
@@ -329,6 +349,13 @@ impl Store {
     async fn complete_many(&self, reqs: Vec<CompleteRequest>) -> Vec<Answer<Verdict<()>>> {
         let done = match self.complete_statement(&reqs).await {
             Ok(done) => done,
+            Err(e) if one_may_be_bad(&e, reqs.len()) => {
+                let mut out = Vec::with_capacity(reqs.len());
+                for req in reqs {
+                    out.extend(Box::pin(self.complete_many(vec![req])).await);
+                }
+                return out;
+            }
             Err(e) => return all_failed(&e, reqs.len()),
         };
         let mut out = Vec::with_capacity(reqs.len());
