@@ -579,7 +579,14 @@ async fn a_vanished_offer_is_noticed_and_offered_again() {
     msg.double_ack().await.unwrap();
     let events = job_events(&fabric.client, submitted.job_id, "job.started").await;
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    assert_eq!(kinds, ["job.submitted", "job.assigned", "job.recalled", "job.assigned", "job.started"]);
+    // Up to the start: this fake robot never renews, so on a slow machine its 2 s lease may
+    // already have lapsed (`job.requeued`) by the time the events are read.
+    let started = kinds.iter().position(|k| *k == "job.started").expect("started") + 1;
+    assert_eq!(
+        kinds[..started],
+        ["job.submitted", "job.assigned", "job.recalled", "job.assigned", "job.started"],
+        "{kinds:?}"
+    );
     fabric.stop().await;
 }
 
