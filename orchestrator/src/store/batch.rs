@@ -16,6 +16,8 @@ use sqlx::Row;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use fleet_schemas::api::JobStatus;
+
 use super::{
     Claimed, Inserted, NewJob, Placement, Store, StoreError, StoreResult, Verdict, claimed, lock_in_order,
     run_state_str,
@@ -138,6 +140,19 @@ fn one_may_be_bad(e: &StoreError, n: usize) -> bool {
     matches!(e, StoreError::Other(_)) && n > 1
 }
 
+/// Run each request as a batch of its own, in order.
+async fn each_alone<Q, A, F, Fut>(reqs: Vec<Q>, alone: F) -> Vec<A>
+where
+    F: Fn(Q) -> Fut,
+    Fut: std::future::Future<Output = Vec<A>>,
+{
+    let mut out = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        out.extend(alone(req).await);
+    }
+    out
+}
+
 fn now_ms() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
@@ -188,7 +203,7 @@ impl Store {
         out
     }
 
-    async fn insert_statement(
+    pub(super) async fn insert_statement(
         &self,
         batch: &[&(NewJob, Placement)],
     ) -> StoreResult<HashMap<JobId, OffsetDateTime>> {
@@ -274,11 +289,7 @@ impl Store {
         let rows = match self.claim_statement(&reqs).await {
             Ok(rows) => rows,
             Err(e) if one_may_be_bad(&e, reqs.len()) => {
-                let mut out = Vec::with_capacity(reqs.len());
-                for req in reqs {
-                    out.extend(Box::pin(self.claim_many(vec![req])).await);
-                }
-                return out;
+                return each_alone(reqs, |req| Box::pin(self.claim_many(vec![req]))).await;
             }
             Err(e) => return all_failed(&e, reqs.len()),
         };
@@ -350,11 +361,7 @@ impl Store {
         let done = match self.complete_statement(&reqs).await {
             Ok(done) => done,
             Err(e) if one_may_be_bad(&e, reqs.len()) => {
-                let mut out = Vec::with_capacity(reqs.len());
-                for req in reqs {
-                    out.extend(Box::pin(self.complete_many(vec![req])).await);
-                }
-                return out;
+                return each_alone(reqs, |req| Box::pin(self.complete_many(vec![req]))).await;
             }
             Err(e) => return all_failed(&e, reqs.len()),
         };
@@ -494,31 +501,26 @@ pub(super) fn outcome_columns(outcome: RunOutcome) -> (&'static str, &'static st
 }
 
 /// What an inserted job looks like to the submitter.
-fn inserted(job: &NewJob, placement: &Placement, created_at: OffsetDateTime) -> Inserted {
-    let (status, offer_no, subject, reason) = match placement {
-        Placement::Offer { subject, .. } => {
-            (fleet_schemas::api::JobStatus::Queued, 1, Some(subject.clone()), None)
-        }
-        Placement::Pending { reason } => {
-            (fleet_schemas::api::JobStatus::Pending, 0, None, Some(reason.clone()))
-        }
-    };
+pub(super) fn inserted(job: &NewJob, placement: &Placement, created_at: OffsetDateTime) -> Inserted {
+    let (status, subject, reason) = placement.columns();
+    let queued = status == "queued";
     Inserted {
         job_id: job.job_id,
-        status,
-        offer_no,
-        waiting_reason: reason,
+        status: if queued { JobStatus::Queued } else { JobStatus::Pending },
+        offer_no: if queued { 1 } else { 0 },
+        waiting_reason: reason.map(str::to_owned),
         created_at,
-        offer_subject: subject,
+        offer_subject: subject.map(str::to_owned),
         existing: false,
     }
 }
 
 /// The history data of a submission: what was asked for and where it went.
-pub(super) fn submitted_data(job: &NewJob, placement: &Placement) -> (Value, Value) {
-    let (status, target, reason) = match placement {
-        Placement::Offer { target, .. } => ("queued", Some(target.as_str()), None),
-        Placement::Pending { reason } => ("pending", None, Some(reason.as_str())),
+fn submitted_data(job: &NewJob, placement: &Placement) -> (Value, Value) {
+    let (status, _, reason) = placement.columns();
+    let target = match placement {
+        Placement::Offer { target, .. } => Some(target.as_str()),
+        Placement::Pending { .. } => None,
     };
     let submitted = json!({
         "workflow_id": job.workflow_id,
@@ -561,10 +563,7 @@ struct InsertColumns {
 
 impl InsertColumns {
     fn push(&mut self, job: &NewJob, placement: &Placement) {
-        let (status, subject, reason) = match placement {
-            Placement::Offer { subject, .. } => ("queued", Some(subject.clone()), None),
-            Placement::Pending { reason } => ("pending", None, Some(reason.clone())),
-        };
+        let (status, subject, reason) = placement.columns();
         let (submitted, assigned) = submitted_data(job, placement);
         self.job_id.push(job.job_id.0);
         self.tenant.push(job.tenant.as_str().to_owned());
@@ -582,8 +581,8 @@ impl InsertColumns {
         self.target_robot_id.push(job.target_robot_id.as_ref().map(|r| r.as_str().to_owned()));
         self.timeout_s.push(job.timeout_s.map(|t| t as i64));
         self.status.push(status);
-        self.waiting_reason.push(reason);
-        self.offer_subject.push(subject);
+        self.waiting_reason.push(reason.map(str::to_owned));
+        self.offer_subject.push(subject.map(str::to_owned));
         self.max_attempts.push(job.max_attempts);
         self.request_id.push(job.request_id.0);
         self.idempotency_key.push(job.idempotency_key.clone());

@@ -119,6 +119,16 @@ pub enum Placement {
     Pending { reason: String },
 }
 
+impl Placement {
+    /// The columns a new job gets from its placement: status, offer subject, waiting reason.
+    fn columns(&self) -> (&'static str, Option<&str>, Option<&str>) {
+        match self {
+            Placement::Offer { subject, .. } => ("queued", Some(subject.as_str()), None),
+            Placement::Pending { reason } => ("pending", None, Some(reason.as_str())),
+        }
+    }
+}
+
 /// A validated submission, ready to insert.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -282,70 +292,9 @@ impl Store {
     /// key was taken), which finds the earlier job.
     async fn insert_job_one(&self, job: &NewJob, placement: &Placement) -> StoreResult<Inserted> {
         let epoch = self.epoch()?;
-        let (status, subject, reason) = match placement {
-            Placement::Offer { subject, .. } => ("queued", Some(subject.as_str()), None),
-            Placement::Pending { reason } => ("pending", None, Some(reason.as_str())),
-        };
-        let (submitted, assigned) = batch::submitted_data(job, placement);
-        let sql = format!(
-            "WITH ins AS (
-                INSERT INTO jobs (job_id, tenant, workflow_id, workflow_name, format, workflow, variables,
-                    metadata, requires, priority, trigger_type, execution_mode, target_robot_id, timeout_s,
-                    status, waiting_reason, offer_no, offer_subject, offered_at, max_attempts, request_id,
-                    idempotency_key, history_seq)
-                SELECT $1, $2, $3, $4, $5, $6::json, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                    CASE WHEN $15 = 'queued' THEN 1 ELSE 0 END, $17,
-                    CASE WHEN $15 = 'queued' THEN now() END, $18, $19, $20,
-                    CASE WHEN $15 = 'queued' THEN 2 ELSE 1 END
-                WHERE {}
-                ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-                RETURNING job_id, tenant, status, created_at
-            ), h AS (
-                INSERT INTO job_history (tenant, job_id, seq, kind, attempt, data, occurred_at)
-                SELECT tenant, job_id, 1, 'job.submitted', 0, $22, created_at FROM ins
-                UNION ALL
-                SELECT tenant, job_id, 2, 'job.assigned', 0, $23, created_at FROM ins WHERE status = 'queued'
-            )
-            SELECT created_at FROM ins",
-            fenced(21)
-        );
-        let row: Option<(OffsetDateTime,)> = sqlx::query_as(&sql)
-            .bind(uuid(job.job_id))
-            .bind(job.tenant.as_str())
-            .bind(&job.workflow_id)
-            .bind(&job.workflow_name)
-            .bind(job.format.as_str())
-            // As text: sqlx sends `Json` as jsonb, which would sort the keys.
-            .bind(job.workflow.to_string())
-            .bind(Json(&job.variables))
-            .bind(Json(&job.metadata))
-            .bind(&job.requires)
-            .bind(job.priority)
-            .bind(&job.trigger_type)
-            .bind(&job.execution_mode)
-            .bind(job.target_robot_id.as_ref().map(RobotId::as_str))
-            .bind(job.timeout_s.map(|t| t as i64))
-            .bind(status)
-            .bind(reason)
-            .bind(subject)
-            .bind(job.max_attempts)
-            .bind(job.request_id.0)
-            .bind(job.idempotency_key.as_deref())
-            .bind(epoch)
-            .bind(Json(submitted))
-            .bind(Json(assigned))
-            .fetch_optional(&self.pool)
-            .await?;
-        if let Some((created_at,)) = row {
-            return Ok(Inserted {
-                job_id: job.job_id,
-                status: if status == "queued" { JobStatus::Queued } else { JobStatus::Pending },
-                offer_no: if status == "queued" { 1 } else { 0 },
-                waiting_reason: reason.map(str::to_owned),
-                created_at,
-                offer_subject: subject.map(str::to_owned),
-                existing: false,
-            });
+        let request = (job.clone(), placement.clone());
+        if let Some(created_at) = self.insert_statement(&[&request]).await?.get(&job.job_id) {
+            return Ok(batch::inserted(job, placement, *created_at));
         }
         if let Some(key) = &job.idempotency_key {
             let row = sqlx::query(
