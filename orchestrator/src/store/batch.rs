@@ -441,7 +441,7 @@ impl Store {
         }
         let beats: Vec<Heartbeat> = latest.into_values().collect();
         sqlx::query(
-            "UPDATE robots SET run_state = u.run_state, online = true, cpu_percent = u.cpu_percent,
+            "UPDATE robots SET run_state = u.run_state, cpu_percent = u.cpu_percent,
                  memory_mb = u.memory_mb, last_heartbeat = u.sent_at, max_jobs = u.max_jobs,
                  capabilities = ARRAY(SELECT json_array_elements_text(u.capabilities::json)), updated_at = now()
              FROM unnest($1::text[], $2::text[], $3::text[], $4::real[], $5::float8[], $6::timestamptz[],

@@ -163,6 +163,20 @@ impl Store {
         }
     }
 
+    /// A robot the leader did not see online beats again: record it online at once. Heartbeat
+    /// figures are written later in batches, so they never set `online` themselves: a batch
+    /// still lingering when the robot says goodbye would otherwise bring it back.
+    pub async fn robot_online(&self, tenant: &TenantId, robot: &RobotId) -> StoreResult<()> {
+        let epoch = self.epoch()?;
+        let sql = format!(
+            "UPDATE robots SET online = true, updated_at = now()
+             WHERE tenant = $1 AND robot_id = $2 AND NOT online AND {}",
+            fenced(3)
+        );
+        sqlx::query(&sql).bind(tenant.as_str()).bind(robot.as_str()).bind(epoch).execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// A robot went offline: record it, with an event naming its orphaned jobs.
     pub async fn robot_offline(&self, tenant: &TenantId, robot: &RobotId, reason: &str) -> StoreResult<bool> {
         let epoch = self.epoch()?;
@@ -303,9 +317,11 @@ fn robot_view(row: &PgRow) -> RobotView {
     let run_state: String = row.get("run_state");
     let running: Vec<String> = row.get("running");
     let max_jobs: i32 = row.get("max_jobs");
+    // A paused robot takes no work, like one in maintenance: say so in `status` (the Canvas reads
+    // only that), while `state` stays exact.
     let status = if !online {
         RobotStatus::Offline
-    } else if run_state == "maintenance" {
+    } else if run_state == "maintenance" || run_state == "paused" {
         RobotStatus::Maintenance
     } else if running.len() as i32 >= max_jobs {
         RobotStatus::Busy
