@@ -320,3 +320,48 @@ async fn a_heartbeat_timeout_alone_starts_the_orchestrator_and_sets_the_beat() {
     drop(nats);
     db.drop_database().await.unwrap();
 }
+
+/// nats-server is down for longer than the heartbeat timeout, and a robot running a job is
+/// frozen (SIGSTOP) through the outage, so its heartbeat has lapsed when the server is back and it
+/// is declared offline then. The leader has not been healthy for a heartbeat timeout at that
+/// moment, so the job is not taken back: the robot resumes, beats, renews and finishes it as
+/// attempt 1. (Declaring offline while the leader itself was cut off must not re-run the fleet's
+/// work; the lease still decides for such robots.)
+#[tokio::test]
+async fn a_robot_declared_offline_right_after_an_outage_keeps_its_job() {
+    let _serial = SERIAL.lock().await;
+    let timeout = Duration::from_secs(3);
+    let mut stack = Stack::start_with(|c| {
+        c.heartbeat_timeout = timeout;
+        c.job_lease = Duration::from_secs(30);
+    })
+    .await;
+    let started = Instant::now();
+    let r1 = robot(&stack, "r1");
+    wait_ready(&stack, "r1").await;
+    let id = stack.submit(sleep_job("through the outage", 8_000)).await["job_id"].as_str().unwrap().to_owned();
+    wait_running(&stack, &id, "r1", 1, WAIT).await;
+    // Past the point where a death would re-offer at once, so only the outage guard holds it.
+    tokio::time::sleep_until(started + timeout).await;
+
+    r1.stop().unwrap();
+    stack.nats.kill().unwrap();
+    // The outage itself: longer than the heartbeat timeout, so the robot's heartbeat lapses.
+    tokio::time::sleep(timeout + Duration::from_secs(1)).await;
+    stack.nats.restart().await.unwrap();
+    let back = Instant::now();
+    wait_for("r1 declared offline after the outage", WAIT, || async {
+        (!disconnects(&stack, "r1").await.is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    let declared = back.elapsed();
+    assert!(declared < timeout, "declared offline {declared:?} after the outage, past the guard");
+    r1.cont().unwrap();
+
+    let job = stack.finished(&id).await;
+    assert_eq!((job["status"].as_str(), job["attempt"].as_i64()), (Some("completed"), Some(1)), "{job}");
+    let h = history(&stack, &id).await;
+    assert_eq!((count(&h, "job.started"), count(&h, "job.requeued")), (1, 0), "{h:?}");
+    stack.stop().await;
+}
