@@ -78,9 +78,6 @@ pub struct HeartbeatChange {
     pub admission: bool,
     /// The robot's status changed: (from, to).
     pub status: Option<(&'static str, &'static str)>,
-    /// The robot was not online in this view (new to it, or offline): the record must say
-    /// online again.
-    pub came_online: bool,
 }
 
 fn state_name(s: RobotRunState) -> &'static str {
@@ -211,7 +208,6 @@ impl FleetView {
             (true, false) => Some("offline"),
         };
         let status = before.filter(|b| *b != state_name(hb.state)).map(|b| (b, state_name(hb.state)));
-        let came_online = !known || !entry.online;
         let changed =
             !entry.online || entry.state != hb.state || entry.class != class || entry.max_jobs != hb.max_jobs;
         entry.class = class;
@@ -220,7 +216,7 @@ impl FleetView {
         entry.session = hb.session_id;
         entry.online = true;
         entry.last_seen = Instant::now();
-        HeartbeatChange { admission: changed, status, came_online }
+        HeartbeatChange { admission: changed, status }
     }
 
     /// The robot's heartbeat expired. Returns true when it was online.

@@ -105,11 +105,6 @@ async fn on_entry(core: &Core, entry: async_nats::jetstream::kv::Entry) {
                 return;
             }
             let change = core.fleet.heartbeat(&hb);
-            if change.came_online
-                && let Err(e) = core.store.robot_online(&tenant, &robot).await
-            {
-                tracing::debug!(error = %e, %robot, "robot online not recorded");
-            }
             if change.admission {
                 core.wake_admission.notify_one();
             }

@@ -163,20 +163,6 @@ impl Store {
         }
     }
 
-    /// A robot the leader did not see online beats again: record it online at once. Heartbeat
-    /// figures are written later in batches, so they never set `online` themselves: a batch
-    /// still lingering when the robot says goodbye would otherwise bring it back.
-    pub async fn robot_online(&self, tenant: &TenantId, robot: &RobotId) -> StoreResult<()> {
-        let epoch = self.epoch()?;
-        let sql = format!(
-            "UPDATE robots SET online = true, updated_at = now()
-             WHERE tenant = $1 AND robot_id = $2 AND NOT online AND {}",
-            fenced(3)
-        );
-        sqlx::query(&sql).bind(tenant.as_str()).bind(robot.as_str()).bind(epoch).execute(&self.pool).await?;
-        Ok(())
-    }
-
     /// A robot went offline: record it, with an event naming its orphaned jobs.
     pub async fn robot_offline(&self, tenant: &TenantId, robot: &RobotId, reason: &str) -> StoreResult<bool> {
         let epoch = self.epoch()?;
