@@ -326,7 +326,10 @@ mod tests {
     fn neither_given_keeps_the_defaults() {
         Jail::expect_with(|_| {
             let c = Config::load().map_err(|e| e.to_string())?;
-            assert_eq!((c.heartbeat_interval, c.heartbeat_timeout), (Duration::from_secs(10), Duration::from_secs(90)));
+            assert_eq!(
+                (c.heartbeat_interval, c.heartbeat_timeout),
+                (Duration::from_secs(10), Duration::from_secs(90))
+            );
             Ok(())
         });
     }
@@ -337,7 +340,10 @@ mod tests {
             jail.set_env("FLEET_HEARTBEAT_TIMEOUT", "5s");
             jail.set_env("FLEET_HEARTBEAT_INTERVAL", "2s");
             let c = Config::load().map_err(|e| e.to_string())?;
-            assert_eq!((c.heartbeat_interval, c.heartbeat_timeout), (Duration::from_secs(2), Duration::from_secs(5)));
+            assert_eq!(
+                (c.heartbeat_interval, c.heartbeat_timeout),
+                (Duration::from_secs(2), Duration::from_secs(5))
+            );
             // An explicit interval is not capped: only the timeout bounds it.
             jail.set_env("FLEET_HEARTBEAT_TIMEOUT", "2m");
             jail.set_env("FLEET_HEARTBEAT_INTERVAL", "30s");

@@ -213,7 +213,8 @@ async fn a_robot_that_exits_gracefully_shows_offline_within_two_seconds() {
     assert_eq!(disconnects(&stack, "termed").await, ["robot stopped"]);
     // The record stays offline: no heartbeat written before the goodbye brings it back.
     let pool = stack.db.pool().await.unwrap();
-    let online: Vec<(String,)> = sqlx::query_as("SELECT robot_id FROM robots WHERE online").fetch_all(&pool).await.unwrap();
+    let online: Vec<(String,)> =
+        sqlx::query_as("SELECT robot_id FROM robots WHERE online").fetch_all(&pool).await.unwrap();
     pool.close().await;
     assert!(online.is_empty(), "{online:?}");
     stack.stop().await;
@@ -243,7 +244,11 @@ async fn a_paused_robot_shows_maintenance() {
     assert!(ids(stack.get("/api/v1/metrics/robots?status=idle").await.1).is_empty());
     assert!(ids(stack.get("/api/v1/metrics/robots?status=online").await.1).is_empty());
     let (_, fleet) = stack.get("/api/v1/metrics/fleet").await;
-    assert_eq!((fleet["maintenance_robots"].as_u64(), fleet["idle_robots"].as_u64()), (Some(1), Some(0)), "{fleet}");
+    assert_eq!(
+        (fleet["maintenance_robots"].as_u64(), fleet["idle_robots"].as_u64()),
+        (Some(1), Some(0)),
+        "{fleet}"
+    );
 
     let (status, answer) = stack.post("/api/v1/robots/napper/resume", &Value::Null).await;
     assert_eq!(status, 200, "{answer}");
@@ -283,9 +288,11 @@ async fn a_heartbeat_timeout_alone_starts_the_orchestrator_and_sets_the_beat() {
     let robot = tokio::spawn(fleet_robot::run(config, token.clone()));
 
     let js = async_nats::jetstream::new(nats.client().await.unwrap());
-    let kv = wait_for("the heartbeat bucket", WAIT, || async { js.get_key_value(subjects::ROBOTS_BUCKET).await.ok() })
-        .await
-        .unwrap();
+    let kv = wait_for("the heartbeat bucket", WAIT, || async {
+        js.get_key_value(subjects::ROBOTS_BUCKET).await.ok()
+    })
+    .await
+    .unwrap();
     let key = subjects::heartbeat_key(&TenantId::default_tenant(), &RobotId::new("beater").unwrap());
     let mut watch = kv.watch(&key).await.unwrap();
     // The first beats come with registration and the desired state; count the steady ones.
@@ -339,7 +346,8 @@ async fn a_robot_declared_offline_right_after_an_outage_keeps_its_job() {
     let started = Instant::now();
     let r1 = robot(&stack, "r1");
     wait_ready(&stack, "r1").await;
-    let id = stack.submit(sleep_job("through the outage", 8_000)).await["job_id"].as_str().unwrap().to_owned();
+    let id =
+        stack.submit(sleep_job("through the outage", 8_000)).await["job_id"].as_str().unwrap().to_owned();
     wait_running(&stack, &id, "r1", 1, WAIT).await;
     // Past the point where a death would re-offer at once, so only the outage guard holds it.
     tokio::time::sleep_until(started + timeout).await;

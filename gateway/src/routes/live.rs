@@ -355,7 +355,8 @@ mod tests {
 
     #[test]
     fn a_paused_robot_is_in_maintenance_live_too() {
-        let v = from_event(&event("robot.status_changed", json!({"from": "online", "to": "paused"}))).unwrap();
+        let v =
+            from_event(&event("robot.status_changed", json!({"from": "online", "to": "paused"}))).unwrap();
         assert_eq!((v["type"].as_str(), v["status"].as_str()), (Some("robot_status"), Some("maintenance")));
         let hb = json!({"robot_id": "r1", "state": "paused", "running": 1, "max_jobs": 4});
         assert_eq!(heartbeat(hb.to_string().as_bytes()).unwrap()["status"], "maintenance");

@@ -281,7 +281,9 @@ impl Store {
         let epoch = self.epoch()?;
         let (cond, reason) = match which {
             Expiry::Lapsed => ("lease_until < now()", "lease expired"),
-            Expiry::Restarted(..) => ("tenant = $2 AND robot_id = $3 AND session_id <> $4", "robot restarted"),
+            Expiry::Restarted(..) => {
+                ("tenant = $2 AND robot_id = $3 AND session_id <> $4", "robot restarted")
+            }
             Expiry::Offline(..) => (
                 "tenant = $2 AND robot_id = $3 AND session_id = (SELECT r.session_id FROM robots r
                      WHERE r.tenant = $2 AND r.robot_id = $3 AND NOT r.online)",
