@@ -349,8 +349,8 @@ mod tests {
             jail.set_env("FLEET_HEARTBEAT_INTERVAL", "30s");
             let c = Config::load().map_err(|e| e.to_string())?;
             assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
-            // An interval given alone that the default timeout cannot outlast.
-            jail.set_env("FLEET_HEARTBEAT_TIMEOUT", "90s");
+            // An interval given alone that the default timeout (90 s) cannot outlast.
+            jail.clear_env();
             jail.set_env("FLEET_HEARTBEAT_INTERVAL", "90s");
             let e = Config::load().unwrap_err().to_string();
             assert!(e.contains("lower heartbeat_interval (FLEET_HEARTBEAT_INTERVAL)"), "{e}");
