@@ -3,6 +3,10 @@
 //!
 //! The defaults work for a local run; tests shorten the intervals. Durations accept `90s`, `2m`
 //! or a bare number of seconds, in the file and in the environment alike.
+//!
+//! The heartbeat interval follows the timeout unless it is given itself, because people tune one
+//! knob ("notice a dead robot within 5 s") and a fixed default interval made a short timeout
+//! unusable. Only a pair given explicitly can be wrong, and then the message says what to change.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -43,7 +47,8 @@ pub struct Config {
     pub database_url: Secret,
     /// Connections in the PostgreSQL pool.
     pub db_pool_size: u32,
-    /// How often robots write their heartbeat (robots learn it at registration).
+    /// How often robots write their heartbeat (robots learn it at registration). When not given,
+    /// a third of `heartbeat_timeout`, at most [`MAX_DERIVED_INTERVAL`].
     #[serde(with = "duration")]
     pub heartbeat_interval: Duration,
     /// A robot whose last heartbeat is older than this is offline (`FLEET_HEARTBEAT_TIMEOUT`).
@@ -104,6 +109,15 @@ impl Default for Config {
     }
 }
 
+/// Longest heartbeat interval derived from the timeout: the default pair (10 s, 90 s) is kept.
+pub const MAX_DERIVED_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The heartbeat interval for `timeout` when none is given: a third of it (two beats may be lost
+/// before the robot is declared offline), at most [`MAX_DERIVED_INTERVAL`].
+pub fn derived_heartbeat_interval(timeout: Duration) -> Duration {
+    (timeout / 3).min(MAX_DERIVED_INTERVAL)
+}
+
 /// A configuration that does not load; the message names the key and the source.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
@@ -120,12 +134,14 @@ impl Config {
             return Err(ConfigError(format!("FLEET_CONFIG names {}, which does not exist", path.display())));
         }
         let file = file.unwrap_or_else(|| PathBuf::from("fleet.toml"));
-        Self::from_figment(
-            Figment::from(Serialized::defaults(Config::default()))
-                .merge(Toml::file(file))
+        let given = |base: Figment| {
+            base.merge(Toml::file(&file))
                 .merge(Env::prefixed("FLEET_").only(&Self::KEYS))
-                .merge(Env::raw().only(&["NATS_URL", "DATABASE_URL"])),
-        )
+                .merge(Env::raw().only(&["NATS_URL", "DATABASE_URL"]))
+        };
+        // Whether the interval was set by the user, as opposed to filled in by the defaults.
+        let interval_given = given(Figment::new()).contains("heartbeat_interval");
+        Self::from_figment(given(Figment::from(Serialized::defaults(Config::default()))), interval_given)
     }
 
     /// Keys settable with a `FLEET_` variable.
@@ -147,8 +163,13 @@ impl Config {
         "nats_url",
     ];
 
-    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let config: Config = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+    /// Extract and check a configuration; without `interval_given` the heartbeat interval is
+    /// derived from the timeout (see [`derived_heartbeat_interval`]).
+    pub fn from_figment(figment: Figment, interval_given: bool) -> Result<Self, ConfigError> {
+        let mut config: Config = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+        if !interval_given {
+            config.heartbeat_interval = derived_heartbeat_interval(config.heartbeat_timeout);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -164,7 +185,15 @@ impl Config {
         min("heartbeat_interval", self.heartbeat_interval, Duration::from_millis(100))?;
         min("heartbeat_timeout", self.heartbeat_timeout, Duration::from_secs(1))?;
         if self.heartbeat_timeout <= self.heartbeat_interval {
-            return Err(ConfigError("heartbeat_timeout must be longer than heartbeat_interval".into()));
+            let show = |d: Duration| humantime::format_duration(d).to_string();
+            return Err(ConfigError(format!(
+                "heartbeat_timeout ({}) must be longer than heartbeat_interval ({}), or every robot \
+                 flaps offline between beats: lower heartbeat_interval (FLEET_HEARTBEAT_INTERVAL), or \
+                 leave it unset to use a third of the timeout, or raise heartbeat_timeout \
+                 (FLEET_HEARTBEAT_TIMEOUT)",
+                show(self.heartbeat_timeout),
+                show(self.heartbeat_interval),
+            )));
         }
         min("job_lease", self.job_lease, Duration::from_millis(300))?;
         min("leader_lease", self.leader_lease, Duration::from_millis(300))?;
@@ -259,14 +288,79 @@ mod tests {
             let e = Config::load().unwrap_err().to_string();
             assert!(e.to_lowercase().contains("heartbeat_timeout"), "{e}");
             jail.set_env("FLEET_HEARTBEAT_TIMEOUT", "1s");
+            jail.set_env("FLEET_HEARTBEAT_INTERVAL", "5s");
             let e = Config::load().unwrap_err().to_string();
-            assert!(e.contains("heartbeat_timeout must be longer"), "{e}");
+            assert!(e.contains("heartbeat_timeout (1s) must be longer than heartbeat_interval (5s)"), "{e}");
             Ok(())
         });
         Jail::expect_with(|jail| {
             jail.create_file("fleet.toml", "colour = \"red\"\n")?;
             let e = Config::load().unwrap_err().to_string();
             assert!(e.contains("colour"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_timeout_alone_sets_the_interval_to_a_third_of_it() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FLEET_HEARTBEAT_TIMEOUT", "5s");
+            let c = Config::load().map_err(|e| e.to_string())?;
+            assert_eq!(c.heartbeat_timeout, Duration::from_secs(5));
+            assert_eq!(c.heartbeat_interval, Duration::from_secs(5) / 3);
+            // A long timeout keeps the default interval's ceiling.
+            jail.set_env("FLEET_HEARTBEAT_TIMEOUT", "10m");
+            let c = Config::load().map_err(|e| e.to_string())?;
+            assert_eq!(c.heartbeat_interval, MAX_DERIVED_INTERVAL);
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file("fleet.toml", "heartbeat_timeout = \"6s\"\n")?;
+            let c = Config::load().map_err(|e| e.to_string())?;
+            assert_eq!(c.heartbeat_interval, Duration::from_secs(2), "derived from the file's timeout too");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn neither_given_keeps_the_defaults() {
+        Jail::expect_with(|_| {
+            let c = Config::load().map_err(|e| e.to_string())?;
+            assert_eq!(
+                (c.heartbeat_interval, c.heartbeat_timeout),
+                (Duration::from_secs(10), Duration::from_secs(90))
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_explicit_pair_is_kept_or_refused_naming_what_to_change() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FLEET_HEARTBEAT_TIMEOUT", "5s");
+            jail.set_env("FLEET_HEARTBEAT_INTERVAL", "2s");
+            let c = Config::load().map_err(|e| e.to_string())?;
+            assert_eq!(
+                (c.heartbeat_interval, c.heartbeat_timeout),
+                (Duration::from_secs(2), Duration::from_secs(5))
+            );
+            // An explicit interval is not capped: only the timeout bounds it.
+            jail.set_env("FLEET_HEARTBEAT_TIMEOUT", "2m");
+            jail.set_env("FLEET_HEARTBEAT_INTERVAL", "30s");
+            let c = Config::load().map_err(|e| e.to_string())?;
+            assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
+            // An interval given alone that the default timeout (90 s) cannot outlast.
+            jail.clear_env();
+            jail.set_env("FLEET_HEARTBEAT_INTERVAL", "90s");
+            let e = Config::load().unwrap_err().to_string();
+            assert!(e.contains("lower heartbeat_interval (FLEET_HEARTBEAT_INTERVAL)"), "{e}");
+            assert!(e.contains("raise heartbeat_timeout (FLEET_HEARTBEAT_TIMEOUT)"), "{e}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file("fleet.toml", "heartbeat_timeout = \"5s\"\nheartbeat_interval = \"10s\"\n")?;
+            let e = Config::load().unwrap_err().to_string();
+            assert!(e.contains("heartbeat_timeout (5s) must be longer than heartbeat_interval (10s)"), "{e}");
             Ok(())
         });
     }

@@ -4,6 +4,15 @@
 //! Each heartbeat is written with a per-message TTL equal to the heartbeat timeout; when it
 //! lapses the server writes a delete marker that this watcher sees, so a robot that dies
 //! silently is noticed without it saying goodbye. A staleness check in the sweeper backs this up.
+//! A robot that exits gracefully deletes its key, which the watcher sees at once.
+//!
+//! A robot declared offline has its running attempts taken back and its jobs offered again at
+//! once, rather than after their leases: nothing of it is left to renew them. Not right after an
+//! outage of the leader's own, though: while the leader could not see NATS (or PostgreSQL),
+//! robots could not beat either, and every heartbeat may expire together when it comes back.
+//! So, as the sweeper does for leases, offline robots' jobs are only taken back once the leader
+//! has been healthy for a whole heartbeat timeout (robots have beaten again by then); before
+//! that, their leases decide.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,9 +131,9 @@ async fn on_entry(core: &Core, entry: async_nats::jetstream::kv::Entry) {
                 .await;
             core.store.record_heartbeat(hb);
         }
-        Operation::Delete | Operation::Purge => {
-            mark_offline(core, &tenant, &robot, "heartbeat expired").await;
-        }
+        // A robot deletes its key when it exits gracefully; the server purges it on expiry.
+        Operation::Delete => mark_offline(core, &tenant, &robot, "robot stopped").await,
+        Operation::Purge => mark_offline(core, &tenant, &robot, "heartbeat expired").await,
     }
 }
 
@@ -138,10 +147,29 @@ pub(crate) async fn mark_offline(
     match core.store.robot_offline(tenant, robot, reason).await {
         Ok(true) => {
             tracing::info!(%tenant, %robot, reason, "robot offline");
+            reoffer_orphans(core, tenant, robot).await;
             core.wake_relay.notify_one();
             core.wake_admission.notify_one();
         }
         Ok(false) => {}
         Err(e) => tracing::warn!(error = %e, %robot, "could not record robot offline"),
+    }
+}
+
+/// Take back the running attempts of a robot just recorded offline, unless the leader has not
+/// been healthy for a heartbeat timeout (see the module docs); then their leases decide.
+async fn reoffer_orphans(core: &Core, tenant: &fleet_schemas::TenantId, robot: &fleet_schemas::RobotId) {
+    if !core.health.healthy_for(core.config.heartbeat_timeout) {
+        tracing::info!(%robot, "leader healthy for less than a heartbeat timeout: the robot's jobs wait for their leases");
+        return;
+    }
+    match core.store.expire_offline(tenant, robot).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(%robot, jobs = n, "re-offering the jobs of a robot gone offline");
+            // They went back to pending, ahead of jobs submitted after them.
+            core.admission.reset();
+        }
+        Err(e) => tracing::warn!(error = %e, %robot, "could not take back the jobs of an offline robot"),
     }
 }

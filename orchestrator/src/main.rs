@@ -8,6 +8,8 @@ use tokio_util::sync::CancellationToken;
 /// Needs NATS_URL and DATABASE_URL; everything else has defaults. Configuration layers:
 /// built-in defaults < fleet.toml (or the file named by FLEET_CONFIG) < FLEET_* environment
 /// variables (FLEET_HEARTBEAT_TIMEOUT=90s, FLEET_JOB_LEASE=30s, FLEET_LEADER_LEASE=10s, …).
+/// FLEET_HEARTBEAT_INTERVAL defaults to a third of FLEET_HEARTBEAT_TIMEOUT, at most 10s; set it
+/// only to override that (it must stay shorter than the timeout).
 /// Start as many as you like: one leads, the others stand by and take over within seconds.
 #[derive(Parser, Debug)]
 #[command(name = "fleet-orchestrator", version, about, long_about)]

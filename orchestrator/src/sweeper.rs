@@ -46,7 +46,7 @@ impl Health {
         }
     }
 
-    fn healthy_for(&self, d: Duration) -> bool {
+    pub fn healthy_for(&self, d: Duration) -> bool {
         self.since.lock().expect("not poisoned").is_some_and(|s| s.elapsed() >= d)
     }
 }

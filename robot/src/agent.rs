@@ -16,8 +16,8 @@
 //!
 //! **Shutdown** in three steps (STYLE.md habit 7): stop pulling and say `Stopping`; let running
 //! jobs finish for `shutdown_grace` (or, for a forced stop order, not at all); then stop the rest
-//! and release them (retried briefly), give up on reports that still cannot get through, publish a
-//! last heartbeat and drain the connection. The caller's shutdown (SIGTERM, Ctrl-C) and a stop
+//! and release them (retried briefly), give up on reports that still cannot get through, delete
+//! the heartbeat (so the robot shows offline at once) and drain the connection. The caller's shutdown (SIGTERM, Ctrl-C) and a stop
 //! order take the same path; [`run_until_exit`] says which [`Exit`] it was, so `main` can
 //! re-execute the robot for a restart order.
 
@@ -42,7 +42,7 @@ use fleet_schemas::{JobId, RobotId, SessionId};
 use crate::commands::{self, Exit};
 use crate::config::{RobotConfig, StateDir};
 use crate::executor::Executors;
-use crate::heartbeat::{self, CpuSampler};
+use crate::heartbeat;
 use crate::job::{self, JobEnd, OfferOutcome};
 use crate::lease::{Stop, StopReason};
 use crate::metrics::Metrics;
@@ -488,7 +488,7 @@ impl Robot {
 
         beats_stop.cancel();
         let _ = beats.await;
-        heartbeat::beat(&agent, RobotRunState::Stopping, &mut CpuSampler::default()).await;
+        heartbeat::goodbye(&agent).await;
         if tokio::time::timeout(DRAIN_TIMEOUT, agent.client.drain()).await.is_err() {
             tracing::warn!("NATS drain did not finish in time");
         }

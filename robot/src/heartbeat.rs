@@ -9,6 +9,9 @@
 //! restart, which registers and beats anew). A failed beat is logged, never fatal: the next one
 //! will do.
 //!
+//! A robot that exits gracefully deletes its entry ([`goodbye`]) instead of letting it expire, so
+//! it shows `offline` at once rather than a heartbeat timeout after it is gone.
+//!
 //! `metrics` holds the robot's custom metrics (see [`crate::metrics`]) plus `free_slots`, which the
 //! robot computes for every beat.
 
@@ -119,6 +122,21 @@ pub async fn beat(agent: &Agent, state: RobotRunState, cpu: &mut CpuSampler) {
         Ok(Ok(_)) => tracing::trace!("heartbeat sent"),
         Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat failed"),
         Err(_) => tracing::warn!("heartbeat not acknowledged in time"),
+    }
+}
+
+/// Delete the robot's entry as it exits; the orchestrator's watcher sees the delete and marks it
+/// offline. A failure is logged: the entry then expires as if the robot had died.
+pub async fn goodbye(agent: &Agent) {
+    let key = subjects::heartbeat_key(&agent.config.tenant, &agent.robot_id);
+    let deleted = async {
+        let kv = agent.js.get_key_value(subjects::ROBOTS_BUCKET).await.map_err(|e| e.to_string())?;
+        kv.delete(&key).await.map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(ACK_TIMEOUT, deleted).await {
+        Ok(Ok(())) => tracing::debug!("heartbeat deleted"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not delete the heartbeat; it will expire"),
+        Err(_) => tracing::warn!("heartbeat delete not acknowledged in time; it will expire"),
     }
 }
 

@@ -158,3 +158,28 @@ async fn a_format_without_executor_is_rejected_after_claim() {
     assert!(reject.reason.contains("casare"), "{}", reject.reason);
     h.stop().await;
 }
+
+/// A robot that exits gracefully deletes its heartbeat, so the orchestrator's watcher sees it go
+/// at once instead of a heartbeat timeout later.
+#[tokio::test]
+async fn a_clean_exit_deletes_the_heartbeat() {
+    let workflow = json!({"steps": []});
+    let h = start(RobotReply::Accepted(grant_for(JobId::new(), workflow))).await;
+    let kv = h.js.get_key_value(subjects::ROBOTS_BUCKET).await.unwrap();
+    let key = subjects::heartbeat_key(&tenant(), &h.robot_id);
+    h.heartbeat_where("any", |_| true).await;
+    let mut watch = kv.watch(&key).await.unwrap();
+    h.shutdown.cancel();
+    let result = tokio::time::timeout(WAIT, h.robot).await.expect("robot did not stop").unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    // The robot has exited: after its last beats (`stopping`) comes a delete, and nothing after.
+    let deleted = async {
+        while let Some(entry) = watch.next().await {
+            if entry.unwrap().operation == async_nats::jetstream::kv::Operation::Delete {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, deleted).await.expect("the heartbeat deleted on exit");
+    assert!(kv.get(&key).await.unwrap().is_none(), "no beat after the delete");
+}

@@ -209,7 +209,7 @@ pub fn from_event(e: &Event) -> Option<Value> {
                 "disconnected" => "offline".to_owned(),
                 "status_changed" => {
                     let to = e.data.get("to").and_then(Value::as_str)?;
-                    canvas_status(RobotStatus::parse(to)?).to_owned()
+                    canvas_status(RobotStatus::parse(not_taking_work(to))?).to_owned()
                 }
                 _ => return None,
             };
@@ -234,6 +234,12 @@ fn canvas_status(s: RobotStatus) -> &'static str {
     }
 }
 
+/// The status word for a robot's run state: a paused robot takes no work, as one in maintenance
+/// does, and the Canvas (which reads only the status) must not show it ready.
+fn not_taking_work(state: &str) -> &str {
+    if state == "paused" { "maintenance" } else { state }
+}
+
 /// A `job_update` from a live progress tick (`job_id`, `progress`, `current_node`).
 pub fn job_progress(payload: &[u8]) -> Option<Value> {
     let p: Value = serde_json::from_slice(payload).ok()?;
@@ -255,7 +261,7 @@ pub fn heartbeat(payload: &[u8]) -> Option<Value> {
     let h: Value = serde_json::from_slice(payload).ok()?;
     let robot_id = h.get("robot_id")?.as_str()?;
     let running = h.get("running").and_then(Value::as_u64).unwrap_or(0);
-    let status = match h.get("state").and_then(Value::as_str).unwrap_or("online") {
+    let status = match not_taking_work(h.get("state").and_then(Value::as_str).unwrap_or("online")) {
         "maintenance" => "maintenance",
         _ if running > 0 => "busy",
         _ => "idle",
@@ -345,6 +351,15 @@ mod tests {
         let v = from_event(&event("job.failed", json!({"error": "boom"}))).unwrap();
         assert_eq!(v["error_message"], "boom");
         assert!(from_event(&event("job.cancel_requested", json!({}))).is_none());
+    }
+
+    #[test]
+    fn a_paused_robot_is_in_maintenance_live_too() {
+        let v =
+            from_event(&event("robot.status_changed", json!({"from": "online", "to": "paused"}))).unwrap();
+        assert_eq!((v["type"].as_str(), v["status"].as_str()), (Some("robot_status"), Some("maintenance")));
+        let hb = json!({"robot_id": "r1", "state": "paused", "running": 1, "max_jobs": 4});
+        assert_eq!(heartbeat(hb.to_string().as_bytes()).unwrap()["status"], "maintenance");
     }
 
     #[test]

@@ -433,7 +433,9 @@ impl Store {
 
     // ----- records that are not transitions -----------------------------------------------
 
-    /// The latest heartbeat of each robot in the batch, in one statement.
+    /// The latest heartbeat of each robot in the batch, in one statement. A `stopping` beat does
+    /// not set the robot online: the robot deletes its heartbeat right after it, and a batch still
+    /// lingering then would bring the robot back after the watcher marked it offline.
     async fn heartbeats_many(&self, beats: Vec<Heartbeat>) -> StoreResult<()> {
         let mut latest: HashMap<(TenantId, RobotId), Heartbeat> = HashMap::with_capacity(beats.len());
         for hb in beats {
@@ -441,7 +443,8 @@ impl Store {
         }
         let beats: Vec<Heartbeat> = latest.into_values().collect();
         sqlx::query(
-            "UPDATE robots SET run_state = u.run_state, online = true, cpu_percent = u.cpu_percent,
+            "UPDATE robots SET run_state = u.run_state,
+                 online = CASE WHEN u.run_state = 'stopping' THEN robots.online ELSE true END, cpu_percent = u.cpu_percent,
                  memory_mb = u.memory_mb, last_heartbeat = u.sent_at, max_jobs = u.max_jobs,
                  capabilities = ARRAY(SELECT json_array_elements_text(u.capabilities::json)), updated_at = now()
              FROM unnest($1::text[], $2::text[], $3::text[], $4::real[], $5::float8[], $6::timestamptz[],

@@ -263,10 +263,32 @@ impl Store {
     /// attempts are used up. With `robot`, only that robot's jobs of sessions other than
     /// `keep_session` (a robot restarted: its old session's jobs expire at once).
     pub async fn expire(&self, robot: Option<(&TenantId, &RobotId, SessionId)>) -> StoreResult<u64> {
+        match robot {
+            None => self.expire_where(Expiry::Lapsed).await,
+            Some((tenant, robot, keep)) => self.expire_where(Expiry::Restarted(tenant, robot, keep)).await,
+        }
+    }
+
+    /// The running attempts of a robot declared offline, at once rather than after their lease:
+    /// only while the robot is still recorded offline, and only its recorded session's (a robot
+    /// that came back or re-registered meanwhile keeps its jobs). Attempts count as for a lapsed
+    /// lease.
+    pub async fn expire_offline(&self, tenant: &TenantId, robot: &RobotId) -> StoreResult<u64> {
+        self.expire_where(Expiry::Offline(tenant, robot)).await
+    }
+
+    async fn expire_where(&self, which: Expiry<'_>) -> StoreResult<u64> {
         let epoch = self.epoch()?;
-        let (cond, reason) = match robot {
-            None => ("lease_until < now()", "lease expired"),
-            Some(_) => ("tenant = $2 AND robot_id = $3 AND session_id <> $4", "robot restarted"),
+        let (cond, reason) = match which {
+            Expiry::Lapsed => ("lease_until < now()", "lease expired"),
+            Expiry::Restarted(..) => {
+                ("tenant = $2 AND robot_id = $3 AND session_id <> $4", "robot restarted")
+            }
+            Expiry::Offline(..) => (
+                "tenant = $2 AND robot_id = $3 AND session_id = (SELECT r.session_id FROM robots r
+                     WHERE r.tenant = $2 AND r.robot_id = $3 AND NOT r.online)",
+                "robot offline",
+            ),
         };
         let sql = format!(
             "WITH j AS (
@@ -294,8 +316,12 @@ impl Store {
             fenced(1)
         );
         let mut q = sqlx::query_as::<_, (i64,)>(&sql).bind(epoch);
-        if let Some((tenant, robot, session)) = robot {
-            q = q.bind(tenant.as_str()).bind(robot.as_str()).bind(session.0);
+        match which {
+            Expiry::Lapsed => {}
+            Expiry::Restarted(tenant, robot, keep) => {
+                q = q.bind(tenant.as_str()).bind(robot.as_str()).bind(keep.0);
+            }
+            Expiry::Offline(tenant, robot) => q = q.bind(tenant.as_str()).bind(robot.as_str()),
         }
         let (n,) = q.fetch_one(&self.pool).await?;
         Ok(n as u64)
@@ -377,6 +403,17 @@ impl Store {
         });
         Ok(Some((prev, recalled)))
     }
+}
+
+/// Which running attempts an expiry takes back.
+#[derive(Clone, Copy)]
+enum Expiry<'a> {
+    /// Every attempt whose lease lapsed.
+    Lapsed,
+    /// A robot's attempts of sessions other than this one (it registered again).
+    Restarted(&'a TenantId, &'a RobotId, SessionId),
+    /// A robot's attempts while it is recorded offline.
+    Offline(&'a TenantId, &'a RobotId),
 }
 
 pub(super) fn claimed(row: &PgRow) -> Claimed {

@@ -303,9 +303,11 @@ fn robot_view(row: &PgRow) -> RobotView {
     let run_state: String = row.get("run_state");
     let running: Vec<String> = row.get("running");
     let max_jobs: i32 = row.get("max_jobs");
+    // A paused robot takes no work, like one in maintenance: say so in `status` (the Canvas reads
+    // only that), while `state` stays exact.
     let status = if !online {
         RobotStatus::Offline
-    } else if run_state == "maintenance" {
+    } else if run_state == "maintenance" || run_state == "paused" {
         RobotStatus::Maintenance
     } else if running.len() as i32 >= max_jobs {
         RobotStatus::Busy
