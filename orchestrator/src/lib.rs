@@ -13,6 +13,7 @@ pub mod config;
 pub mod fabric;
 pub mod fleet;
 pub mod heartbeats;
+pub mod http_robots;
 pub mod job_pages;
 pub mod keys;
 pub mod leader;
