@@ -62,6 +62,12 @@ use crate::routes;
         routes::registry::delete,
         routes::analytics::analytics,
         routes::analytics::activity,
+        routes::agent::heartbeat,
+        routes::agent::claim,
+        routes::agent::extend_lease,
+        routes::agent::complete,
+        routes::agent::fail,
+        routes::agent::release,
     ),
     // Named by no `body =` (a path word's enum, the answer of a shared `IntoResponses`), so
     // not collected on their own: listed here.
@@ -74,6 +80,7 @@ use crate::routes;
         (name = "events", description = "Live streams"),
         (name = "meta", description = "Health, metrics and this document"),
         (name = "keys", description = "API keys of the tenant (admin role)"),
+        (name = "agent", description = "Robots that speak HTTP, with a robot key: heartbeat, claim, lease, report"),
     )
 )]
 pub struct ApiDoc;
@@ -245,8 +252,7 @@ pub enum ExecutionMode {
     Internet,
 }
 
-/// What `PUT /api/v1/robots/{robot_id}/status` can set (busy, offline and error are reported by
-/// the robot, not set).
+/// What `PUT /api/v1/robots/{robot_id}/status` takes.
 #[derive(ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SettableStatus {
@@ -255,6 +261,13 @@ pub enum SettableStatus {
     Online,
     Idle,
     Paused,
+    /// Accepted and changes nothing: Fleet derives busy from the jobs it hands out.
+    Busy,
+    /// Accepted and changes nothing: a robot in trouble stops heartbeating or fails its jobs.
+    Error,
+    /// From the robot's own key: it goes offline now (as if its heartbeat lapsed). From another
+    /// key: the robot is told to stop (finish its running jobs, then exit).
+    Offline,
 }
 
 /// The commands of `POST /api/v1/robots/commands`.
@@ -530,6 +543,72 @@ pub struct Retried {
     pub status: JobStatus,
     pub next_attempt: i32,
     pub message: String,
+}
+
+/// Metrics of `POST /api/v1/robots/{robot_id}/heartbeat`; other keys are accepted and ignored.
+#[derive(ToSchema)]
+pub struct HeartbeatMetrics {
+    pub cpu_percent: Option<f64>,
+    pub memory_mb: Option<f64>,
+}
+
+/// `POST /api/v1/robots/{robot_id}/heartbeat`.
+#[derive(ToSchema)]
+pub struct HeartbeatAnswer {
+    pub ok: bool,
+    /// RFC 3339
+    pub timestamp: String,
+}
+
+/// A job claimed by an HTTP robot (`POST /api/v1/jobs/claim`).
+#[derive(ToSchema)]
+pub struct ClaimedJob {
+    pub job_id: String,
+    pub workflow_id: String,
+    pub workflow_name: String,
+    /// The workflow as submitted, as a JSON string.
+    pub workflow_json: String,
+    pub priority: i32,
+    /// The robot's environment.
+    pub environment: String,
+    pub variables: std::collections::BTreeMap<String, Value>,
+    /// RFC 3339
+    pub created_at: String,
+    /// RFC 3339
+    pub claimed_at: String,
+    /// Attempts before this one.
+    pub retry_count: i32,
+    /// Attempts the job may still get when its robot is lost.
+    pub max_retries: i32,
+}
+
+/// `POST /api/v1/jobs/{job_id}/extend-lease`.
+#[derive(ToSchema)]
+pub struct LeaseExtended {
+    pub job_id: String,
+    pub extended: bool,
+}
+
+/// `POST /api/v1/jobs/{job_id}/complete`.
+#[derive(ToSchema)]
+pub struct JobCompleted {
+    pub job_id: String,
+    pub completed: bool,
+}
+
+/// `POST /api/v1/jobs/{job_id}/fail`.
+#[derive(ToSchema)]
+pub struct FailAnswer {
+    pub job_id: String,
+    /// `failed`
+    pub status: JobStatus,
+}
+
+/// `POST /api/v1/jobs/{job_id}/release`.
+#[derive(ToSchema)]
+pub struct JobReleased {
+    pub job_id: String,
+    pub released: bool,
 }
 
 /// `DELETE /api/v1/robots/{robot_id}`.
