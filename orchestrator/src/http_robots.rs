@@ -57,9 +57,6 @@ pub const LEASE_RANGE_S: std::ops::RangeInclusive<u32> = 5..=3600;
 /// looked at, but one HTTP call must stay short.
 const OFFERS_PER_CLAIM: usize = 4;
 
-/// Bound of one no-wait pull (it answers at once when the consumer holds nothing).
-const PULL_EXPIRES: Duration = Duration::from_secs(1);
-
 /// Delay of a NAK when the claim could not be recorded, as a NATS robot's.
 const NAK_DELAY: Duration = Duration::from_secs(1);
 
@@ -108,13 +105,19 @@ async fn registered(core: &Core, tenant: &TenantId, robot: &RobotId) -> ApiResul
     .fetch_optional(&core.store.pool)
     .await
     .map_err(StoreError::from)?;
-    let (name, hostname, environment, capabilities, tags, max_jobs, session) = row.ok_or_else(robot_not_found)?;
+    let (name, hostname, environment, capabilities, tags, max_jobs, session) =
+        row.ok_or_else(robot_not_found)?;
     let max_jobs = u32::try_from(max_jobs).unwrap_or(1).max(1);
     Ok(Registered { name, hostname, environment, capabilities, tags, max_jobs, session })
 }
 
 /// The jobs running on the robot in `session`.
-async fn running(core: &Core, tenant: &TenantId, robot: &RobotId, session: SessionId) -> ApiResult<Vec<RunningJob>> {
+async fn running(
+    core: &Core,
+    tenant: &TenantId,
+    robot: &RobotId,
+    session: SessionId,
+) -> ApiResult<Vec<RunningJob>> {
     let rows: Vec<(Uuid, i32)> = sqlx::query_as(
         "SELECT job_id, attempt FROM jobs
          WHERE tenant = $1 AND robot_id = $2 AND session_id = $3 AND status = 'running'",
@@ -143,7 +146,12 @@ async fn live_session(core: &Core, tenant: &TenantId, robot: &RobotId) -> ApiRes
 
 /// The robot's session: the recorded one while its heartbeat is alive, else a new one, registered
 /// as a NATS robot's would be. Says whether it is new (its heartbeat must then be written).
-async fn session(core: &Core, tenant: &TenantId, robot: &RobotId, reg: &Registered) -> ApiResult<(SessionId, bool)> {
+async fn session(
+    core: &Core,
+    tenant: &TenantId,
+    robot: &RobotId,
+    reg: &Registered,
+) -> ApiResult<(SessionId, bool)> {
     if let (Some(live), Some(recorded)) = (live_session(core, tenant, robot).await?, reg.session)
         && live.0 == recorded
     {
@@ -165,7 +173,9 @@ async fn session(core: &Core, tenant: &TenantId, robot: &RobotId, reg: &Register
     match crate::robots::register(core, tenant, robot, req).await {
         RobotReply::Accepted(_) => Ok((session, true)),
         RobotReply::Refused { reason } => Err(conflict(reason)),
-        RobotReply::Unavailable { reason } => Err(ApiError::Unavailable { message: reason, retry_after_s: 1 }),
+        RobotReply::Unavailable { reason } => {
+            Err(ApiError::Unavailable { message: reason, retry_after_s: 1 })
+        }
     }
 }
 
@@ -213,8 +223,12 @@ async fn beat(
     };
     match tokio::time::timeout(BEAT_ACK, sent).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(ApiError::Unavailable { message: format!("heartbeat not stored: {e}"), retry_after_s: 1 }),
-        Err(_) => Err(ApiError::Unavailable { message: "heartbeat not stored in time".into(), retry_after_s: 1 }),
+        Ok(Err(e)) => {
+            Err(ApiError::Unavailable { message: format!("heartbeat not stored: {e}"), retry_after_s: 1 })
+        }
+        Err(_) => {
+            Err(ApiError::Unavailable { message: "heartbeat not stored in time".into(), retry_after_s: 1 })
+        }
     }
 }
 
@@ -237,7 +251,10 @@ pub async fn heartbeat(core: &Core, req: ApiRequest<AgentHeartbeat>) -> ApiResul
     if body.offline {
         // Deleting the entry is what expiry does: the watcher marks the robot offline.
         core.fabric.robots_kv.delete(subjects::heartbeat_key(tenant, robot)).await.map_err(|e| {
-            ApiError::Unavailable { message: format!("cannot update the heartbeat bucket: {e}"), retry_after_s: 1 }
+            ApiError::Unavailable {
+                message: format!("cannot update the heartbeat bucket: {e}"),
+                retry_after_s: 1,
+            }
         })?;
     } else {
         let (session, _) = session(core, tenant, robot, &reg).await?;
@@ -275,12 +292,9 @@ pub async fn claim(core: &Core, req: ApiRequest<AgentClaim>) -> ApiResult<Option
     let mut looked = 0;
     for name in consumers {
         let name = name.map_err(|e| ApiError::Unavailable { message: e.to_string(), retry_after_s: 1 })?;
-        let consumer: PullConsumer = core
-            .fabric
-            .jobs
-            .get_consumer(&name)
-            .await
-            .map_err(|e| ApiError::Unavailable { message: format!("consumer {name}: {e}"), retry_after_s: 1 })?;
+        let consumer: PullConsumer = core.fabric.jobs.get_consumer(&name).await.map_err(|e| {
+            ApiError::Unavailable { message: format!("consumer {name}: {e}"), retry_after_s: 1 }
+        })?;
         while looked < OFFERS_PER_CLAIM {
             let Some(msg) = fetch_one(&consumer, priority).await? else { break };
             looked += 1;
@@ -292,13 +306,16 @@ pub async fn claim(core: &Core, req: ApiRequest<AgentClaim>) -> ApiResult<Option
     Ok(None)
 }
 
-/// One no-wait pull: at most one message, none when the consumer holds nothing for us.
+/// One no-wait pull: at most one message, none when the consumer holds nothing for us. It is
+/// bounded by the gateway's deadline like the rest of the call.
 async fn fetch_one(consumer: &PullConsumer, priority: usize) -> ApiResult<Option<jetstream::Message>> {
-    let unavailable = |e: String| ApiError::Unavailable { message: format!("pulling an offer: {e}"), retry_after_s: 1 };
+    let unavailable =
+        |e: String| ApiError::Unavailable { message: format!("pulling an offer: {e}"), retry_after_s: 1 };
     let mut batch = consumer
         .fetch()
         .max_messages(1)
-        .expires(PULL_EXPIRES)
+        // No `expires`: with one, a no-wait pull on an empty consumer waits it out (measured:
+        // 1 s per consumer); without, the server answers "no messages" at once.
         .group(subjects::PULL_GROUP)
         .priority(priority)
         .messages()
@@ -389,15 +406,20 @@ async fn take(
 /// `extend-lease`, `complete`, `fail`, `release` of a job the robot holds.
 pub async fn report(core: &Core, req: ApiRequest<AgentJobReport>) -> ApiResult<AgentReported> {
     let (tenant, robot, job_id) = (&req.tenant, &req.body.key_robot, req.body.job_id);
+    let extend_to = match &req.body.report {
+        AgentReport::ExtendLease { lease_s } => Some(lease(*lease_s, "extension_seconds")?),
+        _ => None,
+    };
     let reg = registered(core, tenant, robot).await?;
     type Row = (String, i32, Option<String>, Option<Uuid>);
-    let row: Option<Row> =
-        sqlx::query_as("SELECT status, attempt, robot_id, session_id FROM jobs WHERE job_id = $1 AND tenant = $2")
-            .bind(job_id.0)
-            .bind(tenant.as_str())
-            .fetch_optional(&core.store.pool)
-            .await
-            .map_err(StoreError::from)?;
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT status, attempt, robot_id, session_id FROM jobs WHERE job_id = $1 AND tenant = $2",
+    )
+    .bind(job_id.0)
+    .bind(tenant.as_str())
+    .fetch_optional(&core.store.pool)
+    .await
+    .map_err(StoreError::from)?;
     let (status, attempt, holder, held_in) = row.ok_or_else(|| ApiError::NotFound { what: "job".into() })?;
     let ours = holder.as_deref() == Some(robot.as_str());
     let reported = |status| Ok(AgentReported { job_id, status });
@@ -419,10 +441,11 @@ pub async fn report(core: &Core, req: ApiRequest<AgentJobReport>) -> ApiResult<A
     if crate::api::past_deadline(&req) {
         return Err(crate::api::deadline_error());
     }
-    let superseded = |reason: String| conflict(format!("robot {robot} no longer holds job {job_id}: {reason}"));
+    let superseded =
+        |reason: String| conflict(format!("robot {robot} no longer holds job {job_id}: {reason}"));
     match &req.body.report {
-        AgentReport::ExtendLease { lease_s } => {
-            let lease = lease(*lease_s, "extension_seconds")?;
+        AgentReport::ExtendLease { .. } => {
+            let lease = extend_to.unwrap_or(core.config.job_lease);
             match core.store.renew(tenant, session, job_id, attempt, lease).await? {
                 Verdict::Accepted(false) => reported(JobStatus::Running),
                 Verdict::Accepted(true) => {
@@ -430,7 +453,8 @@ pub async fn report(core: &Core, req: ApiRequest<AgentJobReport>) -> ApiResult<A
                     // frees now rather than when the lease lapses.
                     // Refused only if the attempt ended meanwhile, which also frees the slot.
                     let _ =
-                        end(core, tenant, robot, job_id, attempt, RunOutcome::Cancelled, &Value::Null, None).await?;
+                        end(core, tenant, robot, job_id, attempt, RunOutcome::Cancelled, &Value::Null, None)
+                            .await?;
                     Err(conflict(format!("job {job_id} was cancelled; stop running it")))
                 }
                 Verdict::Refused(reason) => Err(superseded(reason)),
@@ -452,7 +476,8 @@ pub async fn report(core: &Core, req: ApiRequest<AgentJobReport>) -> ApiResult<A
         AgentReport::Release => {
             let max = core.config.max_rejections;
             let reason = "released by the robot";
-            match core.store.give_back(tenant, robot, job_id, None, Some(attempt), reason, false, max).await? {
+            match core.store.give_back(tenant, robot, job_id, None, Some(attempt), reason, false, max).await?
+            {
                 Verdict::Accepted(back) => {
                     crate::robots::given_back(core, tenant, robot, job_id, &back);
                     reported(JobStatus::Pending)

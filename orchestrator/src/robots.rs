@@ -211,7 +211,13 @@ async fn complete(core: &Core, tenant: &TenantId, robot: &RobotId, req: Complete
 }
 
 /// Bookkeeping after a job was given back (rejected or released).
-pub(crate) fn given_back(core: &Core, tenant: &TenantId, robot: &RobotId, job: fleet_schemas::JobId, back: &GivenBack) {
+pub(crate) fn given_back(
+    core: &Core,
+    tenant: &TenantId,
+    robot: &RobotId,
+    job: fleet_schemas::JobId,
+    back: &GivenBack,
+) {
     if let Some(subject) = &back.offered_on {
         core.fleet.unoffered(tenant, subject);
     } else {

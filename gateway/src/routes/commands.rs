@@ -156,7 +156,8 @@ pub async fn set_status(
         }
     };
     if let Some(command) = command {
-        send(&state, request_id, &caller, CommandTarget::Robot { robot_id: robot_id.clone() }, command).await?;
+        send(&state, request_id, &caller, CommandTarget::Robot { robot_id: robot_id.clone() }, command)
+            .await?;
     }
     let robot: RobotView =
         call(&state, Endpoint::GetRobot, request_id, &caller, GetById { id: robot_id }, CallKind::Retryable)
