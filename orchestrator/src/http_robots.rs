@@ -27,6 +27,8 @@
 //! (attempts) are for robots lost under a job, not for workflows that fail, which would run an
 //! RPA workflow's side effects again unasked; `POST /api/v1/jobs/{id}/retry` retries on purpose.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
@@ -144,19 +146,47 @@ async fn live_session(core: &Core, tenant: &TenantId, robot: &RobotId) -> ApiRes
         .map(|hb| hb.session_id))
 }
 
+/// Per HTTP robot, a lock around choosing its session and writing its heartbeat. Without it,
+/// a heartbeat and a claim arriving together (the seed's agent runs both on their own timers)
+/// each started a session, and the loser's job was expired by the winner's registration.
+/// One entry per HTTP robot that ever called, so bounded by the registered robots.
+#[derive(Default)]
+pub struct SessionLocks(std::sync::Mutex<HashMap<(TenantId, RobotId), Arc<tokio::sync::Mutex<()>>>>);
+
+impl SessionLocks {
+    fn of(&self, tenant: &TenantId, robot: &RobotId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock().expect("not poisoned");
+        locks.entry((tenant.clone(), robot.clone())).or_default().clone()
+    }
+}
+
 /// The robot's session: the recorded one while its heartbeat is alive, else a new one, registered
-/// as a NATS robot's would be. Says whether it is new (its heartbeat must then be written).
+/// as a NATS robot's would be. A new session's heartbeat is written at once (a claim is a sign of
+/// life too: a robot that claims before its first heartbeat is online from then on), and with
+/// `metrics` (a heartbeat) it is written in any case.
 async fn session(
     core: &Core,
     tenant: &TenantId,
     robot: &RobotId,
     reg: &Registered,
-) -> ApiResult<(SessionId, bool)> {
-    if let (Some(live), Some(recorded)) = (live_session(core, tenant, robot).await?, reg.session)
-        && live.0 == recorded
-    {
-        return Ok((live, false));
+    metrics: Option<(Option<f32>, Option<f64>)>,
+) -> ApiResult<SessionId> {
+    let lock = core.http_sessions.of(tenant, robot);
+    let _held = lock.lock().await;
+    let live = live_session(core, tenant, robot).await?;
+    // Read again under the lock: another call may have started a session since `reg` was read.
+    let recorded = registered(core, tenant, robot).await?.session;
+    let session = match (live, recorded) {
+        (Some(live), Some(recorded)) if live.0 == recorded => live,
+        _ => register(core, tenant, robot, reg).await?,
+    };
+    if metrics.is_some() || live != Some(session) {
+        beat(core, tenant, robot, reg, session, metrics.unwrap_or_default()).await?;
     }
+    Ok(session)
+}
+
+async fn register(core: &Core, tenant: &TenantId, robot: &RobotId, reg: &Registered) -> ApiResult<SessionId> {
     let session = SessionId::new();
     let req = RegisterRequest {
         v: fleet_schemas::robot::ROBOT_PROTOCOL_VERSION,
@@ -171,7 +201,7 @@ async fn session(
         state_dir_id: String::new(),
     };
     match crate::robots::register(core, tenant, robot, req).await {
-        RobotReply::Accepted(_) => Ok((session, true)),
+        RobotReply::Accepted(_) => Ok(session),
         RobotReply::Refused { reason } => Err(conflict(reason)),
         RobotReply::Unavailable { reason } => {
             Err(ApiError::Unavailable { message: reason, retry_after_s: 1 })
@@ -257,8 +287,7 @@ pub async fn heartbeat(core: &Core, req: ApiRequest<AgentHeartbeat>) -> ApiResul
             }
         })?;
     } else {
-        let (session, _) = session(core, tenant, robot, &reg).await?;
-        beat(core, tenant, robot, &reg, session, (body.cpu_percent, body.memory_mb)).await?;
+        session(core, tenant, robot, &reg, Some((body.cpu_percent, body.memory_mb))).await?;
     }
     Ok(AgentBeat { timestamp: OffsetDateTime::now_utc() })
 }
@@ -268,12 +297,7 @@ pub async fn claim(core: &Core, req: ApiRequest<AgentClaim>) -> ApiResult<Option
     let (tenant, robot) = (&req.tenant, &req.body.key_robot);
     let lease = lease(req.body.lease_s, "visibility_timeout_seconds")?;
     let reg = registered(core, tenant, robot).await?;
-    let (session, new) = session(core, tenant, robot, &reg).await?;
-    if new {
-        // A claim is a sign of life too: a robot that claims before its first heartbeat is
-        // online (and counted as capacity) from now on.
-        beat(core, tenant, robot, &reg, session, (None, None)).await?;
-    }
+    let session = session(core, tenant, robot, &reg, None).await?;
     if desired_mode(core, tenant, robot).await? != RobotMode::Online {
         return Ok(None);
     }

@@ -154,7 +154,10 @@ async fn an_http_robot_joins_claims_and_reports() {
     assert_eq!(status, 200, "{beat}");
     assert_eq!(beat["ok"], true);
     let at = beat["timestamp"].as_str().unwrap_or_default();
-    assert!(time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).is_ok(), "{beat}");
+    assert!(
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).is_ok(),
+        "{beat}"
+    );
     let robot = wait_for("seed-1 online", WAIT, || async {
         let robot = acme.robot_view("seed-1").await;
         (robot["status"] == "online" && robot["cpu_percent"] == 12.5).then_some(robot)
