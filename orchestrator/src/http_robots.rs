@@ -151,10 +151,12 @@ async fn live_session(core: &Core, tenant: &TenantId, robot: &RobotId) -> ApiRes
 /// each started a session, and the loser's job was expired by the winner's registration.
 /// One entry per HTTP robot that ever called, so bounded by the registered robots.
 #[derive(Default)]
-pub struct SessionLocks(std::sync::Mutex<HashMap<(TenantId, RobotId), Arc<tokio::sync::Mutex<()>>>>);
+pub struct SessionLocks(std::sync::Mutex<HashMap<(TenantId, RobotId), SessionLock>>);
+
+type SessionLock = Arc<tokio::sync::Mutex<()>>;
 
 impl SessionLocks {
-    fn of(&self, tenant: &TenantId, robot: &RobotId) -> Arc<tokio::sync::Mutex<()>> {
+    fn of(&self, tenant: &TenantId, robot: &RobotId) -> SessionLock {
         let mut locks = self.0.lock().expect("not poisoned");
         locks.entry((tenant.clone(), robot.clone())).or_default().clone()
     }

@@ -130,7 +130,8 @@ async fn get(pool: &PgPool, tenant: &TenantId, key_id: &str) -> Result<Option<Ke
 }
 
 pub async fn verify(core: &Core, req: ApiRequest<VerifyKey>) -> ApiResult<KeyIdentity> {
-    let row: Option<(String, String, Option<i32>, Option<i32>, Option<String>)> = sqlx::query_as(
+    type Row = (String, String, Option<i32>, Option<i32>, Option<String>);
+    let row: Option<Row> = sqlx::query_as(
         "UPDATE api_keys SET last_used_at = now()
          WHERE key_id = $1 AND secret_sha256 = $2 AND revoked_at IS NULL
            AND (expires_at IS NULL OR expires_at > now())
