@@ -281,7 +281,10 @@ pub async fn heartbeat(core: &Core, req: ApiRequest<AgentHeartbeat>) -> ApiResul
         return Err(crate::api::deadline_error());
     }
     if body.offline {
-        // Deleting the entry is what expiry does: the watcher marks the robot offline.
+        // Deleting the entry is what expiry does: the watcher marks the robot offline. Under the
+        // robot's lock, so a heartbeat in flight does not write the entry back after it.
+        let lock = core.http_sessions.of(tenant, robot);
+        let _held = lock.lock().await;
         core.fabric.robots_kv.delete(subjects::heartbeat_key(tenant, robot)).await.map_err(|e| {
             ApiError::Unavailable {
                 message: format!("cannot update the heartbeat bucket: {e}"),
