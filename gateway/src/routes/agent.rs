@@ -20,7 +20,7 @@ use fleet_schemas::api::{
     AgentBeat, AgentClaim, AgentHeartbeat, AgentJob, AgentJobReport, AgentReport, AgentReported, Endpoint,
 };
 use fleet_schemas::{JobId, RequestId, RobotId};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{call, path_id};
@@ -28,6 +28,76 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{CallKind, HttpError};
 use crate::extract::optional_json;
+
+// ----- the answers, each the type the handler serializes and the document describes ---------
+
+/// Metrics of a heartbeat; other keys are accepted and ignored, and nulls are fine.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)] // read as a map; this is its description
+pub struct HeartbeatMetrics {
+    cpu_percent: Option<f64>,
+    memory_mb: Option<f64>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct HeartbeatAnswer {
+    ok: bool,
+    /// RFC 3339
+    timestamp: String,
+}
+
+/// A job claimed by an HTTP robot.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ClaimedJob {
+    #[schema(value_type = String)]
+    job_id: JobId,
+    workflow_id: String,
+    workflow_name: String,
+    /// The workflow as submitted, as a JSON string (what the seed's agent parses).
+    workflow_json: String,
+    priority: i16,
+    /// The robot's environment.
+    environment: String,
+    variables: serde_json::Map<String, Value>,
+    /// RFC 3339
+    created_at: String,
+    /// RFC 3339
+    claimed_at: String,
+    /// Attempts before this one.
+    retry_count: i32,
+    /// Attempts the job may still get when its robot is lost.
+    max_retries: i32,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LeaseExtended {
+    #[schema(value_type = String)]
+    job_id: JobId,
+    extended: bool,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobCompleted {
+    #[schema(value_type = String)]
+    job_id: JobId,
+    completed: bool,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FailAnswer {
+    #[schema(value_type = String)]
+    job_id: JobId,
+    /// `failed`
+    #[schema(value_type = crate::openapi::JobStatus)]
+    status: fleet_schemas::api::JobStatus,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobReleased {
+    #[schema(value_type = String)]
+    job_id: JobId,
+    released: bool,
+}
 
 /// The lease when the robot does not ask for one (the contract's default).
 const DEFAULT_LEASE_S: u32 = 30;
@@ -73,9 +143,9 @@ pub(crate) async fn beat(
     path = "/api/v1/robots/{robot_id}/heartbeat",
     tag = "agent",
     params(("robot_id" = String, Path, pattern = "^[a-z0-9-]{1,64}$", description = "The key's robot")),
-    request_body(content = Option<crate::openapi::HeartbeatMetrics>, description = "Metrics; may be `{}` or hold nulls"),
+    request_body(content = Option<HeartbeatMetrics>, description = "Metrics; may be `{}` or hold nulls"),
     responses(
-        (status = 200, description = "`{ok, timestamp}`: the robot is online until its heartbeat lapses", body = crate::openapi::HeartbeatAnswer),
+        (status = 200, description = "`{ok, timestamp}`: the robot is online until its heartbeat lapses", body = HeartbeatAnswer),
         (status = 403, description = "Not a robot key", body = crate::openapi::ErrorBody),
         (status = 404, description = "Not the key's robot, or the robot is not registered", body = crate::openapi::ErrorBody),
         (status = 422, description = "The body is not a JSON object", body = crate::openapi::ErrorBody),
@@ -88,12 +158,12 @@ pub async fn heartbeat(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
     body: Bytes,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<HeartbeatAnswer>, HttpError> {
     robot_of(&caller)?;
     let robot_id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
     let metrics: serde_json::Map<String, Value> = optional_json(&body)?;
     let beat = beat(&state, request_id, &caller, robot_id, &Value::Object(metrics), false).await?;
-    Ok(Json(json!({"ok": true, "timestamp": rfc3339(beat.timestamp)})))
+    Ok(Json(HeartbeatAnswer { ok: true, timestamp: rfc3339(beat.timestamp) }))
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
@@ -123,7 +193,7 @@ pub struct ClaimBody {
     tag = "agent",
     request_body(content = Option<ClaimBody>),
     responses(
-        (status = 200, description = "The claimed job, or `null` when there is none", body = Option<crate::openapi::ClaimedJob>),
+        (status = 200, description = "The claimed job, or `null` when there is none", body = Option<ClaimedJob>),
         (status = 403, description = "Not a robot key", body = crate::openapi::ErrorBody),
         (status = 404, description = "The key's robot is not registered", body = crate::openapi::ErrorBody),
         (status = 422, description = "A field is wrong; `error.field` names it", body = crate::openapi::ErrorBody),
@@ -135,7 +205,7 @@ pub async fn claim(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     body: Bytes,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<Option<ClaimedJob>>, HttpError> {
     let key_robot = robot_of(&caller)?;
     let body: ClaimBody = optional_json(&body)?;
     if body.limit == Some(0) {
@@ -146,20 +216,18 @@ pub async fn claim(
     let req = AgentClaim { key_robot, lease_s: body.visibility_timeout_seconds.unwrap_or(DEFAULT_LEASE_S) };
     let job: Option<AgentJob> =
         call(&state, Endpoint::AgentClaim, request_id, &caller, req, CallKind::Retryable).await?;
-    let Some(job) = job else { return Ok(Json(Value::Null)) };
-    Ok(Json(json!({
-        "job_id": job.job_id,
-        "workflow_id": job.workflow_id,
-        "workflow_name": job.workflow_name,
-        // A string, as the seed's agent parses it.
-        "workflow_json": job.workflow.to_string(),
-        "priority": job.priority,
-        "environment": job.environment,
-        "variables": job.variables,
-        "created_at": rfc3339(job.created_at),
-        "claimed_at": rfc3339(job.claimed_at),
-        "retry_count": job.retry_count,
-        "max_retries": job.max_retries,
+    Ok(Json(job.map(|job| ClaimedJob {
+        job_id: job.job_id,
+        workflow_id: job.workflow_id,
+        workflow_name: job.workflow_name,
+        workflow_json: job.workflow.to_string(),
+        priority: job.priority,
+        environment: job.environment,
+        variables: job.variables,
+        created_at: rfc3339(job.created_at),
+        claimed_at: rfc3339(job.claimed_at),
+        retry_count: job.retry_count,
+        max_retries: job.max_retries,
     })))
 }
 
@@ -209,7 +277,7 @@ async fn report(
     params(("job_id" = String, Path, description = "Job id (a UUID)")),
     request_body(content = Option<ExtendBody>),
     responses(
-        (status = 200, description = "The lease runs `extension_seconds` from now", body = crate::openapi::LeaseExtended),
+        (status = 200, description = "The lease runs `extension_seconds` from now", body = LeaseExtended),
         (status = 403, description = "Not a robot key", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such job in the caller's tenant", body = crate::openapi::ErrorBody),
         (status = 409, description = "The robot does not hold the job (any more), or it was cancelled", body = crate::openapi::ErrorBody),
@@ -223,12 +291,12 @@ pub async fn extend_lease(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
     body: Bytes,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<LeaseExtended>, HttpError> {
     robot_of(&caller)?;
     let body: ExtendBody = optional_json(&body)?;
     let lease_s = body.extension_seconds.unwrap_or(DEFAULT_LEASE_S);
     let done = report(&caller, &state, request_id, path, AgentReport::ExtendLease { lease_s }).await?;
-    Ok(Json(json!({"job_id": done.job_id, "extended": true})))
+    Ok(Json(LeaseExtended { job_id: done.job_id, extended: true }))
 }
 
 #[utoipa::path(
@@ -238,7 +306,7 @@ pub async fn extend_lease(
     params(("job_id" = String, Path, description = "Job id (a UUID)")),
     request_body(content = Option<CompleteBody>),
     responses(
-        (status = 200, description = "The job is completed with `result` as its output", body = crate::openapi::JobCompleted),
+        (status = 200, description = "The job is completed with `result` as its output", body = JobCompleted),
         (status = 403, description = "Not a robot key", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such job in the caller's tenant", body = crate::openapi::ErrorBody),
         (status = 409, description = "The robot does not hold the job (any more)", body = crate::openapi::ErrorBody),
@@ -251,12 +319,12 @@ pub async fn complete(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
     body: Bytes,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<JobCompleted>, HttpError> {
     robot_of(&caller)?;
     let body: CompleteBody = optional_json(&body)?;
     let result = body.result.unwrap_or_else(|| json!({}));
     let done = report(&caller, &state, request_id, path, AgentReport::Complete { result }).await?;
-    Ok(Json(json!({"job_id": done.job_id, "completed": true})))
+    Ok(Json(JobCompleted { job_id: done.job_id, completed: true }))
 }
 
 #[utoipa::path(
@@ -266,7 +334,7 @@ pub async fn complete(
     params(("job_id" = String, Path, description = "Job id (a UUID)")),
     request_body = FailBody,
     responses(
-        (status = 200, description = "`{job_id, status}`: `failed` (a failed run is not retried by itself; `POST /api/v1/jobs/{id}/retry` retries it)", body = crate::openapi::FailAnswer),
+        (status = 200, description = "`{job_id, status}`: `failed` (a failed run is not retried by itself; `POST /api/v1/jobs/{id}/retry` retries it)", body = FailAnswer),
         (status = 403, description = "Not a robot key", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such job in the caller's tenant", body = crate::openapi::ErrorBody),
         (status = 409, description = "The robot does not hold the job (any more)", body = crate::openapi::ErrorBody),
@@ -280,7 +348,7 @@ pub async fn fail(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
     body: Bytes,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<FailAnswer>, HttpError> {
     robot_of(&caller)?;
     let body: FailBody = crate::extract::parse_json(&body)?;
     let error_message = body.error_message.trim().to_owned();
@@ -288,7 +356,7 @@ pub async fn fail(
         return Err(HttpError::invalid("error_message", format!("must be 1 to {MAX_ERROR} characters")));
     }
     let done = report(&caller, &state, request_id, path, AgentReport::Fail { error_message }).await?;
-    Ok(Json(json!({"job_id": done.job_id, "status": done.status})))
+    Ok(Json(FailAnswer { job_id: done.job_id, status: done.status }))
 }
 
 #[utoipa::path(
@@ -297,7 +365,7 @@ pub async fn fail(
     tag = "agent",
     params(("job_id" = String, Path, description = "Job id (a UUID)")),
     responses(
-        (status = 200, description = "The job is pending and offered again at once", body = crate::openapi::JobReleased),
+        (status = 200, description = "The job is pending and offered again at once", body = JobReleased),
         (status = 403, description = "Not a robot key", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such job in the caller's tenant", body = crate::openapi::ErrorBody),
         (status = 409, description = "The robot does not hold the job (any more)", body = crate::openapi::ErrorBody),
@@ -309,7 +377,62 @@ pub async fn release(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<JobReleased>, HttpError> {
     let done = report(&caller, &state, request_id, path, AgentReport::Release).await?;
-    Ok(Json(json!({"job_id": done.job_id, "released": true})))
+    Ok(Json(JobReleased { job_id: done.job_id, released: true }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    /// The document describes the robot-facing routes with the types the handlers answer, and
+    /// every reference in it resolves.
+    #[test]
+    fn the_document_describes_what_the_handlers_answer() {
+        let doc = serde_json::to_value(crate::openapi::document()).unwrap();
+        let mut found = Vec::new();
+        refs(&doc, &mut found);
+        for r in found {
+            let path = r.trim_start_matches("#/").split('/').fold(&doc, |v, k| &v[k]);
+            assert!(path.is_object(), "dangling {r}");
+        }
+        let schemas = &doc["components"]["schemas"];
+        let t = time::OffsetDateTime::UNIX_EPOCH;
+        let job = ClaimedJob {
+            job_id: JobId::new(),
+            workflow_id: String::new(),
+            workflow_name: String::new(),
+            workflow_json: "{}".into(),
+            priority: 10,
+            environment: String::new(),
+            variables: Default::default(),
+            created_at: rfc3339(t),
+            claimed_at: rfc3339(t),
+            retry_count: 0,
+            max_retries: 2,
+        };
+        let keys = |v: &Value| {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let served = serde_json::to_value(job).unwrap();
+        assert_eq!(keys(&schemas["ClaimedJob"]["properties"]), keys(&served));
+        let required = schemas["ClaimedJob"]["required"].as_array().unwrap().len();
+        assert_eq!(required, keys(&served).len(), "every field is always present");
+    }
 }
