@@ -146,9 +146,10 @@ async fn live_session(core: &Core, tenant: &TenantId, robot: &RobotId) -> ApiRes
         .map(|hb| hb.session_id))
 }
 
-/// Per HTTP robot, a lock around choosing its session and writing its heartbeat. Without it,
-/// a heartbeat and a claim arriving together (the seed's agent runs both on their own timers)
-/// each started a session, and the loser's job was expired by the winner's registration.
+/// Per HTTP robot, a lock around choosing its session and writing its heartbeat, and around each
+/// claim. Without it, a heartbeat and a claim arriving together (the seed's agent runs both on
+/// their own timers) each started a session, and the loser's job was expired by the winner's
+/// registration; and two claims at once could each take the robot's last slot.
 /// One entry per HTTP robot that ever called, so bounded by the registered robots.
 #[derive(Default)]
 pub struct SessionLocks(std::sync::Mutex<HashMap<(TenantId, RobotId), SessionLock>>);
@@ -165,7 +166,7 @@ impl SessionLocks {
 /// The robot's session: the recorded one while its heartbeat is alive, else a new one, registered
 /// as a NATS robot's would be. A new session's heartbeat is written at once (a claim is a sign of
 /// life too: a robot that claims before its first heartbeat is online from then on), and with
-/// `metrics` (a heartbeat) it is written in any case.
+/// `metrics` (a heartbeat) it is written in any case. The caller holds the robot's lock.
 async fn session(
     core: &Core,
     tenant: &TenantId,
@@ -173,8 +174,6 @@ async fn session(
     reg: &Registered,
     metrics: Option<(Option<f32>, Option<f64>)>,
 ) -> ApiResult<SessionId> {
-    let lock = core.http_sessions.of(tenant, robot);
-    let _held = lock.lock().await;
     let live = live_session(core, tenant, robot).await?;
     // Read again under the lock: another call may have started a session since `reg` was read.
     let recorded = registered(core, tenant, robot).await?.session;
@@ -292,6 +291,8 @@ pub async fn heartbeat(core: &Core, req: ApiRequest<AgentHeartbeat>) -> ApiResul
             }
         })?;
     } else {
+        let lock = core.http_sessions.of(tenant, robot);
+        let _held = lock.lock().await;
         session(core, tenant, robot, &reg, Some((body.cpu_percent, body.memory_mb))).await?;
     }
     Ok(AgentBeat { timestamp: OffsetDateTime::now_utc() })
@@ -302,6 +303,10 @@ pub async fn claim(core: &Core, req: ApiRequest<AgentClaim>) -> ApiResult<Option
     let (tenant, robot) = (&req.tenant, &req.body.key_robot);
     let lease = lease(req.body.lease_s, "visibility_timeout_seconds")?;
     let reg = registered(core, tenant, robot).await?;
+    // The whole claim under the robot's lock: two claims of one robot at once would each see a
+    // free slot and together overfill it.
+    let lock = core.http_sessions.of(tenant, robot);
+    let _held = lock.lock().await;
     let session = session(core, tenant, robot, &reg, None).await?;
     if desired_mode(core, tenant, robot).await? != RobotMode::Online {
         return Ok(None);

@@ -403,3 +403,36 @@ async fn a_silent_http_robot_goes_offline_and_its_job_runs_elsewhere() {
     .unwrap();
     stack.stop().await;
 }
+
+/// A robot never runs more jobs than its `max_concurrent_jobs`, even when it asks for several at
+/// once (with the default prefetch, offers wait beyond its one slot).
+#[tokio::test]
+async fn claims_at_once_never_overfill_an_http_robot() {
+    let (stack, secure) = secure_stack(|c| c.prefetch = 2).await;
+    let acme = Tenant::new(&stack, &secure, "acme").await;
+    let agent = acme.robot("one-slot", &[], 1).await;
+    assert_eq!(agent.heartbeat().await.0, 200);
+    let jobs =
+        [acme.submit("a", 10, &[]).await, acme.submit("b", 10, &[]).await, acme.submit("c", 10, &[]).await];
+    // All three offered (one slot plus the prefetch of two) before the robot asks.
+    wait_for("three offers", WAIT, || async {
+        let mut queued = 0;
+        for j in &jobs {
+            queued += usize::from(acme.job(j).await["status"] == "queued");
+        }
+        (queued == 3).then_some(())
+    })
+    .await
+    .unwrap();
+    let claims = futures::future::join_all((0..3).map(|_| agent.claim(30))).await;
+    let got: Vec<&Value> = claims
+        .iter()
+        .map(|(s, j)| {
+            assert_eq!(*s, 200, "{j}");
+            j
+        })
+        .filter(|j| !j.is_null())
+        .collect();
+    assert_eq!(got.len(), 1, "one slot, one job: {claims:?}");
+    stack.stop().await;
+}
