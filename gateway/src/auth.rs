@@ -30,7 +30,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use fleet_schemas::api::{ApiError, Endpoint, KeyIdentity, VerifyKey};
 use fleet_schemas::keys::{self, Rate, Role};
-use fleet_schemas::{RequestId, TenantId};
+use fleet_schemas::{RequestId, RobotId, TenantId};
 
 use crate::AppState;
 use crate::error::HttpError;
@@ -95,6 +95,8 @@ pub struct Caller {
     pub key_id: Option<String>,
     /// The key's own rate limit (`None`: the gateway's default).
     pub rate_limit: Option<Rate>,
+    /// The robot of a robot key (`None` for a user key): the robot-facing routes act as it.
+    pub robot_id: Option<RobotId>,
 }
 
 /// The outcome of checking a request's key, before development mode is applied: left in the
@@ -105,7 +107,13 @@ pub struct Verified(pub Result<Caller, HttpError>);
 
 impl Caller {
     fn of(key: KeyIdentity) -> Caller {
-        Caller { tenant: key.tenant, role: key.role, key_id: Some(key.key_id), rate_limit: key.rate_limit }
+        Caller {
+            tenant: key.tenant,
+            role: key.role,
+            key_id: Some(key.key_id),
+            rate_limit: key.rate_limit,
+            robot_id: key.robot_id,
+        }
     }
 
     /// 403 unless the caller's role includes `needed`.
@@ -204,6 +212,7 @@ fn with_dev_mode(state: &AppState, verified: Result<Caller, HttpError>) -> Resul
             role: Role::Admin,
             key_id: None,
             rate_limit: None,
+            robot_id: None,
         }),
         other => other,
     }

@@ -62,6 +62,12 @@ use crate::routes;
         routes::registry::delete,
         routes::analytics::analytics,
         routes::analytics::activity,
+        routes::agent::heartbeat,
+        routes::agent::claim,
+        routes::agent::extend_lease,
+        routes::agent::complete,
+        routes::agent::fail,
+        routes::agent::release,
     ),
     // Named by no `body =` (a path word's enum, the answer of a shared `IntoResponses`), so
     // not collected on their own: listed here.
@@ -74,6 +80,7 @@ use crate::routes;
         (name = "events", description = "Live streams"),
         (name = "meta", description = "Health, metrics and this document"),
         (name = "keys", description = "API keys of the tenant (admin role)"),
+        (name = "agent", description = "Robots that speak HTTP, with a robot key: heartbeat, claim, lease, report"),
     )
 )]
 pub struct ApiDoc;
@@ -245,8 +252,7 @@ pub enum ExecutionMode {
     Internet,
 }
 
-/// What `PUT /api/v1/robots/{robot_id}/status` can set (busy, offline and error are reported by
-/// the robot, not set).
+/// What `PUT /api/v1/robots/{robot_id}/status` takes.
 #[derive(ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SettableStatus {
@@ -255,6 +261,13 @@ pub enum SettableStatus {
     Online,
     Idle,
     Paused,
+    /// Accepted and changes nothing: Fleet derives busy from the jobs it hands out.
+    Busy,
+    /// Accepted and changes nothing: a robot in trouble stops heartbeating or fails its jobs.
+    Error,
+    /// From the robot's own key: it goes offline now (as if its heartbeat lapsed). From another
+    /// key: the robot is told to stop (finish its running jobs, then exit).
+    Offline,
 }
 
 /// The commands of `POST /api/v1/robots/commands`.

@@ -63,6 +63,11 @@ pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
         Some(Endpoint::DeleteRobot) => call(&msg.payload, |r| crate::registry::delete(&core, r)).await,
         Some(Endpoint::Analytics) => call(&msg.payload, |r| crate::analytics::analytics(&core, r)).await,
         Some(Endpoint::Activity) => call(&msg.payload, |r| crate::analytics::activity(&core, r)).await,
+        Some(Endpoint::AgentHeartbeat) => {
+            call(&msg.payload, |r| crate::http_robots::heartbeat(&core, r)).await
+        }
+        Some(Endpoint::AgentClaim) => call(&msg.payload, |r| crate::http_robots::claim(&core, r)).await,
+        Some(Endpoint::AgentReport) => call(&msg.payload, |r| crate::http_robots::report(&core, r)).await,
         Some(Endpoint::Ping) => {
             call(&msg.payload, |_: ApiRequest<Empty>| async {
                 Ok(Pong {

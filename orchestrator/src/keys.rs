@@ -130,24 +130,27 @@ async fn get(pool: &PgPool, tenant: &TenantId, key_id: &str) -> Result<Option<Ke
 }
 
 pub async fn verify(core: &Core, req: ApiRequest<VerifyKey>) -> ApiResult<KeyIdentity> {
-    let row: Option<(String, String, Option<i32>, Option<i32>)> = sqlx::query_as(
+    type Row = (String, String, Option<i32>, Option<i32>, Option<String>);
+    let row: Option<Row> = sqlx::query_as(
         "UPDATE api_keys SET last_used_at = now()
          WHERE key_id = $1 AND secret_sha256 = $2 AND revoked_at IS NULL
            AND (expires_at IS NULL OR expires_at > now())
-         RETURNING tenant, role, rate_limit_requests, rate_limit_period_s",
+         RETURNING tenant, role, rate_limit_requests, rate_limit_period_s, robot_id",
     )
     .bind(&req.body.key_id)
     .bind(&req.body.secret_sha256)
     .fetch_optional(&core.store.pool)
     .await
     .map_err(StoreError::from)?;
-    let (tenant, role, rate_requests, rate_period_s) =
+    let (tenant, role, rate_requests, rate_period_s, robot_id) =
         row.ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
     Ok(KeyIdentity {
         key_id: req.body.key_id,
         tenant: TenantId::new(tenant).map_err(|e| ApiError::Internal { message: e.to_string() })?,
         role: Role::parse(&role).unwrap_or(Role::Viewer),
         rate_limit: stored_rate(rate_requests, rate_period_s),
+        // Stored through `RobotId`, so it parses; a key whose robot id does not is a user key.
+        robot_id: robot_id.and_then(|r| fleet_schemas::RobotId::new(r).ok()),
     })
 }
 

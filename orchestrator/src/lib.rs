@@ -13,6 +13,7 @@ pub mod config;
 pub mod fabric;
 pub mod fleet;
 pub mod heartbeats;
+pub mod http_robots;
 pub mod job_pages;
 pub mod keys;
 pub mod leader;
@@ -62,6 +63,8 @@ pub struct Core {
     pub health: sweeper::Health,
     /// Where admission resumes reading the pending queue.
     pub admission: sweeper::AdmissionCursor,
+    /// One at a time per HTTP robot: the choice of its session.
+    pub http_sessions: http_robots::SessionLocks,
 }
 
 /// Run an orchestrator until `shutdown`: connect, migrate, set up JetStream, then lead or stand
@@ -107,6 +110,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         wake_admission: Notify::new(),
         health: sweeper::Health::default(),
         admission: sweeper::AdmissionCursor::default(),
+        http_sessions: Default::default(),
     });
 
     // Aborted if this future is dropped (a crash in tests): a lease kept alive by a detached

@@ -72,7 +72,7 @@ fn verdict<T, A>(v: Result<Verdict<T>, StoreError>, accept: impl FnOnce(T) -> A)
     }
 }
 
-async fn register(
+pub(crate) async fn register(
     core: &Core,
     tenant: &TenantId,
     robot: &RobotId,
@@ -211,7 +211,13 @@ async fn complete(core: &Core, tenant: &TenantId, robot: &RobotId, req: Complete
 }
 
 /// Bookkeeping after a job was given back (rejected or released).
-fn given_back(core: &Core, tenant: &TenantId, robot: &RobotId, job: fleet_schemas::JobId, back: &GivenBack) {
+pub(crate) fn given_back(
+    core: &Core,
+    tenant: &TenantId,
+    robot: &RobotId,
+    job: fleet_schemas::JobId,
+    back: &GivenBack,
+) {
     if let Some(subject) = &back.offered_on {
         core.fleet.unoffered(tenant, subject);
     } else {

@@ -38,10 +38,13 @@ pub enum Endpoint {
     DeleteRobot,
     Analytics,
     Activity,
+    AgentHeartbeat,
+    AgentClaim,
+    AgentReport,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 22] = [
+    pub const ALL: [Endpoint; 25] = [
         Endpoint::SubmitJob,
         Endpoint::GetJob,
         Endpoint::ListJobs,
@@ -64,6 +67,9 @@ impl Endpoint {
         Endpoint::DeleteRobot,
         Endpoint::Analytics,
         Endpoint::Activity,
+        Endpoint::AgentHeartbeat,
+        Endpoint::AgentClaim,
+        Endpoint::AgentReport,
     ];
 
     pub fn area_verb(self) -> (&'static str, &'static str) {
@@ -90,6 +96,9 @@ impl Endpoint {
             Endpoint::DeleteRobot => ("robots", "delete"),
             Endpoint::Analytics => ("fleet", "analytics"),
             Endpoint::Activity => ("fleet", "activity"),
+            Endpoint::AgentHeartbeat => ("agent", "heartbeat"),
+            Endpoint::AgentClaim => ("agent", "claim"),
+            Endpoint::AgentReport => ("agent", "report"),
         }
     }
 
@@ -438,6 +447,10 @@ pub struct KeyIdentity {
     /// The key's own rate limit; `None`: the gateway's default.
     #[serde(default)]
     pub rate_limit: Option<crate::keys::Rate>,
+    /// The robot a robot key belongs to (`None` for a user key): the only robot an HTTP robot
+    /// agent holding this key may act as.
+    #[serde(default)]
+    pub robot_id: Option<RobotId>,
 }
 
 /// Create a key in the caller's tenant.
@@ -727,6 +740,90 @@ pub struct ActivityEvent {
     pub details: Value,
     pub robot_id: Option<String>,
     pub job_id: Option<String>,
+}
+
+// ----- the HTTP robot agent (`fleet.api.agent.*`) ------------------------------------------------
+//
+// A robot that speaks HTTP (the Canvas's robot-facing endpoints) instead of NATS. In every request
+// `key_robot` is the robot of the caller's verified key, set by the gateway, never read from the
+// HTTP body: the orchestrator acts only as that robot.
+
+/// A heartbeat of an HTTP robot (`Endpoint::AgentHeartbeat`), or its goodbye (`offline`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentHeartbeat {
+    pub key_robot: RobotId,
+    /// The robot of the path; anything but `key_robot` is answered 404.
+    pub robot_id: RobotId,
+    pub cpu_percent: Option<f32>,
+    pub memory_mb: Option<f64>,
+    /// The robot says it is going offline (`PUT …/status` with `offline`).
+    pub offline: bool,
+}
+
+/// What a heartbeat recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentBeat {
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: OffsetDateTime,
+}
+
+/// Claim the next job an HTTP robot may run (`Endpoint::AgentClaim`); the answer is
+/// `Option<AgentJob>` (`None`: nothing to do).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentClaim {
+    pub key_robot: RobotId,
+    /// The lease the claim gets, in seconds.
+    pub lease_s: u32,
+}
+
+/// A job claimed by an HTTP robot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentJob {
+    pub job_id: JobId,
+    pub workflow_id: String,
+    pub workflow_name: String,
+    /// The workflow as submitted.
+    pub workflow: Value,
+    pub priority: i16,
+    /// The robot's environment.
+    pub environment: String,
+    pub variables: Map<String, Value>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub claimed_at: OffsetDateTime,
+    /// Attempts before this one.
+    pub retry_count: i32,
+    /// Attempts after the first the job may still get when its robot is lost.
+    pub max_retries: i32,
+}
+
+/// A report of an HTTP robot on a job it runs (`Endpoint::AgentReport`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentJobReport {
+    pub key_robot: RobotId,
+    pub job_id: JobId,
+    pub report: AgentReport,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentReport {
+    /// Extend the lease to `lease_s` seconds from now.
+    ExtendLease { lease_s: u32 },
+    /// The run completed; `result` becomes the job's output.
+    Complete { result: Value },
+    /// The run failed.
+    Fail { error_message: String },
+    /// Give the job back (pending, offered again at once).
+    Release,
+}
+
+/// What a report did: the job's status after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReported {
+    pub job_id: JobId,
+    pub status: JobStatus,
 }
 
 #[cfg(test)]

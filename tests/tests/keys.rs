@@ -132,6 +132,9 @@ struct Case {
     bad: Option<(String, Option<Value>, &'static str)>,
     /// A live stream, whose success path is checked on its own.
     stream: bool,
+    /// A robot-facing route: only a robot key may call it (every user key gets 403), and it is
+    /// called with the robot key of an HTTP robot of acme (another tenant's: beta's).
+    robot: bool,
 }
 
 fn case(
@@ -141,7 +144,7 @@ fn case(
     body: Option<Value>,
     least: Role,
 ) -> Case {
-    Case { method, route, path: path.into(), body, least, ids: None, bad: None, stream: false }
+    Case { method, route, path: path.into(), body, least, ids: None, bad: None, stream: false, robot: false }
 }
 
 impl Case {
@@ -157,6 +160,11 @@ impl Case {
 
     fn stream(mut self) -> Self {
         self.stream = true;
+        self
+    }
+
+    fn robot(mut self) -> Self {
+        self.robot = true;
         self
     }
 }
@@ -262,6 +270,41 @@ async fn every_endpoint_checks_key_role_tenant_and_input() {
     let robot_key_id = ok("robot key", (status, made))["key"]["id"].as_str().unwrap().to_owned();
     let gone = json!({"robot_id": "acme-gone", "name": "g", "hostname": "h"});
     ok("register", secure.send(Method::POST, "/api/v1/robots/register", Some(&admin), Some(gone)).await);
+    // An HTTP robot of each tenant with its robot key; acme's holds three jobs to report on.
+    let http_robot = |key: String, id: &'static str| {
+        let secure = &secure;
+        async move {
+            let body = json!({"robot_id": id, "name": id, "hostname": "h", "max_concurrent_jobs": 3});
+            ok(
+                "register",
+                secure.send(Method::POST, "/api/v1/robots/register", Some(&key), Some(body)).await,
+            );
+            let body = json!({"robot_id": id, "name": "agent"});
+            let made =
+                ok("key", secure.send(Method::POST, "/api/v1/robot-api-keys", Some(&key), Some(body)).await);
+            let robot_key = made["api_key"].as_str().unwrap().to_owned();
+            let path = format!("/api/v1/robots/{id}/heartbeat");
+            ok("heartbeat", secure.send(Method::POST, &path, Some(&robot_key), Some(json!({}))).await);
+            robot_key
+        }
+    };
+    let (http_key, beta_robot) =
+        (http_robot(admin.clone(), "acme-http").await, http_robot(other.clone(), "beta-http").await);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut targeted = workflow();
+        targeted["target_robot_id"] = json!("acme-http");
+        let id = ok("submit", submit(targeted).await)["job_id"].as_str().unwrap().to_owned();
+        let claimed = wait_for("acme-http to claim its job", WAIT, || async {
+            let (_, job) =
+                secure.send(Method::POST, "/api/v1/jobs/claim", Some(&http_key), Some(json!({}))).await;
+            (job["job_id"] == id.as_str()).then_some(())
+        })
+        .await;
+        claimed.unwrap();
+        held.push(id);
+    }
+    let [extended, failed, released] = [held[0].clone(), held[1].clone(), held[2].clone()];
     // Another tenant's own objects, so that its key has something to see.
     let (status, _) = secure.send(Method::POST, "/api/v1/workflows", Some(&other), Some(workflow())).await;
     assert_eq!(status, 200);
@@ -337,7 +380,7 @@ async fn every_endpoint_checks_key_role_tenant_and_input() {
             o,
         )
         .owns("acme-r", no_robot)
-        .bad("/api/v1/robots/acme-r/status", Some(json!({"status": "busy"})), "status"),
+        .bad("/api/v1/robots/acme-r/status", Some(json!({"status": "sleepy"})), "status"),
         case(
             post.clone(),
             "/api/v1/robots/commands",
@@ -415,6 +458,68 @@ async fn every_endpoint_checks_key_role_tenant_and_input() {
         .bad("/api/v1/robots/acme-r", Some(json!({"name": " "})), "name"),
         case(delete.clone(), "/api/v1/robots/{robot_id}", "/api/v1/robots/acme-gone", None, a)
             .owns("acme-gone", no_robot),
+        case(
+            post.clone(),
+            "/api/v1/robots/{robot_id}/heartbeat",
+            "/api/v1/robots/acme-http/heartbeat",
+            Some(json!({"cpu_percent": null})),
+            a,
+        )
+        .robot()
+        .owns("acme-http", no_robot),
+        case(post.clone(), "/api/v1/jobs/claim", "/api/v1/jobs/claim", Some(json!({"limit": 1})), a)
+            .robot()
+            .bad(
+                "/api/v1/jobs/claim",
+                Some(json!({"visibility_timeout_seconds": 1})),
+                "visibility_timeout_seconds",
+            ),
+        case(
+            post.clone(),
+            "/api/v1/jobs/{job_id}/extend-lease",
+            format!("/api/v1/jobs/{extended}/extend-lease"),
+            Some(json!({"extension_seconds": 60})),
+            a,
+        )
+        .robot()
+        .owns(&extended, &no_job)
+        .bad(
+            format!("/api/v1/jobs/{extended}/extend-lease"),
+            Some(json!({"extension_seconds": 0})),
+            "extension_seconds",
+        ),
+        case(
+            post.clone(),
+            "/api/v1/jobs/{job_id}/complete",
+            format!("/api/v1/jobs/{extended}/complete"),
+            Some(json!({"result": {"executed_nodes": 1}})),
+            a,
+        )
+        .robot()
+        .owns(&extended, &no_job),
+        case(
+            post.clone(),
+            "/api/v1/jobs/{job_id}/fail",
+            format!("/api/v1/jobs/{failed}/fail"),
+            Some(json!({"error_message": "matrix"})),
+            a,
+        )
+        .robot()
+        .owns(&failed, &no_job)
+        .bad(
+            format!("/api/v1/jobs/{failed}/fail"),
+            Some(json!({"error_message": ""})),
+            "error_message",
+        ),
+        case(
+            post.clone(),
+            "/api/v1/jobs/{job_id}/release",
+            format!("/api/v1/jobs/{released}/release"),
+            None,
+            a,
+        )
+        .robot()
+        .owns(&released, &no_job),
     ];
     // The matrix covers every route but /health (which needs no key).
     let covered: BTreeSet<(String, &str)> = cases.iter().map(|c| (c.method.to_string(), c.route)).collect();
@@ -436,16 +541,18 @@ async fn every_endpoint_checks_key_role_tenant_and_input() {
                 "{method} {path} with {key:?}: {answer}"
             );
         }
-        for lower in Role::ALL.into_iter().filter(|r| *r < c.least) {
+        // A robot-facing route refuses every user key.
+        for lower in Role::ALL.into_iter().filter(|r| c.robot || *r < c.least) {
             let (status, answer) =
                 secure.send(method.clone(), path, Some(key_of(lower)), c.body.clone()).await;
             assert_eq!(status, 403, "{method} {path} as {lower}: {answer}");
         }
         if let Some((id, missing)) = &c.ids {
-            let (status, theirs) = secure.send(method.clone(), path, Some(&other), c.body.clone()).await;
+            let (theirs_key, own_key) = if c.robot { (&beta_robot, &http_key) } else { (&other, &admin) };
+            let (status, theirs) = secure.send(method.clone(), path, Some(theirs_key), c.body.clone()).await;
             let nowhere = path.replace(id.as_str(), missing);
             let (missing_status, none) =
-                secure.send(method.clone(), &nowhere, Some(&admin), c.body.clone()).await;
+                secure.send(method.clone(), &nowhere, Some(own_key), c.body.clone()).await;
             assert_eq!(
                 (status, &theirs["error"]),
                 (404, &none["error"]),
@@ -453,7 +560,8 @@ async fn every_endpoint_checks_key_role_tenant_and_input() {
             );
         }
         if let Some((path, body, field)) = &c.bad {
-            let (status, answer) = secure.send(method.clone(), path, Some(&admin), body.clone()).await;
+            let key = if c.robot { &http_key } else { &admin };
+            let (status, answer) = secure.send(method.clone(), path, Some(key), body.clone()).await;
             assert_eq!(
                 (status, answer["error"]["field"].as_str()),
                 (422, Some(*field)),
@@ -463,14 +571,14 @@ async fn every_endpoint_checks_key_role_tenant_and_input() {
     }
     // The success paths, with the least role allowed.
     for c in cases.iter().filter(|c| !c.stream) {
-        let (status, answer) =
-            secure.send(c.method.clone(), &c.path, Some(key_of(c.least)), c.body.clone()).await;
+        let key = if c.robot { &http_key } else { key_of(c.least) };
+        let (status, answer) = secure.send(c.method.clone(), &c.path, Some(key), c.body.clone()).await;
         assert_eq!(status, 200, "{} {} as {}: {answer}", c.method, c.path, c.least);
     }
     let (_, robots) = secure.send(Method::GET, "/api/v1/metrics/robots", Some(&viewer), None).await;
     let names: BTreeSet<&str> =
         robots.as_array().unwrap().iter().filter_map(|r| r["robot_id"].as_str()).collect();
-    assert_eq!(names, BTreeSet::from(["acme-new", "acme-r"]), "registered and deleted");
+    assert_eq!(names, BTreeSet::from(["acme-http", "acme-new", "acme-r"]), "registered and deleted");
     // The live streams: each tenant's events from the start are its own (acme's came first).
     assert_eq!(first_event(&secure, &viewer).await["tenant"], "acme");
     assert_eq!(first_event(&secure, &other).await["tenant"], "beta");

@@ -103,8 +103,10 @@ pub struct StatusBody {
     status: String,
 }
 
-/// `PUT /api/v1/robots/{robot_id}/status` with `{"status": "maintenance"}` or `"online"`/`"idle"`;
-/// answers the robot object.
+/// `PUT /api/v1/robots/{robot_id}/status` with `{"status": …}`; answers the robot object.
+/// `maintenance`, `online`/`idle` and `paused` are commands; `busy` and `error` are accepted and
+/// change nothing (Fleet derives them); `offline` from the robot's own key takes it offline now,
+/// from another key tells it to stop.
 #[utoipa::path(
     put,
     path = "/api/v1/robots/{robot_id}/status",
@@ -128,18 +130,35 @@ pub async fn set_status(
 ) -> Result<Json<Value>, HttpError> {
     caller.require(fleet_schemas::keys::Role::Operator)?;
     let robot_id = super::path_id(path, "robot", |s| RobotId::new(s).ok())?;
+    // A robot key acts on its own robot only (another id is one that does not exist to it).
+    if caller.robot_id.as_ref().is_some_and(|own| *own != robot_id) {
+        return Err(HttpError::not_found("robot"));
+    }
     let command = match body.status.as_str() {
-        "maintenance" => RobotCommand::Maintenance { on: true },
-        "online" | "idle" => RobotCommand::Maintenance { on: false },
-        "paused" => RobotCommand::Pause,
+        "maintenance" => Some(RobotCommand::Maintenance { on: true }),
+        "online" | "idle" => Some(RobotCommand::Maintenance { on: false }),
+        "paused" => Some(RobotCommand::Pause),
+        // What an HTTP robot reports of itself: Fleet derives busy from the jobs it hands out,
+        // and a robot in trouble fails its jobs or stops heartbeating, so neither changes anything.
+        "busy" | "error" => None,
+        // The robot's goodbye: offline now, as if its heartbeat had lapsed.
+        "offline" if caller.robot_id.is_some() => {
+            super::agent::beat(&state, request_id, &caller, robot_id.clone(), &Value::Null, true).await?;
+            None
+        }
+        // From an operator: take it offline the way a robot goes, finishing its running jobs.
+        "offline" => Some(RobotCommand::Stop { force: false }),
         _ => {
             return Err(HttpError::invalid(
                 "status",
-                "can be set to maintenance, online (or idle) or paused; busy, offline and error are reported by the robot",
+                "must be one of idle, online, busy, offline, error, maintenance, paused",
             ));
         }
     };
-    send(&state, request_id, &caller, CommandTarget::Robot { robot_id: robot_id.clone() }, command).await?;
+    if let Some(command) = command {
+        send(&state, request_id, &caller, CommandTarget::Robot { robot_id: robot_id.clone() }, command)
+            .await?;
+    }
     let robot: RobotView =
         call(&state, Endpoint::GetRobot, request_id, &caller, GetById { id: robot_id }, CallKind::Retryable)
             .await?;

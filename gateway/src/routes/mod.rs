@@ -8,6 +8,7 @@
 //! Ids in paths that are not even well-formed answer 404, exactly like ids that do not exist or
 //! belong to another tenant, so a response never tells them apart.
 
+pub mod agent;
 pub mod analytics;
 pub mod commands;
 pub mod events;
@@ -74,6 +75,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/api/v1/robots/{robot_id}"),
     ("GET", "/api/v1/metrics/analytics"),
     ("GET", "/api/v1/metrics/activity"),
+    ("POST", "/api/v1/robots/{robot_id}/heartbeat"),
+    ("POST", "/api/v1/jobs/claim"),
+    ("POST", "/api/v1/jobs/{job_id}/extend-lease"),
+    ("POST", "/api/v1/jobs/{job_id}/complete"),
+    ("POST", "/api/v1/jobs/{job_id}/fail"),
+    ("POST", "/api/v1/jobs/{job_id}/release"),
 ];
 
 /// The whole HTTP API. Tests drive it without a socket; [`crate::run`] serves it.
@@ -109,6 +116,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/robots/{robot_id}", put(registry::update).delete(registry::delete))
         .route("/api/v1/metrics/analytics", get(analytics::analytics))
         .route("/api/v1/metrics/activity", get(analytics::activity))
+        .route("/api/v1/robots/{robot_id}/heartbeat", post(agent::heartbeat))
+        .route("/api/v1/jobs/claim", post(agent::claim))
+        .route("/api/v1/jobs/{job_id}/extend-lease", post(agent::extend_lease))
+        .route("/api/v1/jobs/{job_id}/complete", post(agent::complete))
+        .route("/api/v1/jobs/{job_id}/fail", post(agent::fail))
+        .route("/api/v1/jobs/{job_id}/release", post(agent::release))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

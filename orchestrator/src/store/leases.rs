@@ -195,10 +195,14 @@ impl Store {
                     completed_at = CASE WHEN $7 AND jsonb_array_length(rejections) + 1 >= $9 THEN now() ELSE completed_at END,
                     robot_id = NULL, session_id = NULL, lease_until = NULL, offer_subject = NULL, offer_seq = NULL,
                     history_seq = history_seq + 1
-                WHERE job_id = $1 AND tenant = $2 AND ($3::int IS NULL OR offer_no = $3)
+                -- Read from `prev`, so `prev` runs (and locks) first: scanned after this update, its
+                -- FOR UPDATE skips the row this statement already changed, and a give-back that
+                -- committed was answered as refused (seen with the planner scanning `j` first).
+                FROM prev
+                WHERE jobs.job_id = prev.job_id AND tenant = $2 AND ($3::int IS NULL OR offer_no = $3)
                   AND ((status = 'queued' AND $4::int IS NULL) OR (status = 'running' AND attempt = $4 AND robot_id = $5))
                   AND {}
-                RETURNING *
+                RETURNING jobs.*
             ), h AS (
                 INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
                 SELECT tenant, job_id, $5, history_seq,
