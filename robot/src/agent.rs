@@ -157,6 +157,25 @@ impl Agent {
         self.lock_running().jobs.remove(&job_id);
     }
 
+    /// The orchestrator ended this attempt of a job (a cancel pushed on the command subject):
+    /// stop it as no longer ours. True when it was running here; a push for another attempt
+    /// (an older one, or one this robot never ran) changes nothing.
+    pub fn withdraw(&self, job_id: JobId, attempt: i32, reason: &str) -> bool {
+        let running = self.lock_running();
+        match running.jobs.get(&job_id) {
+            Some(entry) if entry.attempt == attempt => {
+                entry.stop.stop(StopReason::Fenced(reason.to_owned()));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The report budgets for the server this robot is connected to.
+    pub fn budgets(&self) -> crate::bound::Budgets {
+        crate::bound::Budgets::for_max_payload(self.client.server_info().max_payload)
+    }
+
     /// Stop every running job with `reason`, and every job that starts from now on.
     pub fn stop_all(&self, reason: StopReason) {
         let mut running = self.lock_running();
