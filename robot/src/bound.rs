@@ -205,7 +205,9 @@ fn cap_strings(v: &Value, cap: usize) -> Value {
     match v {
         Value::String(s) if s.len() > cap => Value::String(cut_middle(s, cap)),
         Value::Array(items) => Value::Array(items.iter().map(|i| cap_strings(i, cap)).collect()),
-        Value::Object(map) => Value::Object(map.iter().map(|(k, i)| (k.clone(), cap_strings(i, cap))).collect()),
+        Value::Object(map) => {
+            Value::Object(map.iter().map(|(k, i)| (k.clone(), cap_strings(i, cap))).collect())
+        }
         other => other.clone(),
     }
 }
@@ -225,7 +227,10 @@ mod tests {
     #[test]
     fn budgets_follow_the_server() {
         let b = Budgets::for_max_payload(1024 * 1024);
-        assert_eq!((b.output, b.error, b.name, b.log_line), (OUTPUT_BUDGET, ERROR_BUDGET, NAME_BUDGET, LOG_LINE_BUDGET));
+        assert_eq!(
+            (b.output, b.error, b.name, b.log_line),
+            (OUTPUT_BUDGET, ERROR_BUDGET, NAME_BUDGET, LOG_LINE_BUDGET)
+        );
         let small = Budgets::for_max_payload(64 * 1024);
         assert!(small.output <= (64 - 8) * 1024 / 2, "{small:?}");
         assert!(small.log_line <= (64 - 8) * 1024 / 4, "{small:?}");

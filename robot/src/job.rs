@@ -224,7 +224,13 @@ async fn run_job_inner(agent: Arc<Agent>, grant: ClaimGrant, offer_no: i32) -> J
         job_id,
         attempt,
     };
-    let forwarder = tokio::spawn(report::forward(agent.client.clone(), agent.orch.clone(), addr.clone(), agent.budgets(), events));
+    let forwarder = tokio::spawn(report::forward(
+        agent.client.clone(),
+        agent.orch.clone(),
+        addr.clone(),
+        agent.budgets(),
+        events,
+    ));
 
     let dir = executor::job_dir(&agent.jobs_dir, job_id, attempt);
     let execution = match prepare_dir(&dir) {
@@ -345,11 +351,21 @@ async fn send_report<Req: serde::Serialize>(
 /// goes into the job's log first, so the record can point there. A report refused for what it
 /// holds (rather than for being stale) is followed by a bare `failed` report saying why, so a
 /// job never stays `running` because its report cannot be stored.
-async fn complete(agent: &Agent, grant: &ClaimGrant, stop: &Stop, report: RunReport, addr: &JobAddress) -> JobEnd {
+async fn complete(
+    agent: &Agent,
+    grant: &ClaimGrant,
+    stop: &Stop,
+    report: RunReport,
+    addr: &JobAddress,
+) -> JobEnd {
     let budgets = agent.budgets();
     let bounded = bound::bound_output(report.output, budgets.output);
     if let Some(full) = &bounded.full {
-        tracing::warn!(bytes = full.len(), budget = budgets.output, "output over budget: truncated, the full text goes to the job log");
+        tracing::warn!(
+            bytes = full.len(),
+            budget = budgets.output,
+            "output over budget: truncated, the full text goes to the job log"
+        );
         report::publish_output(&agent.client, addr, full, budgets.log_line).await;
     }
     let outcome = report.outcome;

@@ -140,7 +140,8 @@ impl Orchestrator {
     /// Why a message of `len` bytes cannot be sent, if it cannot.
     fn too_large(&self, len: usize) -> Option<String> {
         let max = self.client.server_info().max_payload;
-        (max > 0 && len > max).then(|| format!("{len} bytes is more than the server's max payload of {max} bytes"))
+        (max > 0 && len > max)
+            .then(|| format!("{len} bytes is more than the server's max payload of {max} bytes"))
     }
 
     /// Fire and forget (progress).

@@ -236,7 +236,9 @@ async fn wait_gone(pid: u32, within: Duration) -> Result<(), String> {
     wait_for(format!("process {pid} to be killed"), within, || async {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => Some(()),
-            Ok(stat) => stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')).then_some(()),
+            Ok(stat) => {
+                stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')).then_some(())
+            }
         }
     })
     .await
@@ -283,7 +285,11 @@ async fn cancel_ends_a_running_job_at_once_kills_its_process_and_frees_the_slot(
     assert_eq!(again["previous_status"], "cancelled", "{again}");
     let kinds = history(&stack, &id).await;
     assert_eq!(count(&kinds, "job.cancelled"), 1, "{kinds:?}");
-    assert_eq!(kinds.last().map(String::as_str), Some("job.cancelled"), "nothing after the cancel: {kinds:?}");
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("job.cancelled"),
+        "nothing after the cancel: {kinds:?}"
+    );
     stack.stop().await;
 }
 
@@ -380,5 +386,32 @@ async fn cancel_while_postgres_is_unreachable_answers_503_and_changes_nothing() 
     assert_eq!(answer["previous_status"], "running", "nothing was half-done: {answer}");
     wait_gone(pid, Duration::from_secs(2)).await.expect("killed once the cancel went through");
     assert_eq!(count(&history(&stack, &id).await, "job.cancelled"), 1);
+    stack.stop().await;
+}
+
+/// Cancel and completion arriving together: exactly one wins, with one event, and the cancel's
+/// answer says which. The cancels are spread around the moment each job ends (a 300 ms step,
+/// cancelled 0–550 ms after it is seen running), so some land before and some after.
+#[tokio::test]
+async fn cancel_racing_the_completion_has_exactly_one_winner() {
+    let stack = one_slot_stack(|_| {}).await;
+    let mut outcomes = Vec::new();
+    for i in 0..12u64 {
+        let id = submit(&stack, workflow("Race", json!([shell("nap", "sleep 0.3")]))).await;
+        wait_running(&stack, &id).await;
+        tokio::time::sleep(Duration::from_millis(i * 50)).await;
+        let (status, answer) = cancel(&stack, &id).await;
+        assert_eq!(status, 200, "{answer}");
+        let job = stack.finished(&id).await;
+        let kinds = history(&stack, &id).await;
+        let (completed, cancelled) = (count(&kinds, "job.completed"), count(&kinds, "job.cancelled"));
+        assert_eq!(completed + cancelled, 1, "one terminal event: {kinds:?}");
+        let won = answer["cancelled"] == true;
+        assert_eq!(job["status"], if won { "cancelled" } else { "completed" }, "{answer} {job}");
+        assert_eq!(cancelled == 1, won, "{answer} {kinds:?}");
+        outcomes.push(won);
+    }
+    eprintln!("cancel won {} of {} races", outcomes.iter().filter(|w| **w).count(), outcomes.len());
+    next_job_runs(&stack).await;
     stack.stop().await;
 }

@@ -365,7 +365,8 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         let Some(row) = row else { return Ok(None) };
-        let previous = JobStatus::parse(row.get::<String, _>("status").as_str()).unwrap_or(JobStatus::Pending);
+        let previous =
+            JobStatus::parse(row.get::<String, _>("status").as_str()).unwrap_or(JobStatus::Pending);
         let changed = row.get::<i64, _>("changed") > 0;
         if !changed && !previous.is_terminal() {
             // Not terminal, yet not changed: the fence refused it (this instance is no leader).

@@ -329,7 +329,10 @@ pub(crate) mod tests {
     async fn output_past_the_tail_says_what_was_cut() {
         let dir = tempfile::tempdir().unwrap();
         // 200 lines of 1000 bytes: more than the tail keeps.
-        let spawn = sh("i=0; while [ $i -lt 200 ]; do printf '%0999d\\n' $i; i=$((i+1)); done; echo e >&2", dir.path());
+        let spawn = sh(
+            "i=0; while [ $i -lt 200 ]; do printf '%0999d\\n' $i; i=$((i+1)); done; echo e >&2",
+            dir.path(),
+        );
         let mut lines = 0;
         let f = tokio::time::timeout(
             Duration::from_secs(10),

@@ -233,7 +233,8 @@ impl StepEngine {
             Ended::Exited(c) => Some(c),
             _ => None,
         };
-        let mut result = json!({"exit_code": exit_code, "stdout": finished.stdout, "stderr": finished.stderr});
+        let mut result =
+            json!({"exit_code": exit_code, "stdout": finished.stdout, "stderr": finished.stderr});
         if let Some(cut) = finished.truncation() {
             result["truncated"] = cut;
         }
