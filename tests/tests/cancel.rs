@@ -245,6 +245,15 @@ async fn wait_gone(pid: u32, within: Duration) -> Result<(), String> {
     .map_err(|e| e.to_string())
 }
 
+/// Start a long job on `stack` and wait until it runs: its id, its shell's pid, the marker path.
+async fn running_long_job(stack: &Stack, name: &str) -> (String, u32, std::path::PathBuf) {
+    let (body, pid_file, marker) = long_job(stack, name);
+    let id = submit(stack, body).await;
+    wait_running(stack, &id).await;
+    let pid = read_pid(&pid_file).await;
+    (id, pid, marker)
+}
+
 async fn cancel(stack: &Stack, id: &str) -> (u16, Value) {
     stack.post(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).await
 }
@@ -253,10 +262,7 @@ async fn cancel(stack: &Stack, id: &str) -> (u16, Value) {
 #[tokio::test]
 async fn cancel_ends_a_running_job_at_once_kills_its_process_and_frees_the_slot() {
     let stack = one_slot_stack(|c| c.job_lease = Duration::from_secs(30)).await;
-    let (body, pid_file, marker) = long_job(&stack, "long");
-    let id = submit(&stack, body).await;
-    wait_running(&stack, &id).await;
-    let pid = read_pid(&pid_file).await;
+    let (id, pid, marker) = running_long_job(&stack, "long").await;
     // Waits behind the long job on the 1-slot robot.
     let next = submit(&stack, workflow("Next", json!([shell("say", "echo next")]))).await;
 
@@ -271,11 +277,12 @@ async fn cancel_ends_a_running_job_at_once_kills_its_process_and_frees_the_slot(
     assert!(asked.elapsed() < Duration::from_secs(2), "{:?}", asked.elapsed());
 
     wait_gone(pid, Duration::from_secs(2)).await.expect("the step's process is killed within 2 s");
+    eprintln!("cancel to the step's process killed: {:?}", asked.elapsed());
     let done = stack.finished(&next).await;
     assert_eq!(done["status"], "completed", "{done}");
     let freed = asked.elapsed();
     eprintln!("cancel to the next job's completion: {freed:?}");
-    assert!(freed < Duration::from_secs(5), "the slot freed long after the cancel: {freed:?}");
+    assert!(freed < Duration::from_secs(2), "the slot freed long after the cancel: {freed:?}");
     assert!(!marker.exists(), "the cancelled script went on");
 
     // Repeated: harmless, says so, changes nothing.
@@ -298,10 +305,7 @@ async fn cancel_ends_a_running_job_at_once_kills_its_process_and_frees_the_slot(
 #[tokio::test]
 async fn a_late_report_from_a_cancelled_attempt_is_refused_and_recorded_nowhere() {
     let stack = one_slot_stack(|c| c.job_lease = Duration::from_secs(30)).await;
-    let (body, pid_file, _) = long_job(&stack, "late");
-    let id = submit(&stack, body).await;
-    wait_running(&stack, &id).await;
-    read_pid(&pid_file).await;
+    let (id, _, _) = running_long_job(&stack, "late").await;
     let (session, attempt) = attempt_of(&stack, &id).await;
     let (status, answer) = cancel(&stack, &id).await;
     assert_eq!((status, &answer["cancelled"]), (200, &json!(true)), "{answer}");
@@ -319,14 +323,16 @@ async fn a_late_report_from_a_cancelled_attempt_is_refused_and_recorded_nowhere(
         error: None,
         failed_step: None,
     };
-    let subject = subjects::robot_request(&tenant, &robot, RobotVerb::Complete);
-    let reply = client.request(subject, encode(&late).into()).await.unwrap();
-    let reply: RobotReply<Ack> = decode("reply", &reply.payload).unwrap();
+    let ask = |verb: RobotVerb, payload: Vec<u8>| {
+        let subject = subjects::robot_request(&tenant, &robot, verb);
+        let client = client.clone();
+        async move { client.request(subject, payload.into()).await.unwrap().payload }
+    };
+    let reply: RobotReply<Ack> = decode("reply", &ask(RobotVerb::Complete, encode(&late)).await).unwrap();
     assert!(matches!(reply, RobotReply::Refused { .. }), "late completion: {reply:?}");
     let renew = RenewRequest { v: 1, session_id: session, job_id, attempt };
-    let subject = subjects::robot_request(&tenant, &robot, RobotVerb::Renew);
-    let reply = client.request(subject, encode(&renew).into()).await.unwrap();
-    let reply: RobotReply<RenewGrant> = decode("reply", &reply.payload).unwrap();
+    let reply: RobotReply<RenewGrant> =
+        decode("reply", &ask(RobotVerb::Renew, encode(&renew)).await).unwrap();
     assert!(matches!(reply, RobotReply::Refused { .. }), "late renewal: {reply:?}");
 
     let job = stack.job(&id).await;
@@ -342,10 +348,7 @@ async fn a_late_report_from_a_cancelled_attempt_is_refused_and_recorded_nowhere(
 #[tokio::test]
 async fn cancel_of_a_job_whose_robot_is_dead_ends_it_at_once() {
     let mut stack = one_slot_stack(|c| c.job_lease = Duration::from_secs(30)).await;
-    let (body, pid_file, _) = long_job(&stack, "orphan");
-    let id = submit(&stack, body).await;
-    wait_running(&stack, &id).await;
-    read_pid(&pid_file).await;
+    let (id, _, _) = running_long_job(&stack, "orphan").await;
     stack.robots.pop().unwrap().crash().await;
     let (status, answer) = cancel(&stack, &id).await;
     assert_eq!(status, 200, "{answer}");
@@ -366,10 +369,7 @@ async fn cancel_while_postgres_is_unreachable_answers_503_and_changes_nothing() 
         c.database_url.0 = c.database_url.0.replace("127.0.0.1:5432", &format!("127.0.0.1:{port}"));
     })
     .await;
-    let (body, pid_file, _) = long_job(&stack, "outage");
-    let id = submit(&stack, body).await;
-    wait_running(&stack, &id).await;
-    let pid = read_pid(&pid_file).await;
+    let (id, pid, _) = running_long_job(&stack, "outage").await;
 
     proxy.cut();
     let (status, answer) = cancel(&stack, &id).await;
