@@ -415,3 +415,40 @@ async fn cancel_racing_the_completion_has_exactly_one_winner() {
     next_job_runs(&stack).await;
     stack.stop().await;
 }
+
+/// A runner reporting progress with a 15 KB node name: the job's `current_node` is cut to its
+/// 512-byte budget (it used to be stored whole). The runner then waits to be cancelled, which
+/// kills it like a step.
+#[tokio::test]
+async fn a_huge_progress_node_is_bounded() {
+    let mut stack = Stack::start_with(|c| c.job_lease = Duration::from_secs(30)).await;
+    let dir = stack.dir("runner");
+    let script = dir.join("runner.sh");
+    std::fs::write(
+        &script,
+        "printf 'FLEET_PROGRESS 50 %s\\n' \"$(head -c 15000 /dev/zero | tr '\\0' n)\"\nsleep 30\n",
+    )
+    .unwrap();
+    let mut config = stack.robot_config("canvas", &[]);
+    config.runners =
+        vec![format!("casare=sh {} {{workflow}}", script.display()).parse().expect("runner spec")];
+    stack.start_robot(config);
+    let graph = json!({
+        "nodes": {"start-1": {"node_id": "start-1", "node_type": "StartNode", "config": {}}},
+        "connections": [],
+    });
+    let id = submit(&stack, json!({"workflow_name": "Graph", "workflow_json": graph})).await;
+    let job = wait_for("the progress", WAIT, || async {
+        let job = stack.job(&id).await;
+        job["current_node"].is_string().then_some(job)
+    })
+    .await
+    .unwrap();
+    let node = job["current_node"].as_str().unwrap();
+    assert!(node.len() <= 512, "current_node is bounded: {} bytes", node.len());
+    assert!(node.starts_with("nnnn") && node.ends_with("see the job log]"), "{node}");
+    assert_eq!(job["progress"], 50, "{job}");
+    let (status, answer) = cancel(&stack, &id).await;
+    assert_eq!((status, &answer["cancelled"]), (200, &json!(true)), "{answer}");
+    stack.stop().await;
+}
