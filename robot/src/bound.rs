@@ -18,6 +18,9 @@
 //! - **Log lines**: a line longer than [`LOG_LINE_BUDGET`] bytes is split into several lines.
 //! - U+0000 becomes U+FFFD in everything that is stored (PostgreSQL refuses U+0000); the log keeps
 //!   the original text.
+//! - Log lines are best effort (a job never waits for NATS): when some were dropped, the output
+//!   says how many (`log_lines_dropped`), so a marker pointing into the log is not taken for the
+//!   whole text.
 //!
 //! Every budget is also capped by a share of the server's own `max_payload` (less
 //! [`HEADROOM`] for the subject, reply inbox and framing), so a server configured smaller still

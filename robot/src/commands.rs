@@ -309,10 +309,10 @@ pub async fn command_loop(agent: Arc<Agent>, stop: CancellationToken) {
 fn obey_push(agent: &Agent, push: RobotPush) {
     match push {
         RobotPush::Cancel { job_id, attempt, .. } => {
-            if agent.withdraw(job_id, attempt, "the job was cancelled") {
+            if agent.withdraw(job_id, attempt) {
                 tracing::info!(%job_id, attempt, "cancel pushed: stopping the job");
             } else {
-                tracing::debug!(%job_id, attempt, "cancel pushed for an attempt not running here");
+                tracing::debug!(%job_id, attempt, "cancel pushed for an attempt not running here (yet)");
             }
         }
     }

@@ -250,9 +250,10 @@ async fn run_job_inner(agent: Arc<Agent>, grant: ClaimGrant, offer_no: i32) -> J
     done.cancel();
     // The executor's sink is dropped with its context: let the last lines and progress go out
     // before the end is reported, but do not wait on a slow NATS for long.
-    let _ = tokio::time::timeout(FLUSH_PATIENCE, forwarder).await;
+    let dropped =
+        tokio::time::timeout(FLUSH_PATIENCE, forwarder).await.ok().and_then(Result::ok).unwrap_or(0);
 
-    let end = settle_job(&agent, &grant, offer_no, &stop, execution, &addr).await;
+    let end = settle_job(&agent, &grant, offer_no, &stop, execution, &Reporting { addr, dropped }).await;
     settled.cancel();
     if matches!(end, JobEnd::Reported { outcome: RunOutcome::Completed, .. }) {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -280,7 +281,7 @@ async fn settle_job(
     offer_no: i32,
     stop: &Stop,
     execution: Execution,
-    addr: &JobAddress,
+    reporting: &Reporting,
 ) -> JobEnd {
     // Checked before anything else: a job that is no longer ours (renewal refused, cancel
     // pushed) is reported in no way, whatever else stopped it first.
@@ -320,7 +321,14 @@ async fn settle_job(
         }
         _ => report,
     };
-    complete(agent, grant, stop, report, addr).await
+    complete(agent, grant, stop, report, reporting).await
+}
+
+/// Where a job's log went, and what of it was lost, for its report.
+struct Reporting {
+    addr: JobAddress,
+    /// Log lines dropped because the buffer to NATS was full.
+    dropped: u64,
 }
 
 /// Send a report until it is answered, the robot abandons its reports (late in shutdown), or
@@ -356,10 +364,17 @@ async fn complete(
     grant: &ClaimGrant,
     stop: &Stop,
     report: RunReport,
-    addr: &JobAddress,
+    reporting: &Reporting,
 ) -> JobEnd {
     let budgets = agent.budgets();
-    let bounded = bound::bound_output(report.output, budgets.output);
+    let mut bounded = bound::bound_output(report.output, budgets.output);
+    // Markers point into the log: say when it is not whole.
+    if let (Value::Object(map), n) = (&mut bounded.output, reporting.dropped)
+        && n > 0
+    {
+        map.insert("log_lines_dropped".into(), n.into());
+    }
+    let addr = &reporting.addr;
     if let Some(full) = &bounded.full {
         tracing::warn!(
             bytes = full.len(),

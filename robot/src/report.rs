@@ -37,14 +37,15 @@ pub struct JobAddress {
     pub attempt: i32,
 }
 
-/// Publish a job's log lines and progress until the executor drops its sink.
+/// Publish a job's log lines and progress until the executor drops its sink. Returns how many
+/// lines were dropped on the way (the sink's buffer was full), for the job's record.
 pub async fn forward(
     client: async_nats::Client,
     orch: Orchestrator,
     addr: JobAddress,
     budgets: Budgets,
     mut events: JobEvents,
-) {
+) -> u64 {
     let subject = subjects::job_logs(&addr.tenant, &addr.job_id);
     let mut last_sent: Option<tokio::time::Instant> = None;
     let mut last_value = None;
@@ -102,6 +103,7 @@ pub async fn forward(
     if dropped > 0 {
         tracing::warn!(dropped, "log lines were dropped because NATS could not keep up");
     }
+    dropped
 }
 
 /// Send the latest progress; returns what was sent.
