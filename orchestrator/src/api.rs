@@ -331,26 +331,34 @@ async fn cancel(core: &Core, req: ApiRequest<GetById<JobId>>) -> ApiResult<Cance
         return Err(deadline_error());
     }
     let job_id = req.body.id;
-    let Some((previous, recalled)) = core.store.cancel(&req.tenant, job_id).await? else {
+    let tenant = &req.tenant;
+    let Some(done) = core.store.cancel(tenant, job_id).await? else {
         return Err(ApiError::NotFound { what: "job".into() });
     };
+    // Everything below follows a committed cancel: bookkeeping and nudges, none of which can
+    // undo it or needs to succeed for it to hold.
     core.wake_relay.notify_one();
-    if let Some(offer) = recalled {
-        core.fleet.unoffered(&req.tenant, &offer.subject);
+    if let Some(offer) = &done.recalled {
+        core.fleet.unoffered(tenant, &offer.subject);
         // The job is cancelled in the record; the robot that gets the offer is refused its
         // claim. Deleting the message just saves it the trip.
         if let Ok(Some(seq)) = core.store.offer_seq(job_id, offer.offer_no).await {
             core.offers.delete(&core.fabric.jobs, seq).await;
         }
     }
-    let (cancelled, message) = match previous {
+    if let Some(stopped) = &done.stopped {
+        // The slot is free for admission now, not when the robot gets round to stopping: the
+        // record says the attempt is over, and every report of it is refused.
+        core.fleet.ended(tenant, &stopped.robot_id, job_id);
+        core.wake_admission.notify_one();
+        crate::commands::push_cancel(core, tenant, &stopped.robot_id, job_id, stopped.attempt).await;
+    }
+    let (cancelled, message) = match done.previous {
+        _ if !done.changed => (false, format!("job already ended ({})", done.previous.as_str())),
         JobStatus::Pending | JobStatus::Queued => (true, "job cancelled before it started".to_owned()),
-        JobStatus::Running => {
-            (true, "cancel requested; the robot stops the job at its next lease renewal".to_owned())
-        }
-        s => (false, format!("job already ended ({})", s.as_str())),
+        _ => (true, "job cancelled; its robot was told to stop it now".to_owned()),
     };
-    Ok(Cancelled { job_id, cancelled, previous_status: previous, message })
+    Ok(Cancelled { job_id, cancelled, previous_status: done.previous, message })
 }
 
 #[cfg(test)]

@@ -6,13 +6,16 @@
 //! where each robot watches its own key. So a robot that is disconnected when the command is
 //! given obeys it when it comes back, and a robot restarted while paused starts paused. Stop
 //! orders name the robot's current session, so a robot started again later is not stopped anew.
+//!
+//! Cancelling a running job is not a desired state but a one-off push on the robot's command
+//! subject ([`push_cancel`]), sent after the job is already `cancelled` in the record.
 
 use fleet_schemas::api::{
     ApiError, ApiRequest, ApiResult, CommandResult, CommandTarget, RobotCommand, RobotCommandRequest,
 };
 use fleet_schemas::codec::encode;
-use fleet_schemas::robot::DesiredState;
-use fleet_schemas::{Class, RobotId, TenantId, subjects};
+use fleet_schemas::robot::{DesiredState, ROBOT_PROTOCOL_VERSION, RobotPush};
+use fleet_schemas::{Class, JobId, RobotId, TenantId, subjects};
 
 use crate::Core;
 
@@ -63,6 +66,17 @@ pub async fn publish_desired(core: &Core, tenant: &TenantId, robot: &RobotId, de
     let key = subjects::command_key(tenant, robot);
     if let Err(e) = core.fabric.commands_kv.put(key, encode(desired).into()).await {
         tracing::warn!(%robot, error = %e, "could not publish the robot's desired state; it is re-sent at registration");
+    }
+}
+
+/// Tell a robot at once that an attempt of one of its jobs was cancelled, on its command subject
+/// (`fleet.cmd.<tenant>.<robot_id>`). Fire and forget: the record is already final, and a robot
+/// that misses the push is refused at its next renewal and stops then.
+pub async fn push_cancel(core: &Core, tenant: &TenantId, robot: &RobotId, job_id: JobId, attempt: i32) {
+    let push = RobotPush::Cancel { v: ROBOT_PROTOCOL_VERSION, job_id, attempt };
+    let subject = subjects::robot_command(tenant, robot);
+    if let Err(e) = core.client.publish(subject, encode(&push).into()).await {
+        tracing::warn!(%robot, %job_id, error = %e, "could not push the cancel; the robot stops at its next renewal");
     }
 }
 

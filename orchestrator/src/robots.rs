@@ -182,6 +182,11 @@ async fn renew(core: &Core, tenant: &TenantId, req: RenewRequest) -> RobotReply<
 }
 
 async fn complete(core: &Core, tenant: &TenantId, robot: &RobotId, req: CompleteRequest) -> RobotReply<Ack> {
+    // A value the database refuses is the report's fault, not an outage: answering
+    // `Unavailable` would have the robot retry it forever with the job held `running`.
+    if let Some(field) = unstorable(&req) {
+        return RobotReply::Refused { reason: format!("{field} {}", fleet_schemas::text::NUL_MESSAGE) };
+    }
     // Name the step in the message people read: "step boom failed: exit status 3: broken".
     let error = match (&req.error, &req.failed_step) {
         (Some(e), Some(step)) if req.outcome == RunOutcome::Failed => {
@@ -208,6 +213,19 @@ async fn complete(core: &Core, tenant: &TenantId, robot: &RobotId, req: Complete
         core.wake_admission.notify_one();
     }
     verdict(result, |()| Ack {})
+}
+
+/// The first field of a completion that PostgreSQL cannot store.
+fn unstorable(req: &CompleteRequest) -> Option<String> {
+    if let Some(path) = fleet_schemas::text::nul_at(&req.output) {
+        let sep = if path.is_empty() || path.starts_with('[') { "" } else { "." };
+        return Some(format!("output{sep}{path}"));
+    }
+    let has_nul = |s: &Option<String>| s.as_deref().is_some_and(|s| s.contains('\0'));
+    if has_nul(&req.error) {
+        return Some("error".into());
+    }
+    has_nul(&req.failed_step).then(|| "failed_step".into())
 }
 
 /// Bookkeeping after a job was given back (rejected or released).

@@ -21,7 +21,7 @@
 //! order take the same path; [`run_until_exit`] says which [`Exit`] it was, so `main` can
 //! re-execute the robot for a restart order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,6 +55,8 @@ pub const MIN_SERVER: (u64, u64) = (2, 11);
 const RELEASE_WINDOW: Duration = Duration::from_secs(15);
 /// Time for tasks to notice they were abandoned.
 const ABANDON_WINDOW: Duration = Duration::from_secs(5);
+/// Why a job stopped by a pushed cancel stopped.
+const CANCELLED: &str = "the job was cancelled";
 /// Time for the final drain of the connection.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -71,7 +73,15 @@ pub struct RunningEntry {
 struct Running {
     jobs: BTreeMap<JobId, RunningEntry>,
     stop_all: Option<StopReason>,
+    /// Cancels pushed for attempts not (yet) running here: one can overtake its job's start
+    /// (the claim is answered, the offer is being acked). Bounded: only the newest
+    /// [`EARLY_CANCELS`] are kept, and the renewal refusal covers any other.
+    early_cancels: VecDeque<(JobId, i32)>,
 }
+
+/// How many pushed cancels for attempts not running yet are remembered (far more than can race
+/// the few jobs a robot starts at once).
+const EARLY_CANCELS: usize = 64;
 
 /// State shared by the robot's tasks.
 pub struct Agent {
@@ -146,6 +156,10 @@ impl Agent {
         if let Some(reason) = running.stop_all.clone() {
             entry.stop.stop(reason);
         }
+        if let Some(i) = running.early_cancels.iter().position(|c| *c == (job_id, entry.attempt)) {
+            running.early_cancels.remove(i);
+            entry.stop.stop(StopReason::Fenced(CANCELLED.to_owned()));
+        }
         running.jobs.insert(job_id, entry);
     }
 
@@ -155,6 +169,33 @@ impl Agent {
     // carries the running set.
     pub fn remove_running(&self, job_id: JobId) {
         self.lock_running().jobs.remove(&job_id);
+    }
+
+    /// The orchestrator ended this attempt of a job (a cancel pushed on the command subject):
+    /// stop it as no longer ours. True when it was running here; a push for another attempt of
+    /// a running job changes nothing, and one for a job not running here is remembered in case
+    /// the job is just starting.
+    pub fn withdraw(&self, job_id: JobId, attempt: i32) -> bool {
+        let mut running = self.lock_running();
+        match running.jobs.get(&job_id) {
+            Some(entry) if entry.attempt == attempt => {
+                entry.stop.stop(StopReason::Fenced(CANCELLED.to_owned()));
+                true
+            }
+            Some(_) => false,
+            None => {
+                if running.early_cancels.len() == EARLY_CANCELS {
+                    running.early_cancels.pop_front();
+                }
+                running.early_cancels.push_back((job_id, attempt));
+                false
+            }
+        }
+    }
+
+    /// The report budgets for the server this robot is connected to.
+    pub fn budgets(&self) -> crate::bound::Budgets {
+        crate::bound::Budgets::for_max_payload(self.client.server_info().max_payload)
     }
 
     /// Stop every running job with `reason`, and every job that starts from now on.

@@ -32,6 +32,11 @@
 //! flickers back. The watch is opened again, with backoff, when it fails or ends, after every
 //! reconnection to NATS, and on a nudge on `fleet.cmd.<tenant>.<robot_id>` (an optional hint from
 //! the orchestrator that the key changed); a missing bucket is looked for again with backoff.
+//!
+//! A message on that subject that reads as a [`RobotPush`] is acted on at once instead: a pushed
+//! cancel stops the named attempt of a running job as no longer ours (the record already says
+//! `cancelled`), so its process group is killed and its slot frees without waiting for the next
+//! lease renewal, which stays the fallback.
 
 use std::sync::Arc;
 
@@ -41,7 +46,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use fleet_schemas::codec;
-use fleet_schemas::robot::{DesiredState, RobotMode, RobotRunState};
+use fleet_schemas::robot::{DesiredState, RobotMode, RobotPush, RobotRunState};
 use fleet_schemas::subjects;
 
 use crate::agent::Agent;
@@ -83,8 +88,8 @@ enum Event {
     Retry,
     /// The connection count changed (`false`: its sender is gone).
     Reconnected(bool),
-    /// A nudge came (`false`: the subscription ended).
-    Nudged(bool),
+    /// A message on the command subject: a push, or a nudge (`None`: the subscription ended).
+    Nudged(Option<bytes::Bytes>),
 }
 
 /// Why the watcher is opened again.
@@ -232,7 +237,7 @@ pub async fn command_loop(agent: Arc<Agent>, stop: CancellationToken) {
                 };
                 let nudged = async {
                     match nudges.as_mut() {
-                        Some(n) => n.next().await.is_some(),
+                        Some(n) => n.next().await.map(|m| m.payload),
                         None => std::future::pending().await,
                     }
                 };
@@ -284,15 +289,31 @@ pub async fn command_loop(agent: Arc<Agent>, stop: CancellationToken) {
                         break Reopen::Now;
                     }
                 }
-                Event::Nudged(false) => nudges = None,
-                Event::Nudged(true) => {
-                    tracing::debug!("nudged: reading the desired state again");
-                    break Reopen::Now;
-                }
+                Event::Nudged(None) => nudges = None,
+                Event::Nudged(Some(payload)) => match codec::decode::<RobotPush>("push", &payload) {
+                    Ok(push) => obey_push(&agent, push),
+                    Err(_) => {
+                        tracing::debug!("nudged: reading the desired state again");
+                        break Reopen::Now;
+                    }
+                },
             }
         };
         if matches!(reopen, Reopen::Later) && !rpc::pause(&mut delays, &stop).await {
             return;
+        }
+    }
+}
+
+/// Act on a push at once (it is not a desired state: nothing to remember).
+fn obey_push(agent: &Agent, push: RobotPush) {
+    match push {
+        RobotPush::Cancel { job_id, attempt, .. } => {
+            if agent.withdraw(job_id, attempt) {
+                tracing::info!(%job_id, attempt, "cancel pushed: stopping the job");
+            } else {
+                tracing::debug!(%job_id, attempt, "cancel pushed for an attempt not running here (yet)");
+            }
         }
     }
 }

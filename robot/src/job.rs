@@ -10,8 +10,9 @@
 //!    answered, so the robot never runs more than `max_jobs` at once (invariant 4).
 //! 3. **Renew every third of the lease**; stop only when told (see [`crate::lease`]).
 //! 4. **Report until answered**: complete (or reject, when the executor refused at run time, or
-//!    release, when shutdown ran past its grace). A job stopped because its renewal was refused
-//!    is not reported at all.
+//!    release, when shutdown ran past its grace), cut to the budgets of [`crate::bound`] so it
+//!    always fits in one message. A job stopped because its renewal was refused or its cancel was
+//!    pushed is not reported at all, and a report still being retried stops when that happens.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,7 @@ use fleet_schemas::robot::{
 use fleet_schemas::subjects::RobotVerb;
 
 use crate::agent::{Agent, RunningEntry};
+use crate::bound;
 use crate::executor::{self, Execution, JobContext, JobSink, RunReport};
 use crate::lease::{self, Stop, StopReason};
 use crate::report::{self, JobAddress};
@@ -70,7 +72,8 @@ pub enum JobEnd {
     Rejected { reason: String, accepted: bool },
     /// Handed back at shutdown.
     Released { accepted: bool },
-    /// The lease was lost (renewal refused): stopped, nothing reported.
+    /// The job is no longer ours (renewal refused, or a cancel pushed): stopped, nothing
+    /// reported.
     Fenced(String),
     /// The report could not be delivered before the robot gave up (late in shutdown).
     Unreported(String),
@@ -221,7 +224,13 @@ async fn run_job_inner(agent: Arc<Agent>, grant: ClaimGrant, offer_no: i32) -> J
         job_id,
         attempt,
     };
-    let forwarder = tokio::spawn(report::forward(agent.client.clone(), agent.orch.clone(), addr, events));
+    let forwarder = tokio::spawn(report::forward(
+        agent.client.clone(),
+        agent.orch.clone(),
+        addr.clone(),
+        agent.budgets(),
+        events,
+    ));
 
     let dir = executor::job_dir(&agent.jobs_dir, job_id, attempt);
     let execution = match prepare_dir(&dir) {
@@ -241,9 +250,10 @@ async fn run_job_inner(agent: Arc<Agent>, grant: ClaimGrant, offer_no: i32) -> J
     done.cancel();
     // The executor's sink is dropped with its context: let the last lines and progress go out
     // before the end is reported, but do not wait on a slow NATS for long.
-    let _ = tokio::time::timeout(FLUSH_PATIENCE, forwarder).await;
+    let dropped =
+        tokio::time::timeout(FLUSH_PATIENCE, forwarder).await.ok().and_then(Result::ok).unwrap_or(0);
 
-    let end = settle_job(&agent, &grant, offer_no, &stop, execution).await;
+    let end = settle_job(&agent, &grant, offer_no, &stop, execution, &Reporting { addr, dropped }).await;
     settled.cancel();
     if matches!(end, JobEnd::Reported { outcome: RunOutcome::Completed, .. }) {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -271,12 +281,18 @@ async fn settle_job(
     offer_no: i32,
     stop: &Stop,
     execution: Execution,
+    reporting: &Reporting,
 ) -> JobEnd {
+    // Checked before anything else: a job that is no longer ours (renewal refused, cancel
+    // pushed) is reported in no way, whatever else stopped it first.
+    if let Some(reason) = stop.fenced() {
+        tracing::warn!(%reason, "job stopped as no longer ours; not reporting it");
+        return JobEnd::Fenced(reason);
+    }
+    let budgets = agent.budgets();
     let report = match execution {
         Execution::Rejected(reason) => {
-            if let Some(StopReason::Fenced(r)) = stop.reason() {
-                return JobEnd::Fenced(r);
-            }
+            let reason = bound::bound_text(&reason, budgets.error);
             tracing::warn!(%reason, "executor refused the job; rejecting it");
             let req = RejectRequest {
                 v: ROBOT_PROTOCOL_VERSION,
@@ -286,22 +302,14 @@ async fn settle_job(
                 attempt: Some(grant.attempt),
                 reason: reason.clone(),
             };
-            return match agent
-                .orch
-                .call_retrying::<_, Ack>(RobotVerb::Reject, &req, None, &agent.abandon)
-                .await
-            {
+            return match send_report(agent, stop, RobotVerb::Reject, &req).await {
                 Ok(a) => JobEnd::Rejected { reason, accepted: matches!(a, Answer::Accepted(_)) },
-                Err(e) => JobEnd::Unreported(e.to_string()),
+                Err(end) => end,
             };
         }
         Execution::Finished(report) => report,
     };
     let report = match (report.outcome, stop.reason()) {
-        (_, Some(StopReason::Fenced(reason))) => {
-            tracing::warn!(%reason, "job stopped after losing its lease; not reporting it");
-            return JobEnd::Fenced(reason);
-        }
         (RunOutcome::Cancelled, Some(StopReason::Shutdown)) => return release(agent, grant).await,
         (RunOutcome::Cancelled, Some(StopReason::TimedOut(secs))) => RunReport {
             outcome: RunOutcome::TimedOut,
@@ -313,10 +321,68 @@ async fn settle_job(
         }
         _ => report,
     };
-    complete(agent, grant, report).await
+    complete(agent, grant, stop, report, reporting).await
 }
 
-async fn complete(agent: &Agent, grant: &ClaimGrant, report: RunReport) -> JobEnd {
+/// Where a job's log went, and what of it was lost, for its report.
+struct Reporting {
+    addr: JobAddress,
+    /// Log lines dropped because the buffer to NATS was full.
+    dropped: u64,
+}
+
+/// Send a report until it is answered, the robot abandons its reports (late in shutdown), or
+/// the job stops being ours (a report of it would be refused, so retrying it only holds the
+/// slot).
+async fn send_report<Req: serde::Serialize>(
+    agent: &Agent,
+    stop: &Stop,
+    verb: RobotVerb,
+    req: &Req,
+) -> Result<Answer<Ack>, JobEnd> {
+    tokio::select! {
+        answer = agent.orch.call_retrying::<_, Ack>(verb, req, None, &agent.abandon) => {
+            answer.map_err(|e| {
+                tracing::error!(error = %e, verb = verb.as_str(), "gave up reporting the job; its lease will expire");
+                JobEnd::Unreported(e.to_string())
+            })
+        }
+        _ = stop.fenced_token().cancelled() => {
+            let reason = stop.fenced().unwrap_or_default();
+            tracing::warn!(%reason, verb = verb.as_str(), "the job is no longer ours; no longer reporting it");
+            Err(JobEnd::Fenced(reason))
+        }
+    }
+}
+
+/// Report the end, cut to the budgets (see [`crate::bound`]). A full output that was truncated
+/// goes into the job's log first, so the record can point there. A report refused for what it
+/// holds (rather than for being stale) is followed by a bare `failed` report saying why, so a
+/// job never stays `running` because its report cannot be stored.
+async fn complete(
+    agent: &Agent,
+    grant: &ClaimGrant,
+    stop: &Stop,
+    report: RunReport,
+    reporting: &Reporting,
+) -> JobEnd {
+    let budgets = agent.budgets();
+    let mut bounded = bound::bound_output(report.output, budgets.output);
+    // Markers point into the log: say when it is not whole.
+    if let (Value::Object(map), n) = (&mut bounded.output, reporting.dropped)
+        && n > 0
+    {
+        map.insert("log_lines_dropped".into(), n.into());
+    }
+    let addr = &reporting.addr;
+    if let Some(full) = &bounded.full {
+        tracing::warn!(
+            bytes = full.len(),
+            budget = budgets.output,
+            "output over budget: truncated, the full text goes to the job log"
+        );
+        report::publish_output(&agent.client, addr, full, budgets.log_line).await;
+    }
     let outcome = report.outcome;
     let req = CompleteRequest {
         v: ROBOT_PROTOCOL_VERSION,
@@ -324,20 +390,35 @@ async fn complete(agent: &Agent, grant: &ClaimGrant, report: RunReport) -> JobEn
         job_id: grant.job_id,
         attempt: grant.attempt,
         outcome,
-        output: report.output,
-        error: report.error,
-        failed_step: report.failed_step,
+        output: bounded.output,
+        error: report.error.map(|e| bound::bound_text(&e, budgets.error)),
+        failed_step: report.failed_step.map(|s| bound::bound_text(&s, budgets.name)),
     };
-    match agent.orch.call_retrying::<_, Ack>(RobotVerb::Complete, &req, None, &agent.abandon).await {
-        Ok(Answer::Accepted(_)) => JobEnd::Reported { outcome, accepted: true },
+    let reason = match send_report(agent, stop, RobotVerb::Complete, &req).await {
+        Ok(Answer::Accepted(_)) => return JobEnd::Reported { outcome, accepted: true },
+        Ok(Answer::Refused(reason)) => reason,
+        Err(end) => return end,
+    };
+    tracing::warn!(%reason, "completion refused");
+    if outcome == RunOutcome::Failed && req.output == Value::Object(Default::default()) {
+        return JobEnd::Reported { outcome, accepted: false };
+    }
+    // Stale attempts are refused again (and harmlessly); a report refused for its content ends
+    // the job as failed with the reason, instead of leaving it to run again after its lease.
+    let bare = CompleteRequest {
+        outcome: RunOutcome::Failed,
+        output: Value::Object(Default::default()),
+        error: Some(bound::bound_text(&format!("the job's report was refused: {reason}"), budgets.error)),
+        failed_step: None,
+        ..req
+    };
+    match send_report(agent, stop, RobotVerb::Complete, &bare).await {
+        Ok(Answer::Accepted(_)) => JobEnd::Reported { outcome: RunOutcome::Failed, accepted: true },
         Ok(Answer::Refused(reason)) => {
-            tracing::warn!(%reason, "completion refused (superseded attempt?)");
+            tracing::info!(%reason, "the bare failure report was refused too (superseded attempt?)");
             JobEnd::Reported { outcome, accepted: false }
         }
-        Err(e) => {
-            tracing::error!(error = %e, "gave up reporting the job; its lease will expire");
-            JobEnd::Unreported(e.to_string())
-        }
+        Err(end) => end,
     }
 }
 

@@ -1,9 +1,10 @@
 //! Keeping a running job's lease, and the reasons a job is stopped.
 //!
 //! A robot stops a job only when the orchestrator says so: `Accepted{cancel: true}` (the job was
-//! cancelled; report `cancelled`) or `Refused` (the lease is no longer ours: another attempt or
-//! session owns the job; stop and report nothing, since the report would be refused anyway and the
-//! job may be running elsewhere). `Unavailable` never stops a job: during an outage of the
+//! cancelled; report `cancelled`), `Refused` (the lease is no longer ours: another attempt or
+//! session owns the job, or it was cancelled and already ended in the record; stop and report
+//! nothing, since the report would be refused anyway and the job may be running elsewhere), or a
+//! cancel pushed on the robot's command subject (the same as a refusal, only sooner). `Unavailable` never stops a job: during an outage of the
 //! orchestrator, PostgreSQL or NATS the work goes on, and the orchestrator's sweeper only expires
 //! leases after it has itself been healthy for a whole lease period (DESIGN.md, "Lease").
 
@@ -27,7 +28,8 @@ pub enum StopReason {
     TimedOut(u64),
     /// The robot is shutting down past its grace period: release the job.
     Shutdown,
-    /// The renewal was refused: the job is no longer ours; report nothing.
+    /// The renewal was refused, or a cancel was pushed: the job is no longer ours; report
+    /// nothing.
     Fenced(String),
 }
 
@@ -36,6 +38,10 @@ pub enum StopReason {
 pub struct Stop {
     token: CancellationToken,
     reason: Arc<OnceLock<StopReason>>,
+    /// Set by the first [`StopReason::Fenced`], even after another reason: once the job is no
+    /// longer ours, nothing about it is worth retrying (a report of it would be refused).
+    fenced: Arc<OnceLock<String>>,
+    fenced_token: CancellationToken,
 }
 
 impl Stop {
@@ -44,8 +50,22 @@ impl Stop {
     }
 
     pub fn stop(&self, reason: StopReason) {
+        if let StopReason::Fenced(why) = &reason {
+            let _ = self.fenced.set(why.clone());
+            self.fenced_token.cancel();
+        }
         let _ = self.reason.set(reason);
         self.token.cancel();
+    }
+
+    /// Why the job stopped being ours, if it did (whatever stopped it first).
+    pub fn fenced(&self) -> Option<String> {
+        self.fenced.get().cloned()
+    }
+
+    /// Cancelled once the job is no longer ours: retried reports give up on it.
+    pub fn fenced_token(&self) -> &CancellationToken {
+        &self.fenced_token
     }
 
     pub fn reason(&self) -> Option<StopReason> {
@@ -112,5 +132,10 @@ mod tests {
         s.stop(StopReason::Shutdown);
         assert_eq!(s.reason(), Some(StopReason::Cancelled));
         assert!(s.token().is_cancelled());
+        assert_eq!(s.fenced(), None);
+        s.stop(StopReason::Fenced("cancelled".into()));
+        assert_eq!(s.reason(), Some(StopReason::Cancelled), "still the first reason");
+        assert_eq!(s.fenced().as_deref(), Some("cancelled"), "but fencing is always known");
+        assert!(s.fenced_token().is_cancelled());
     }
 }

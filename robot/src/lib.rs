@@ -13,6 +13,7 @@
 //! - [`job`]: claim, ack, run, report: the steppable part ([`job::handle_offer`], [`job::run_job`]);
 //! - [`lease`]: renewals, and why a job stops;
 //! - [`report`]: log lines, progress;
+//! - [`bound`]: the budgets that keep every report below the server's max payload;
 //! - [`executor`]: the step engine for Fleet v1 and external runners;
 //! - [`rpc`]: the request/reply plumbing with backoff.
 //!
@@ -22,6 +23,7 @@
 //! its reports until they are answered.
 
 pub mod agent;
+pub mod bound;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -1,5 +1,8 @@
 //! What a running job tells the world: log lines, progress, and its end.
 //!
+//! Every line, name and progress node is cut to the budgets of [`crate::bound`] first (a long
+//! line is split, never dropped), so no message is refused for its size.
+//!
 //! Log lines go as JSON ([`LogLine`]) with core NATS publish to `fleet.logs.<tenant>.<job>`, where
 //! the `FLEET_LOGS` stream captures them; JSON so that `nats sub 'fleet.logs.>'` is readable.
 //! Progress is fire-and-forget, at most [`PROGRESS_EVERY`] apart per job, and the last value is
@@ -17,6 +20,7 @@ use fleet_schemas::robot::{LogLine, ProgressReport, ROBOT_PROTOCOL_VERSION};
 use fleet_schemas::subjects::{self, RobotVerb};
 use fleet_schemas::{JobId, RobotId, SessionId, TenantId};
 
+use crate::bound::{self, Budgets};
 use crate::executor::JobEvents;
 use crate::rpc::Orchestrator;
 
@@ -33,13 +37,15 @@ pub struct JobAddress {
     pub attempt: i32,
 }
 
-/// Publish a job's log lines and progress until the executor drops its sink.
+/// Publish a job's log lines and progress until the executor drops its sink. Returns how many
+/// lines were dropped on the way (the sink's buffer was full), for the job's record.
 pub async fn forward(
     client: async_nats::Client,
     orch: Orchestrator,
     addr: JobAddress,
+    budgets: Budgets,
     mut events: JobEvents,
-) {
+) -> u64 {
     let subject = subjects::job_logs(&addr.tenant, &addr.job_id);
     let mut last_sent: Option<tokio::time::Instant> = None;
     let mut last_value = None;
@@ -54,22 +60,19 @@ pub async fn forward(
         tokio::select! {
             entry = events.logs.recv() => match entry {
                 Some(entry) => {
-                    let line = LogLine {
-                        job_id: addr.job_id,
-                        attempt: addr.attempt,
-                        robot_id: addr.robot_id.clone(),
-                        stream: entry.stream.as_str().to_owned(),
-                        step: entry.step,
-                        line: entry.line,
-                        at: entry.at,
-                    };
-                    match serde_json::to_vec(&line) {
-                        Ok(bytes) => {
-                            if let Err(e) = client.publish(subject.clone(), bytes.into()).await {
-                                tracing::debug!(error = %e, "could not publish a log line");
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "could not encode a log line"),
+                    let step = entry.step.map(|s| bound::bound_text(&s, budgets.name));
+                    // A line too long for one message goes as several, in order.
+                    for piece in bound::split_line(&entry.line, budgets.log_line) {
+                        let line = LogLine {
+                            job_id: addr.job_id,
+                            attempt: addr.attempt,
+                            robot_id: addr.robot_id.clone(),
+                            stream: entry.stream.as_str().to_owned(),
+                            step: step.clone(),
+                            line: piece.to_owned(),
+                            at: entry.at,
+                        };
+                        publish_line(&client, &subject, &line).await;
                     }
                 }
                 None => break,
@@ -82,7 +85,7 @@ pub async fn forward(
                 }
             }
             _ = tokio::time::sleep_until(wait), if pending => {
-                last_value = send_progress(&orch, &addr, &mut events).await;
+                last_value = send_progress(&orch, &addr, &budgets, &mut events).await;
                 pending = false;
                 last_sent = Some(tokio::time::Instant::now());
             }
@@ -94,18 +97,20 @@ pub async fn forward(
     // finishes right after setting it.
     let latest = events.progress.borrow().clone();
     if latest.is_some() && latest != last_value {
-        send_progress(&orch, &addr, &mut events).await;
+        send_progress(&orch, &addr, &budgets, &mut events).await;
     }
     let dropped = events.dropped();
     if dropped > 0 {
         tracing::warn!(dropped, "log lines were dropped because NATS could not keep up");
     }
+    dropped
 }
 
 /// Send the latest progress; returns what was sent.
 async fn send_progress(
     orch: &Orchestrator,
     addr: &JobAddress,
+    budgets: &Budgets,
     events: &mut JobEvents,
 ) -> Option<crate::executor::Progress> {
     let latest = events.progress.borrow_and_update().clone();
@@ -116,8 +121,44 @@ async fn send_progress(
         job_id: addr.job_id,
         attempt: addr.attempt,
         progress: p.percent,
-        current_node: p.node,
+        current_node: p.node.map(|n| bound::bound_text(&n, budgets.name)),
     };
     orch.publish(RobotVerb::Progress, &report).await;
     latest
+}
+
+async fn publish_line(client: &async_nats::Client, subject: &str, line: &LogLine) {
+    match serde_json::to_vec(line) {
+        Ok(bytes) => {
+            if let Err(e) = client.publish(subject.to_owned(), bytes.into()).await {
+                tracing::debug!(error = %e, "could not publish a log line");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not encode a log line"),
+    }
+}
+
+/// Put the full text of a truncated output into the job's log, as consecutive lines of stream
+/// [`bound::OUTPUT_LOG_STREAM`] (concatenated, they are the output's JSON), and flush them so
+/// they are in the log before the record that points there. Best effort, like every log line: a
+/// NATS outage loses them, never the job.
+pub async fn publish_output(client: &async_nats::Client, addr: &JobAddress, full: &str, budget: usize) {
+    let subject = subjects::job_logs(&addr.tenant, &addr.job_id);
+    let at = time::OffsetDateTime::now_utc();
+    // JSON escaping can make a line's message larger than its text: leave room for it.
+    for piece in bound::split_line(full, budget / 2) {
+        let line = LogLine {
+            job_id: addr.job_id,
+            attempt: addr.attempt,
+            robot_id: addr.robot_id.clone(),
+            stream: bound::OUTPUT_LOG_STREAM.to_owned(),
+            step: None,
+            line: piece.to_owned(),
+            at,
+        };
+        publish_line(client, &subject, &line).await;
+    }
+    if let Err(e) = client.flush().await {
+        tracing::debug!(error = %e, "could not flush the output's log lines");
+    }
 }

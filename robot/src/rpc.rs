@@ -2,7 +2,9 @@
 //!
 //! Every failure to get an answer (NATS down, timeout, no responders, a reply we cannot read)
 //! becomes [`RobotReply::Unavailable`], the same as the orchestrator saying "not now": the robot
-//! cannot tell them apart and must not act differently. Only `Refused` is final. Every request is
+//! cannot tell them apart and must not act differently. Only `Refused` is final, and so is a
+//! request larger than the server's max payload (answered `Refused` without being sent: no retry
+//! can make it fit; the budgets of [`crate::bound`] keep reports from getting there). Every request is
 //! idempotent on the orchestrator's side, so retrying one whose reply was lost is safe.
 
 use std::time::Duration;
@@ -80,9 +82,13 @@ impl Orchestrator {
         verb: RobotVerb,
         req: &Req,
     ) -> RobotReply<Resp> {
-        let request = async_nats::client::Request::new()
-            .payload(codec::encode(req).into())
-            .timeout(Some(REQUEST_TIMEOUT));
+        let payload = codec::encode(req);
+        if let Some(reason) = self.too_large(payload.len()) {
+            // No retry can help a message the server will never take: final, like a refusal.
+            return RobotReply::Refused { reason: format!("{} request: {reason}", verb.as_str()) };
+        }
+        let request =
+            async_nats::client::Request::new().payload(payload.into()).timeout(Some(REQUEST_TIMEOUT));
         match self.client.send_request(self.subject(verb), request).await {
             Ok(msg) => match codec::decode::<RobotReply<Resp>>(verb.as_str(), &msg.payload) {
                 Ok(reply) => reply,
@@ -131,9 +137,21 @@ impl Orchestrator {
         }
     }
 
+    /// Why a message of `len` bytes cannot be sent, if it cannot.
+    fn too_large(&self, len: usize) -> Option<String> {
+        let max = self.client.server_info().max_payload;
+        (max > 0 && len > max)
+            .then(|| format!("{len} bytes is more than the server's max payload of {max} bytes"))
+    }
+
     /// Fire and forget (progress).
     pub async fn publish<Req: Serialize>(&self, verb: RobotVerb, req: &Req) {
-        if let Err(e) = self.client.publish(self.subject(verb), codec::encode(req).into()).await {
+        let payload = codec::encode(req);
+        if let Some(reason) = self.too_large(payload.len()) {
+            tracing::warn!(verb = verb.as_str(), %reason, "not sent");
+            return;
+        }
+        if let Err(e) = self.client.publish(self.subject(verb), payload.into()).await {
             tracing::debug!(verb = verb.as_str(), error = %e, "could not publish");
         }
     }

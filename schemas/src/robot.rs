@@ -118,8 +118,23 @@ pub struct RenewRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RenewGrant {
     pub lease_ms: u64,
-    /// The job was cancelled: stop it and report `cancelled`.
+    /// The job was cancelled: stop it and report `cancelled`. (Orchestrators since issue 11 end
+    /// a cancelled running job at once, so its renewal is refused instead; the flag stays for
+    /// jobs whose cancel was requested before.)
     pub cancel: bool,
+}
+
+/// A message pushed to a robot on `fleet.cmd.<tenant>.<robot_id>` for something that must happen
+/// now rather than at the next renewal. An empty (or unreadable) message on that subject is only a
+/// nudge to read the desired state again. The record in PostgreSQL is already final when a push is
+/// sent; the push only saves time, and the renewal reply stays the fallback for a robot that
+/// missed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "push", rename_all = "snake_case")]
+pub enum RobotPush {
+    /// This attempt of the job was cancelled (already `cancelled` in the record): kill it, free
+    /// its slot, and report nothing (any report of it is refused).
+    Cancel { v: u32, job_id: JobId, attempt: i32 },
 }
 
 /// How a run ended.
@@ -261,7 +276,8 @@ pub struct LogLine {
     pub job_id: JobId,
     pub attempt: i32,
     pub robot_id: RobotId,
-    /// `stdout`, `stderr` or `fleet` (the step engine's own lines).
+    /// `stdout`, `stderr`, `fleet` (the step engine's own lines) or `output` (the full output of
+    /// a job whose recorded output was truncated, as consecutive chunks of its JSON text).
     pub stream: String,
     pub step: Option<String>,
     pub line: String,
@@ -282,6 +298,13 @@ mod tests {
         let r: RobotReply<Ack> = RobotReply::Refused { reason: "superseded".into() };
         let back: RobotReply<Ack> = decode("reply", &encode(&r)).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn push_roundtrip() {
+        let p = RobotPush::Cancel { v: ROBOT_PROTOCOL_VERSION, job_id: JobId::new(), attempt: 2 };
+        assert_eq!(decode::<RobotPush>("push", &encode(&p)).unwrap(), p);
+        assert!(decode::<RobotPush>("push", b"").is_err(), "an empty nudge is not a push");
     }
 
     #[test]

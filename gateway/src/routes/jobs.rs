@@ -145,7 +145,7 @@ fn list_query(q: &QueryParams) -> Result<ListJobs, HttpError> {
     tag = "jobs",
     params(("job_id" = String, Path, pattern = "^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$", description = "Job id (a UUID)")),
     responses(
-        (status = 200, description = "Cancelled, or asked to stop (running)", body = crate::openapi::Cancelled),
+        (status = 200, description = "Cancelled (a running job ends at once and its robot is told to kill it), or already ended", body = crate::openapi::Cancelled),
         (status = 403, description = "The key's role is below operator", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such job in the caller's tenant", body = crate::openapi::ErrorBody),
         (status = 409, description = "The job already ended", body = crate::openapi::ErrorBody),

@@ -357,35 +357,35 @@ impl Store {
         Ok(n as u64)
     }
 
-    /// Cancel a job: waiting ones end at once (their offer is recalled by the caller), running
-    /// ones get a flag their robot reads in the next renewal reply.
-    pub async fn cancel(
-        &self,
-        tenant: &TenantId,
-        job_id: JobId,
-    ) -> StoreResult<Option<(JobStatus, Option<ToOffer>)>> {
+    /// Cancel a job: waiting and running ones end `cancelled` at once, in one compare-and-set on
+    /// the status the job had (and, for a running job, its current attempt), with one history
+    /// row. A waiting job's offer is returned for the caller to recall; a running job's robot and
+    /// attempt are returned so the caller frees the slot and tells the robot to stop. A report
+    /// of the cancelled attempt arriving later is refused: every report is fenced on `running`.
+    pub async fn cancel(&self, tenant: &TenantId, job_id: JobId) -> StoreResult<Option<CancelOutcome>> {
         let epoch = self.epoch()?;
         let sql = format!(
             "WITH prev AS (
-                SELECT job_id, status, offer_no, offer_subject, offer_seq FROM jobs
+                SELECT job_id, status, offer_no, offer_subject, robot_id, attempt FROM jobs
                 WHERE job_id = $1 AND tenant = $2 FOR UPDATE
             ), j AS (
-                UPDATE jobs SET
-                    status = CASE WHEN jobs.status IN ('pending', 'queued') THEN 'cancelled' ELSE jobs.status END,
-                    cancel_requested = CASE WHEN jobs.status = 'running' THEN true ELSE jobs.cancel_requested END,
-                    completed_at = CASE WHEN jobs.status IN ('pending', 'queued') THEN now() ELSE jobs.completed_at END,
+                UPDATE jobs SET status = 'cancelled', completed_at = now(), lease_until = NULL,
+                    error_message = CASE WHEN prev.status = 'running' THEN 'cancelled' ELSE jobs.error_message END,
                     history_seq = history_seq + 1
                 FROM prev
-                WHERE jobs.job_id = prev.job_id AND prev.status IN ('pending', 'queued', 'running')
-                  AND NOT jobs.cancel_requested AND {}
-                RETURNING jobs.tenant, jobs.job_id, jobs.history_seq, jobs.attempt, jobs.status
+                WHERE jobs.job_id = prev.job_id AND jobs.status = prev.status AND jobs.attempt = prev.attempt
+                  AND prev.status IN ('pending', 'queued', 'running') AND {}
+                RETURNING jobs.tenant, jobs.job_id, jobs.history_seq, jobs.attempt, jobs.robot_id,
+                          prev.status AS prev_status, jobs.error_message
             ), h AS (
-                INSERT INTO job_history (tenant, job_id, seq, kind, attempt, data)
-                SELECT tenant, job_id, history_seq,
-                       CASE WHEN status = 'cancelled' THEN 'job.cancelled' ELSE 'job.cancel_requested' END,
-                       attempt, '{{}}'::jsonb FROM j
+                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
+                SELECT tenant, job_id, robot_id, history_seq, 'job.cancelled', attempt,
+                       jsonb_build_object('status', 'cancelled', 'previous_status', prev_status,
+                                          'error', error_message)
+                FROM j
             )
-            SELECT prev.status, prev.offer_no, prev.offer_subject, (SELECT count(*) FROM j) AS changed FROM prev",
+            SELECT prev.status, prev.offer_no, prev.offer_subject, prev.robot_id, prev.attempt,
+                   (SELECT count(*) FROM j) AS changed FROM prev",
             fenced(3)
         );
         let row = sqlx::query(&sql)
@@ -395,17 +395,24 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         let Some(row) = row else { return Ok(None) };
-        let prev = JobStatus::parse(row.get::<String, _>("status").as_str()).unwrap_or(JobStatus::Pending);
-        let changed: i64 = row.get("changed");
-        if changed == 0 && !prev.is_terminal() && prev != JobStatus::Running {
+        let previous =
+            JobStatus::parse(row.get::<String, _>("status").as_str()).unwrap_or(JobStatus::Pending);
+        let changed = row.get::<i64, _>("changed") > 0;
+        if !changed && !previous.is_terminal() {
+            // Not terminal, yet not changed: the fence refused it (this instance is no leader).
             self.check_fence(epoch).await?;
         }
-        let recalled = (prev == JobStatus::Queued && changed > 0).then(|| ToOffer {
+        let recalled = (previous == JobStatus::Queued && changed).then(|| ToOffer {
             job_id,
             offer_no: row.get("offer_no"),
             subject: row.get::<Option<String>, _>("offer_subject").unwrap_or_default(),
         });
-        Ok(Some((prev, recalled)))
+        let stopped = (previous == JobStatus::Running && changed)
+            .then(|| row.get::<Option<String>, _>("robot_id"))
+            .flatten()
+            .and_then(|r| RobotId::new(r).ok())
+            .map(|robot_id| StoppedAttempt { robot_id, attempt: row.get("attempt") });
+        Ok(Some(CancelOutcome { previous, changed, recalled, stopped }))
     }
 }
 
@@ -418,6 +425,26 @@ enum Expiry<'a> {
     Restarted(&'a TenantId, &'a RobotId, SessionId),
     /// A robot's attempts while it is recorded offline.
     Offline(&'a TenantId, &'a RobotId),
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone)]
+pub struct CancelOutcome {
+    /// The status the job had.
+    pub previous: JobStatus,
+    /// The job went to `cancelled` now (false: it had ended already).
+    pub changed: bool,
+    /// A waiting job's offer, to recall.
+    pub recalled: Option<ToOffer>,
+    /// A running job's attempt, whose robot must stop it.
+    pub stopped: Option<StoppedAttempt>,
+}
+
+/// The attempt a cancel took away from a robot.
+#[derive(Debug, Clone)]
+pub struct StoppedAttempt {
+    pub robot_id: RobotId,
+    pub attempt: i32,
 }
 
 pub(super) fn claimed(row: &PgRow) -> Claimed {

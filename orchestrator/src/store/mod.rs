@@ -34,6 +34,7 @@ mod robots;
 
 pub(crate) use jobs::{JOB_SELECT, job_view};
 use leases::claimed;
+pub use leases::{CancelOutcome, StoppedAttempt};
 pub use robots::run_state_str;
 
 /// A CTE `l` that locks the jobs whose ids are in parameter `$param` (a `uuid[]`) in job id

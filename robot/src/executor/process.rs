@@ -7,7 +7,8 @@
 //! none can keep our pipes open forever).
 //!
 //! Output is read line by line (a line longer than [`MAX_LINE`] is split) and handed to the caller
-//! as it comes; the last [`TAIL_BYTES`] of each stream are kept for the step's result.
+//! as it comes; the last [`TAIL_BYTES`] of each stream are kept for the step's result, which then
+//! says what was cut ([`Finished::truncation`]): every line is in the job's log.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -59,6 +60,29 @@ pub struct Finished {
     pub stdout: String,
     pub stderr: String,
     pub last_stderr_line: Option<String>,
+    /// How many bytes each stream produced in all (lines and their newlines).
+    pub stdout_bytes: usize,
+    pub stderr_bytes: usize,
+}
+
+impl Finished {
+    /// Which streams were cut to their tail, for the step's result:
+    /// `{"stdout": {"original_bytes", "kept_bytes", "kept": "tail", "in": "log"}}`; `None` when
+    /// both are whole. Every line of both streams is in the job's log.
+    pub fn truncation(&self) -> Option<serde_json::Value> {
+        let mut cut = serde_json::Map::new();
+        for (name, text, total) in
+            [("stdout", &self.stdout, self.stdout_bytes), ("stderr", &self.stderr, self.stderr_bytes)]
+        {
+            if total > text.len() {
+                cut.insert(
+                    name.into(),
+                    serde_json::json!({"original_bytes": total, "kept_bytes": text.len(), "kept": "tail", "in": "log"}),
+                );
+            }
+        }
+        (!cut.is_empty()).then_some(serde_json::Value::Object(cut))
+    }
 }
 
 /// The last `cap` bytes of a stream.
@@ -66,14 +90,22 @@ pub struct Finished {
 pub struct Tail {
     buf: VecDeque<u8>,
     cap: usize,
+    /// Bytes pushed in all.
+    seen: usize,
 }
 
 impl Tail {
     pub fn new(cap: usize) -> Self {
-        Self { buf: VecDeque::new(), cap }
+        Self { buf: VecDeque::new(), cap, seen: 0 }
+    }
+
+    /// Bytes pushed in all, kept or not.
+    pub fn seen(&self) -> usize {
+        self.seen
     }
 
     pub fn push_line(&mut self, line: &str) {
+        self.seen += line.len() + 1;
         self.buf.extend(line.as_bytes());
         self.buf.push_back(b'\n');
         let excess = self.buf.len().saturating_sub(self.cap);
@@ -181,7 +213,15 @@ pub async fn run(
     for r in readers {
         r.abort();
     }
-    Ok(Finished { ended, stdout: stdout.into_string(), stderr: stderr.into_string(), last_stderr_line })
+    let (stdout_bytes, stderr_bytes) = (stdout.seen(), stderr.seen());
+    Ok(Finished {
+        ended,
+        stdout: stdout.into_string(),
+        stderr: stderr.into_string(),
+        last_stderr_line,
+        stdout_bytes,
+        stderr_bytes,
+    })
 }
 
 fn exit_kind(status: std::process::ExitStatus) -> Ended {
@@ -262,6 +302,7 @@ pub(crate) mod tests {
         assert_eq!(t.into_string(), "def\nxyz\n");
         let mut t = Tail::new(4);
         t.push_line("ééé");
+        assert_eq!(t.seen(), 7);
         assert_eq!(t.into_string(), "é\n", "a split character is dropped, not mangled");
     }
 
@@ -282,6 +323,32 @@ pub(crate) mod tests {
         assert_eq!(f.last_stderr_line.as_deref(), Some("oops"));
         assert!(seen.contains(&(LogStream::Stdout, "hello".into())));
         assert!(seen.contains(&(LogStream::Stderr, "oops".into())));
+    }
+
+    #[tokio::test]
+    async fn output_past_the_tail_says_what_was_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        // 200 lines of 1000 bytes: more than the tail keeps.
+        let spawn = sh(
+            "i=0; while [ $i -lt 200 ]; do printf '%0999d\\n' $i; i=$((i+1)); done; echo e >&2",
+            dir.path(),
+        );
+        let mut lines = 0;
+        let f = tokio::time::timeout(
+            Duration::from_secs(10),
+            run(&spawn, &CancellationToken::new(), None, |s, _| lines += usize::from(s == LogStream::Stdout)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(lines, 200, "every line is handed on");
+        assert_eq!(f.stdout_bytes, 200_000);
+        assert!(f.stdout.len() <= TAIL_BYTES);
+        let cut = f.truncation().expect("stdout was cut");
+        assert_eq!(cut["stdout"]["original_bytes"], 200_000);
+        assert_eq!(cut["stdout"]["kept_bytes"], f.stdout.len());
+        assert_eq!(cut["stdout"]["in"], "log");
+        assert!(cut.get("stderr").is_none(), "stderr was whole: {cut}");
     }
 
     #[tokio::test]

@@ -7,8 +7,10 @@
 //!
 //! Step results:
 //! - `log`: `{"message"}`; `sleep`: `{"ms"}`; `set`: the rendered variables;
-//! - `shell`: `{"exit_code", "stdout", "stderr"}` (the last 64 KiB of each); a non-zero exit fails
-//!   the step with `exit status N` and the last stderr line;
+//! - `shell`: `{"exit_code", "stdout", "stderr"}` (the last 64 KiB of each; when more was printed,
+//!   also `"truncated": {"stdout": {"original_bytes", "kept_bytes", "kept": "tail", "in": "log"}}`,
+//!   the full text being in the job's log); a non-zero exit fails the step with `exit status N`
+//!   and the last stderr line;
 //! - `http`: `{"status", "headers", "body"}` (body parsed as JSON when it parses, else text); a
 //!   transport error fails the step, a non-2xx status does not (check it in a later step);
 //! - `fail`: fails the job with its message.
@@ -231,7 +233,11 @@ impl StepEngine {
             Ended::Exited(c) => Some(c),
             _ => None,
         };
-        let result = json!({"exit_code": exit_code, "stdout": finished.stdout, "stderr": finished.stderr});
+        let mut result =
+            json!({"exit_code": exit_code, "stdout": finished.stdout, "stderr": finished.stderr});
+        if let Some(cut) = finished.truncation() {
+            result["truncated"] = cut;
+        }
         let last = finished.last_stderr_line.map(|l| format!(": {l}")).unwrap_or_default();
         match finished.ended {
             Ended::Exited(0) => StepEnd::Done(result),

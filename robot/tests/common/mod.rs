@@ -95,6 +95,7 @@ pub enum Seen {
 pub struct Script {
     pub claim: Arc<Mutex<RobotReply<ClaimGrant>>>,
     pub renew: Arc<Mutex<RobotReply<RenewGrant>>>,
+    pub complete: Arc<Mutex<RobotReply<Ack>>>,
 }
 
 pub fn grant_for(job_id: JobId, workflow: Value) -> ClaimGrant {
@@ -152,7 +153,7 @@ async fn fake_orchestrator(
                 ),
                 RobotVerb::Complete => (
                     Seen::Complete(codec::decode("complete", p).unwrap()),
-                    codec::encode(&RobotReply::Accepted(Ack {})),
+                    codec::encode(&*script.complete.lock().unwrap()),
                 ),
                 RobotVerb::Reject => (
                     Seen::Reject(codec::decode("reject", p).unwrap()),
@@ -223,6 +224,7 @@ pub async fn prepare(claim: RobotReply<ClaimGrant>) -> Fabric {
     let script = Script {
         claim: Arc::new(Mutex::new(claim)),
         renew: Arc::new(Mutex::new(RobotReply::Accepted(RenewGrant { lease_ms: LEASE_MS, cancel: false }))),
+        complete: Arc::new(Mutex::new(RobotReply::Accepted(Ack {}))),
     };
     let seen = fake_orchestrator(client.clone(), robot_id.clone(), class.clone(), script.clone()).await;
     let state = tempfile::tempdir().unwrap();
