@@ -466,6 +466,13 @@ impl Store {
     }
 
     /// The latest progress of each attempt in the batch, in one statement.
+    ///
+    /// A robot reports its last node just before its completion, but progress is recorded
+    /// without waiting (coalesced, lingering) while the completion is awaited, so the completion
+    /// may commit first. The node of an attempt that has just ended is still recorded (its
+    /// progress figure is not: the completion set it), so a finished job shows the node it ended
+    /// on. A cancelled, timed-out (its robot may still be running) or superseded attempt records
+    /// nothing.
     async fn progress_many(&self, records: Vec<ProgressRecord>) -> StoreResult<()> {
         let mut latest: HashMap<(JobId, i32), ProgressRecord> = HashMap::with_capacity(records.len());
         for r in records {
@@ -474,11 +481,12 @@ impl Store {
         let records: Vec<ProgressRecord> = latest.into_values().collect();
         let sql = format!(
             "WITH {}
-            UPDATE jobs SET progress = u.progress, current_node = u.node
+            UPDATE jobs SET progress = CASE WHEN l.status = 'running' THEN u.progress ELSE jobs.progress END,
+                current_node = u.node
             FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int2[], $5::text[])
                 AS u(job_id, tenant, attempt, progress, node), l
             WHERE l.job_id = u.job_id AND jobs.job_id = l.job_id AND l.tenant = u.tenant
-              AND l.attempt = u.attempt AND l.status = 'running'",
+              AND l.attempt = u.attempt AND l.status IN ('running', 'completed', 'failed')",
             lock_in_order(1)
         );
         sqlx::query(&sql)
