@@ -79,6 +79,10 @@ pub struct Config {
     pub prefetch: u32,
     /// Rejections after which a job fails instead of being offered again.
     pub max_rejections: i32,
+    /// How often the leader checks that the streams, consumers and buckets it owns exist and
+    /// recreates what is missing (a missing-object error triggers a check at once as well).
+    #[serde(with = "duration")]
+    pub fabric_check_interval: Duration,
 }
 
 impl Default for Config {
@@ -100,6 +104,7 @@ impl Default for Config {
             sweep_interval: Duration::from_secs(1),
             prefetch: 2,
             max_rejections: 5,
+            fabric_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -129,7 +134,7 @@ impl Config {
     }
 
     /// Keys settable with a `FLEET_` variable.
-    const KEYS: [&'static str; 15] = [
+    const KEYS: [&'static str; 16] = [
         "prefetch",
         "max_rejections",
         "db_pool_size",
@@ -144,6 +149,7 @@ impl Config {
         "events_max_bytes",
         "logs_max_age",
         "sweep_interval",
+        "fabric_check_interval",
         "nats_url",
     ];
 
@@ -170,6 +176,7 @@ impl Config {
         min("leader_lease", self.leader_lease, Duration::from_millis(300))?;
         min("offer_ack_wait", self.offer_ack_wait, Duration::from_secs(1))?;
         min("sweep_interval", self.sweep_interval, Duration::from_millis(10))?;
+        min("fabric_check_interval", self.fabric_check_interval, Duration::from_millis(100))?;
         if self.max_rejections < 1 {
             return Err(ConfigError("max_rejections must be at least 1".into()));
         }
