@@ -285,9 +285,35 @@ async fn a_deleted_jobs_stream_is_recreated_and_its_queued_jobs_offered_again() 
 async fn a_deleted_events_stream_is_recreated_and_new_events_flow() {
     let _serial = SERIAL.lock().await;
     let (stack, load, pool, js) = loaded_stack().await;
+    let mut old = js.get_stream(subjects::EVENTS_STREAM).await.unwrap();
+    let old_last = old.info().await.unwrap().state.last_sequence;
+    assert!(old_last > 0, "the load wrote events");
     assert!(js.delete_stream(subjects::EVENTS_STREAM).await.unwrap().success);
     wait_stream(&js, subjects::EVENTS_STREAM).await;
     let id = stack.submit(job(None)).await["job_id"].as_str().unwrap().to_owned();
+    // A client resuming from its last sequence in the old stream gets the new stream's events
+    // (sequences start at 1 again), not only those numbered past its old position.
+    let mut sse = stack
+        .http
+        .get(format!("{}/api/v1/events?since={old_last}", stack.base))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    let resumed = tokio::time::timeout(WAIT, async {
+        let mut body = String::new();
+        while let Ok(Some(chunk)) = sse.chunk().await {
+            body.push_str(&String::from_utf8_lossy(&chunk));
+            if body.lines().any(|l| l.contains(id.as_str()) && l.contains("\"job.completed\"")) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(resumed, Ok(true), "a client resuming after {old_last} sees job.completed of {id}");
+    drop(sse);
     let stream = js.get_stream(subjects::EVENTS_STREAM).await.unwrap();
     let events = stream
         .create_consumer(consumer::pull::OrderedConfig {
