@@ -506,7 +506,7 @@ mod tests {
     }
 
     fn c(s: &str) -> Class {
-        Class::parse(&s.split('+').map(str::to_owned).collect::<Vec<_>>()).unwrap()
+        Class::parse(s.split('+')).unwrap()
     }
 
     #[test]

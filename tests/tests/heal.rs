@@ -115,7 +115,7 @@ async fn completed(pool: &sqlx::PgPool, ids: &[String]) -> i64 {
         .unwrap()
 }
 
-/// Wait until `n` more jobs than `before` of those submitted so far have completed.
+/// Wait until at least `at_least` of the jobs submitted so far have completed.
 async fn wait_completions(stack: &Stack, load: &Load, pool: &sqlx::PgPool, at_least: i64, what: &str) {
     wait_for(what, WAIT, || async { (completed(pool, &load.submitted()).await >= at_least).then_some(()) })
         .await
@@ -179,13 +179,13 @@ async fn finish(stack: Stack, load: Load, pool: &sqlx::PgPool, js: &jetstream::C
     wait_completions(
         &stack,
         &load,
-        &pool,
+        pool,
         so_far + AFTER_REPAIR as i64,
         "jobs to flow again after the repair",
     )
     .await;
     let ids = load.stop().await;
-    assert_each_ran_once(&pool, &ids, js).await;
+    assert_each_ran_once(pool, &ids, js).await;
     stack
 }
 
