@@ -89,6 +89,16 @@ impl Load {
         Load { ids, refused, stop, task }
     }
 
+    /// Submit `n` slower jobs at once, so offers wait in the stream behind busy slots.
+    async fn burst(&self, stack: &Stack, n: usize) {
+        for _ in 0..n {
+            let mut body = job(None);
+            body["workflow_json"]["steps"][1]["ms"] = json!(300);
+            let id = stack.submit(body).await["job_id"].as_str().unwrap().to_owned();
+            self.ids.lock().unwrap().push(id);
+        }
+    }
+
     fn submitted(&self) -> Vec<String> {
         self.ids.lock().unwrap().clone()
     }
@@ -267,6 +277,12 @@ async fn a_deleted_robot_consumer_is_recreated_and_its_targeted_jobs_run() {
 async fn a_deleted_jobs_stream_is_recreated_and_its_queued_jobs_offered_again() {
     let _serial = SERIAL.lock().await;
     let (stack, load, pool, js) = loaded_stack().await;
+    load.burst(&stack, 20).await;
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(queued > 0, "offers wait in the stream when it is deleted");
     assert!(js.delete_stream(subjects::JOBS_STREAM).await.unwrap().success);
     wait_stream(&js, subjects::JOBS_STREAM).await;
     let class = subjects::class_consumer(&default_tenant(), &robots_class());
