@@ -446,3 +446,61 @@ async fn a_deleted_commands_bucket_is_recreated_refilled_and_watched() {
     robot_state("online").await;
     finish(stack, load, &pool, &js).await.stop().await;
 }
+
+/// The watchdog checks an offer by what the recorded sequence holds, not by whether it holds
+/// anything: in a recreated stream (sequences from 1 again) an old job's sequence may name
+/// another job's offer. Here job A's offer is gone and its recorded sequence names job B's
+/// offer; A is recalled and offered again rather than left queued for good.
+#[tokio::test]
+async fn the_watchdog_recalls_an_offer_whose_sequence_names_another_jobs_message() {
+    let _serial = SERIAL.lock().await;
+    let check_after = Duration::from_secs(1);
+    let mut stack = Stack::start_with(|c| c.offer_check_after = check_after).await;
+    let mut config = stack.robot_config("r1", &[]);
+    config.max_jobs = 1;
+    stack.start_robot(config);
+    stack.wait_robots_online(1).await;
+    let pool = stack.db.pool().await.unwrap();
+    let js = jetstream::new(stack.nats.client().await.unwrap());
+    // The only slot is busy, so the next two jobs wait as offers in the stream (prefetch 2).
+    let mut busy = job(None);
+    busy["workflow_json"]["steps"][1]["ms"] = json!(3000);
+    let busy = stack.submit(busy).await["job_id"].as_str().unwrap().to_owned();
+    wait_for("the slot to be taken", WAIT, || async {
+        (stack.job(&busy).await["status"] == "running").then_some(())
+    })
+    .await
+    .unwrap();
+    let a = stack.submit(job(None)).await["job_id"].as_str().unwrap().to_owned();
+    let b = stack.submit(job(None)).await["job_id"].as_str().unwrap().to_owned();
+    let seqs = wait_for("both offers' sequences to be recorded", WAIT, || async {
+        let rows: Vec<(Uuid, Option<i64>)> =
+            sqlx::query_as("SELECT job_id, offer_seq FROM jobs WHERE job_id = ANY($1) AND status = 'queued'")
+                .bind(uuids(&[a.clone(), b.clone()]))
+                .fetch_all(&pool)
+                .await
+                .ok()?;
+        let seq = |id: &str| rows.iter().find(|r| r.0.to_string() == id).and_then(|r| r.1);
+        Some((seq(&a)?, seq(&b)?))
+    })
+    .await
+    .unwrap();
+    let stream = js.get_stream(subjects::JOBS_STREAM).await.unwrap();
+    assert!(stream.delete_message(seqs.0 as u64).await.unwrap());
+    sqlx::query("UPDATE jobs SET offer_seq = $2 WHERE job_id = $1")
+        .bind(Uuid::parse_str(&a).unwrap())
+        .bind(seqs.1)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ids = [busy, a.clone(), b];
+    assert_each_ran_once(&pool, &ids, &js).await;
+    let recalled: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM job_history WHERE job_id = $1 AND kind = 'job.recalled'")
+            .bind(Uuid::parse_str(&a).unwrap())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(recalled, 1, "job {a} was recalled by the watchdog");
+    stack.stop().await;
+}
