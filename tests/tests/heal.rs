@@ -449,22 +449,22 @@ async fn a_deleted_commands_bucket_is_recreated_refilled_and_watched() {
 
 /// The watchdog checks an offer by what the recorded sequence holds, not by whether it holds
 /// anything: in a recreated stream (sequences from 1 again) an old job's sequence may name
-/// another job's offer. Here job A's offer is gone and its recorded sequence names job B's
-/// offer; A is recalled and offered again rather than left queued for good.
+/// another job's offer. Here job A's offer is gone and its recorded sequence names another
+/// job's offer that stays in the stream (on a class no robot serves); A is recalled and offered
+/// again rather than left queued for good.
 #[tokio::test]
 async fn the_watchdog_recalls_an_offer_whose_sequence_names_another_jobs_message() {
     let _serial = SERIAL.lock().await;
-    let check_after = Duration::from_secs(1);
-    let mut stack = Stack::start_with(|c| c.offer_check_after = check_after).await;
+    let mut stack = Stack::start_with(|c| c.offer_check_after = Duration::from_secs(1)).await;
     let mut config = stack.robot_config("r1", &[]);
     config.max_jobs = 1;
     stack.start_robot(config);
     stack.wait_robots_online(1).await;
     let pool = stack.db.pool().await.unwrap();
     let js = jetstream::new(stack.nats.client().await.unwrap());
-    // The only slot is busy, so the next two jobs wait as offers in the stream (prefetch 2).
+    // The only slot is busy, so the next job waits as an offer in the stream (prefetch).
     let mut busy = job(None);
-    busy["workflow_json"]["steps"][1]["ms"] = json!(3000);
+    busy["workflow_json"]["steps"][1]["ms"] = json!(2000);
     let busy = stack.submit(busy).await["job_id"].as_str().unwrap().to_owned();
     wait_for("the slot to be taken", WAIT, || async {
         (stack.job(&busy).await["status"] == "running").then_some(())
@@ -472,32 +472,38 @@ async fn the_watchdog_recalls_an_offer_whose_sequence_names_another_jobs_message
     .await
     .unwrap();
     let a = stack.submit(job(None)).await["job_id"].as_str().unwrap().to_owned();
-    let b = stack.submit(job(None)).await["job_id"].as_str().unwrap().to_owned();
-    let seqs = wait_for("both offers' sequences to be recorded", WAIT, || async {
-        let rows: Vec<(Uuid, Option<i64>)> =
-            sqlx::query_as("SELECT job_id, offer_seq FROM jobs WHERE job_id = ANY($1) AND status = 'queued'")
-                .bind(uuids(&[a.clone(), b.clone()]))
-                .fetch_all(&pool)
-                .await
-                .ok()?;
-        let seq = |id: &str| rows.iter().find(|r| r.0.to_string() == id).and_then(|r| r.1);
-        Some((seq(&a)?, seq(&b)?))
+    let a_id = Uuid::parse_str(&a).unwrap();
+    let seq = wait_for("the offer's sequence to be recorded", WAIT, || async {
+        sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT offer_seq FROM jobs WHERE job_id = $1 AND status = 'queued'",
+        )
+        .bind(a_id)
+        .fetch_one(&pool)
+        .await
+        .ok()
+        .flatten()
     })
     .await
     .unwrap();
     let stream = js.get_stream(subjects::JOBS_STREAM).await.unwrap();
-    assert!(stream.delete_message(seqs.0 as u64).await.unwrap());
+    assert!(stream.delete_message(seq as u64).await.unwrap());
+    let other = fleet_schemas::robot::Offer {
+        v: fleet_schemas::robot::ROBOT_PROTOCOL_VERSION,
+        job_id: fleet_schemas::JobId(Uuid::now_v7()),
+        offer_no: 1,
+    };
+    let nobody = subjects::class_offers(&default_tenant(), &Class::parse(["nobody"]).unwrap());
+    let ack = js.publish(nobody, fleet_schemas::codec::encode(&other).into()).await.unwrap().await.unwrap();
     sqlx::query("UPDATE jobs SET offer_seq = $2 WHERE job_id = $1")
-        .bind(Uuid::parse_str(&a).unwrap())
-        .bind(seqs.1)
+        .bind(a_id)
+        .bind(ack.sequence as i64)
         .execute(&pool)
         .await
         .unwrap();
-    let ids = [busy, a.clone(), b];
-    assert_each_ran_once(&pool, &ids, &js).await;
+    assert_each_ran_once(&pool, &[busy, a.clone()], &js).await;
     let recalled: i64 =
         sqlx::query_scalar("SELECT count(*) FROM job_history WHERE job_id = $1 AND kind = 'job.recalled'")
-            .bind(Uuid::parse_str(&a).unwrap())
+            .bind(a_id)
             .fetch_one(&pool)
             .await
             .unwrap();
