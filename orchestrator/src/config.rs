@@ -279,6 +279,21 @@ mod tests {
     }
 
     #[test]
+    fn the_fabric_check_interval_is_tunable_and_bounded() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FLEET_FABRIC_CHECK_INTERVAL", "2s");
+            assert_eq!(
+                Config::load().map_err(|e| e.to_string())?.fabric_check_interval,
+                Duration::from_secs(2)
+            );
+            jail.set_env("FLEET_FABRIC_CHECK_INTERVAL", "1ms");
+            let e = Config::load().unwrap_err().to_string();
+            assert!(e.contains("fabric_check_interval must be at least"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let c = Config::default();
         assert!(!format!("{c:?}").contains("postgres://"));
