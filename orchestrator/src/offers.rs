@@ -72,7 +72,13 @@ impl Offers {
         match stream.get_raw_message(seq).await {
             Ok(msg) => decode::<Offer>("offer", &msg.payload)
                 .is_ok_and(|o| o.job_id == job_id && o.offer_no == offer_no),
-            Err(_) => false,
+            Err(e) => {
+                // Gone, or the whole stream is: let the fabric reconciler look.
+                if !matches!(e.kind(), jetstream::stream::LastRawMessageErrorKind::NoMessageFound) {
+                    self.repair.notify_one();
+                }
+                false
+            }
         }
     }
 
