@@ -84,6 +84,10 @@ pub struct Config {
     pub prefetch: u32,
     /// Rejections after which a job fails instead of being offered again.
     pub max_rejections: i32,
+    /// How often the leader checks that the streams, consumers and buckets it owns exist and
+    /// recreates what is missing (a missing-object error triggers a check at once as well).
+    #[serde(with = "duration")]
+    pub fabric_check_interval: Duration,
 }
 
 impl Default for Config {
@@ -105,6 +109,7 @@ impl Default for Config {
             sweep_interval: Duration::from_secs(1),
             prefetch: 2,
             max_rejections: 5,
+            fabric_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -145,7 +150,7 @@ impl Config {
     }
 
     /// Keys settable with a `FLEET_` variable.
-    const KEYS: [&'static str; 15] = [
+    const KEYS: [&'static str; 16] = [
         "prefetch",
         "max_rejections",
         "db_pool_size",
@@ -160,6 +165,7 @@ impl Config {
         "events_max_bytes",
         "logs_max_age",
         "sweep_interval",
+        "fabric_check_interval",
         "nats_url",
     ];
 
@@ -199,6 +205,7 @@ impl Config {
         min("leader_lease", self.leader_lease, Duration::from_millis(300))?;
         min("offer_ack_wait", self.offer_ack_wait, Duration::from_secs(1))?;
         min("sweep_interval", self.sweep_interval, Duration::from_millis(10))?;
+        min("fabric_check_interval", self.fabric_check_interval, Duration::from_millis(100))?;
         if self.max_rejections < 1 {
             return Err(ConfigError("max_rejections must be at least 1".into()));
         }
@@ -361,6 +368,21 @@ mod tests {
             jail.create_file("fleet.toml", "heartbeat_timeout = \"5s\"\nheartbeat_interval = \"10s\"\n")?;
             let e = Config::load().unwrap_err().to_string();
             assert!(e.contains("heartbeat_timeout (5s) must be longer than heartbeat_interval (10s)"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_fabric_check_interval_is_tunable_and_bounded() {
+        Jail::expect_with(|jail| {
+            jail.set_env("FLEET_FABRIC_CHECK_INTERVAL", "2s");
+            assert_eq!(
+                Config::load().map_err(|e| e.to_string())?.fabric_check_interval,
+                Duration::from_secs(2)
+            );
+            jail.set_env("FLEET_FABRIC_CHECK_INTERVAL", "1ms");
+            let e = Config::load().unwrap_err().to_string();
+            assert!(e.contains("fabric_check_interval must be at least"), "{e}");
             Ok(())
         });
     }

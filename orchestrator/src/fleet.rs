@@ -245,6 +245,30 @@ impl FleetView {
             .collect()
     }
 
+    /// Online robots with their classes: the consumers the fabric needs follow from these.
+    pub fn online_robots(&self) -> Vec<(TenantId, RobotId, Class)> {
+        let tenants = self.tenants.read().expect("not poisoned");
+        tenants
+            .iter()
+            .flat_map(|(t, view)| {
+                view.robots
+                    .iter()
+                    .filter(|(_, e)| e.online)
+                    .map(move |(r, e)| (t.clone(), r.clone(), e.class.clone()))
+            })
+            .collect()
+    }
+
+    /// Count every online robot as heard from now. The heartbeat bucket was recreated: the
+    /// robots' silence while it was missing says nothing about them, and their next beat lands
+    /// in the new bucket within an interval.
+    pub fn touch_online(&self) {
+        let mut tenants = self.tenants.write().expect("not poisoned");
+        for e in tenants.values_mut().flat_map(|v| v.robots.values_mut()).filter(|e| e.online) {
+            e.last_seen = Instant::now();
+        }
+    }
+
     pub fn is_online(&self, tenant: &TenantId, robot: &RobotId) -> bool {
         self.with_robot(tenant, robot, |e| e.online).unwrap_or(false)
     }

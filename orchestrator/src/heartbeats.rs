@@ -57,13 +57,20 @@ pub async fn run(core: Arc<Core>, token: CancellationToken) {
         }))
     };
     let mut backoff = Duration::from_millis(200);
+    // A recreated bucket is a new stream: the old watch may neither end nor fail, so watch anew.
+    let mut recreated = core.fabric.robots_bucket_recreated();
     loop {
+        recreated.mark_unchanged();
         match core.fabric.robots_kv.watch_with_history(">").await {
             Ok(mut watch) => {
                 backoff = Duration::from_millis(200);
                 loop {
                     let entry = tokio::select! {
                         _ = token.cancelled() => return,
+                        _ = recreated.changed() => {
+                            tracing::info!("watching the recreated heartbeat bucket");
+                            break;
+                        }
                         e = watch.next() => e,
                     };
                     match entry {
@@ -76,10 +83,15 @@ pub async fn run(core: Arc<Core>, token: CancellationToken) {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot watch the heartbeat bucket; retrying"),
+            Err(e) => {
+                // The bucket may be gone: ask the fabric reconciler to look.
+                core.fabric.wake.notify_one();
+                tracing::warn!(error = %e, "cannot watch the heartbeat bucket; retrying");
+            }
         }
         tokio::select! {
             _ = token.cancelled() => return,
+            _ = recreated.changed() => continue,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -99,7 +99,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let leadership = Leadership::new();
     let store = Store::new(pool.clone(), writer_pool(&config)?, leadership.clone());
     let core = Arc::new(Core {
-        offers: Offers::new(fabric.js.clone()),
+        offers: Offers::new(fabric.js.clone(), fabric.wake.clone()),
         config: config.clone(),
         client: client.clone(),
         fabric,
@@ -243,6 +243,7 @@ async fn start_leading(core: Arc<Core>, token: CancellationToken) -> JoinSet<()>
     tasks.spawn(relay::run(core.clone(), token.clone()));
     tasks.spawn(sweeper::run(core.clone(), token.clone()));
     tasks.spawn(offers::record_seqs(core.clone(), token.clone()));
+    tasks.spawn(fabric::run(core.clone(), token.clone()));
     tasks
 }
 

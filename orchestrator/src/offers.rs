@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use fleet_schemas::JobId;
-use fleet_schemas::codec::encode;
+use fleet_schemas::codec::{decode, encode};
 use fleet_schemas::robot::{Offer, ROBOT_PROTOCOL_VERSION};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::Core;
@@ -29,12 +29,14 @@ pub struct Offers {
     js: jetstream::Context,
     seq_tx: mpsc::Sender<(JobId, i32, u64)>,
     seq_rx: tokio::sync::Mutex<mpsc::Receiver<(JobId, i32, u64)>>,
+    /// The fabric reconciler's wake-up: a failed publish may mean a deleted stream.
+    repair: Arc<Notify>,
 }
 
 impl Offers {
-    pub fn new(js: jetstream::Context) -> Self {
+    pub fn new(js: jetstream::Context, repair: Arc<Notify>) -> Self {
         let (seq_tx, seq_rx) = mpsc::channel(SEQ_QUEUE);
-        Self { js, seq_tx, seq_rx: tokio::sync::Mutex::new(seq_rx) }
+        Self { js, seq_tx, seq_rx: tokio::sync::Mutex::new(seq_rx), repair }
     }
 
     /// Publish an offer and wait for the stream to store it. Returns the stream sequence.
@@ -52,7 +54,31 @@ impl Offers {
     /// publishes it again.
     pub async fn publish_or_log(&self, offer: &ToOffer) {
         if let Err(e) = self.publish(offer).await {
+            self.repair.notify_one();
             tracing::warn!(job_id = %offer.job_id, error = %e, "offer not published yet; the watchdog will retry");
+        }
+    }
+
+    /// Whether the stream still holds this offer at `seq`. The message there must be the offer
+    /// itself, not merely some message: a recreated stream numbers its messages from 1 again,
+    /// so an old offer's sequence may name another job's offer.
+    pub async fn holds(
+        &self,
+        stream: &jetstream::stream::Stream,
+        seq: u64,
+        job_id: JobId,
+        offer_no: i32,
+    ) -> bool {
+        match stream.get_raw_message(seq).await {
+            Ok(msg) => decode::<Offer>("offer", &msg.payload)
+                .is_ok_and(|o| o.job_id == job_id && o.offer_no == offer_no),
+            Err(e) => {
+                // Gone, or the whole stream is: let the fabric reconciler look.
+                if !matches!(e.kind(), jetstream::stream::LastRawMessageErrorKind::NoMessageFound) {
+                    self.repair.notify_one();
+                }
+                false
+            }
         }
     }
 

@@ -46,6 +46,8 @@ pub async fn run(core: Arc<Core>, token: CancellationToken) {
             Ok(n) if n as i64 == BATCH => continue,
             Ok(_) => backoff = Duration::from_millis(100),
             Err(e) => {
+                // FLEET_EVENTS may be gone: the fabric reconciler recreates it.
+                core.fabric.wake.notify_one();
                 tracing::warn!(error = %e, "event relay failed; retrying");
                 tokio::select! {
                     _ = token.cancelled() => return,

@@ -105,14 +105,12 @@ pub(crate) async fn register(
         Ok(_) => {}
         Err(e) => return unavailable(e),
     }
-    let class_consumer = match core.fabric.ensure_class_consumer(tenant, &class).await {
-        Ok(name) => name,
-        Err(e) => return RobotReply::Unavailable { reason: e.to_string() },
-    };
-    let robot_consumer = match core.fabric.ensure_robot_consumer(tenant, robot).await {
-        Ok(name) => name,
-        Err(e) => return RobotReply::Unavailable { reason: e.to_string() },
-    };
+    // Checked on the server: a robot whose consumer was deleted re-registers to have it back.
+    let (class_consumer, robot_consumer) =
+        match core.fabric.verify_robot_consumers(tenant, &class, robot).await {
+            Ok(names) => names,
+            Err(e) => return RobotReply::Unavailable { reason: e.to_string() },
+        };
     let caps = class.to_strings();
     // Into the fleet view first: once the robot is visible in the API it is also a candidate
     // for admission (a robot that is alive is a candidate even if recording it fails; it

@@ -361,7 +361,7 @@ async fn watchdog(core: &Core) {
     for (job_id, offer_no, subject, seq) in stale {
         match seq {
             Some(seq) => {
-                if core.fabric.jobs.get_raw_message(seq as u64).await.is_err()
+                if !core.offers.holds(&core.fabric.jobs, seq as u64, job_id, offer_no).await
                     && let Ok(true) = core.store.recall(job_id, offer_no, "offer message vanished").await
                 {
                     reload(core).await;

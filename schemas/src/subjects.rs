@@ -98,6 +98,12 @@ pub fn command_key(tenant: &TenantId, robot: &RobotId) -> String {
     heartbeat_key(tenant, robot)
 }
 
+/// The stream that holds a KV bucket (JetStream names it `KV_<bucket>`): the fabric's
+/// reconciler looks the stream up to tell a deleted bucket from a live one.
+pub fn bucket_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
 /// Split a heartbeat key back into tenant and robot.
 pub fn parse_heartbeat_key(key: &str) -> Option<(TenantId, RobotId)> {
     let (t, r) = key.split_once('.')?;

@@ -146,7 +146,11 @@ pub(crate) async fn open(state: &AppState, filter: String, since: Option<u64>) -
         .get_stream(subjects::EVENTS_STREAM)
         .await
         .map_err(|e| unavailable("get stream", &e))?;
+    let last = stream.cached_info().state.last_sequence;
     let deliver_policy = match since {
+        // Past the stream's end: the client's sequence is from a stream since deleted and
+        // recreated (sequences start at 1 again), so everything in this one is new to it.
+        Some(seq) if seq > last => DeliverPolicy::All,
         Some(seq) => DeliverPolicy::ByStartSequence { start_sequence: seq.saturating_add(1) },
         None => DeliverPolicy::New,
     };
@@ -184,6 +188,7 @@ async fn forward(mut messages: Ordered, tx: mpsc::Sender<StreamEvent>, stop: Can
                 errors += 1;
                 tracing::debug!(error = %e, errors, "event consumer error");
                 if errors >= 5 {
+                    tracing::warn!(error = %e, "event stream unavailable; closing the client's stream so it resumes");
                     return;
                 }
             }

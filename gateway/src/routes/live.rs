@@ -48,6 +48,11 @@ pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 
 /// The route's path (keys come in its `token` query parameter: [`crate::auth::presented`]).
 pub const PATH: &str = "/ws/monitoring/live-jobs";
+/// Consecutive event-consumer errors after which the live view drops the consumer and opens a
+/// new one (the stream may have been deleted and recreated).
+const EVENT_ERRORS: u32 = 5;
+/// Longest pause between attempts to open the events consumer again.
+const REOPEN_MAX: Duration = Duration::from_secs(10);
 
 /// The caller named by the `token` query parameter, or why there is none: a refused key is
 /// answered on the socket (close code 4001), not with an HTTP status.
@@ -109,13 +114,20 @@ async fn serve(socket: WebSocket, state: AppState, tenant: TenantId) {
     let mut heartbeats = subscribe("robot", "heartbeat").await;
     let _ = client.flush().await;
     // Without the events stream the view still gets progress, heartbeats and queue figures.
-    let mut events = match super::events::open(&state, subjects::tenant_events(&tenant), None).await {
-        Ok(m) => Some(m),
-        Err(e) => {
-            tracing::warn!(error = %e, detail = e.log_detail.as_deref(), "live view without job events");
-            None
+    let open_events = || async {
+        match super::events::open(&state, subjects::tenant_events(&tenant), None).await {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, detail = e.log_detail.as_deref(), "live view without job events for now");
+                None
+            }
         }
     };
+    let mut events = open_events().await;
+    // Without a consumer, try again with a growing pause: the stream may be recreated.
+    let mut reopen_in = Duration::from_secs(1);
+    let mut reopen_at = tokio::time::Instant::now() + reopen_in;
+    let mut event_errors = 0;
     let stop = state.streams_token().clone();
     let (mut sink, mut incoming) = socket.split();
     let mut metrics_tick = tokio::time::interval(QUEUE_METRICS_EVERY);
@@ -132,12 +144,29 @@ async fn serve(socket: WebSocket, state: AppState, tenant: TenantId) {
             Some(msg) = next_live(&mut progress) => job_progress(&msg.payload).map(text),
             Some(msg) = next_live(&mut heartbeats) => heartbeat(&msg.payload).map(text),
             Some(next) = next_event(&mut events) => match next {
-                Ok(msg) => serde_json::from_slice::<Event>(&msg.payload).ok().and_then(|e| from_event(&e)).map(text),
+                Ok(msg) => {
+                    event_errors = 0;
+                    reopen_in = Duration::from_secs(1);
+                    serde_json::from_slice::<Event>(&msg.payload).ok().and_then(|e| from_event(&e)).map(text)
+                }
                 Err(e) => {
+                    event_errors += 1;
                     tracing::debug!(error = %e, "live view event consumer error");
+                    if event_errors >= EVENT_ERRORS {
+                        tracing::warn!(error = %e, "live view lost its event consumer; opening a new one");
+                        events = None;
+                        event_errors = 0;
+                        reopen_at = tokio::time::Instant::now() + reopen_in;
+                    }
                     None
                 }
             },
+            _ = tokio::time::sleep_until(reopen_at), if events.is_none() => {
+                events = open_events().await;
+                reopen_in = (reopen_in * 2).min(REOPEN_MAX);
+                reopen_at = tokio::time::Instant::now() + reopen_in;
+                None
+            }
             _ = metrics_tick.tick() => queue_metrics(&state, &tenant).await.map(text),
             _ = keepalive.tick() => Some(Message::Ping(Vec::new().into())),
         };

@@ -289,13 +289,27 @@ impl Store {
 
     /// Queued jobs whose offer sequence is unknown (publish may not have happened).
     pub async fn unrecorded_offers(&self, limit: i64) -> StoreResult<Vec<ToOffer>> {
-        let rows = sqlx::query(
+        self.queued_where(
             "SELECT job_id, offer_no, offer_subject FROM jobs
              WHERE status = 'queued' AND offer_seq IS NULL ORDER BY offered_at LIMIT $1",
+            limit,
         )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        .await
+    }
+
+    /// Every queued job's current offer, recorded or not: after `FLEET_JOBS` was recreated none
+    /// of them is in the stream any more, and their recorded sequences name other messages.
+    pub async fn queued_offers(&self, limit: i64) -> StoreResult<Vec<ToOffer>> {
+        self.queued_where(
+            "SELECT job_id, offer_no, offer_subject FROM jobs
+             WHERE status = 'queued' ORDER BY offered_at LIMIT $1",
+            limit,
+        )
+        .await
+    }
+
+    async fn queued_where(&self, sql: &'static str, limit: i64) -> StoreResult<Vec<ToOffer>> {
+        let rows = sqlx::query(sql).bind(limit).fetch_all(&self.pool).await?;
         Ok(rows
             .into_iter()
             .map(|r| ToOffer {
