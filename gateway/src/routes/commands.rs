@@ -112,7 +112,7 @@ pub struct StatusBody {
     params(("robot_id" = String, Path, pattern = "^[a-z0-9-]{1,64}$", description = "Robot id")),
     request_body = StatusBody,
     responses(
-        (status = 200, description = "The robot after the change", body = crate::openapi::Robot),
+        (status = 200, description = "The robot after the change", body = crate::openapi::RobotView),
         (status = 403, description = "The key's role is below operator", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such robot in the caller's tenant", body = crate::openapi::ErrorBody),
         (status = 422, description = "Bad status (or an unknown field)", body = crate::openapi::ErrorBody),
