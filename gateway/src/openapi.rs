@@ -26,11 +26,13 @@ use crate::routes;
 // `fleet-schemas`' own types, which derive their schemas with its `openapi` feature; where the
 // gateway's answer differs from them (the Canvas's aliases), the gateway's type is the one that
 // is both serialised and described.
+pub use crate::routes::commands::{BulkAnswer, CommandAnswer};
 pub use crate::routes::health::Health;
+pub use crate::routes::keys::{KeyActionAnswer, KeyDeleted, KeyRevoked};
 pub use crate::routes::robots::{Robot, RobotDetail};
 pub use fleet_schemas::api::{
     Activity, Analytics, Cancelled, CreatedKey, FleetSummary, JobStatus, JobView as Job, KeyList, KeyView,
-    QueueView as Queue, Retried, RobotStatus, RobotView,
+    QueueView as Queue, Retried, RobotDeleted as RobotDeletedAnswer, RobotStatus, RobotView,
 };
 pub use fleet_schemas::event::Event;
 pub use fleet_schemas::robot::LogLine;
@@ -374,57 +376,6 @@ pub struct RobotMetrics {
     pub version: Option<String>,
 }
 
-/// Answer of the per-robot commands (`start`, `stop`, `pause`, `resume`, `restart`).
-#[derive(ToSchema)]
-pub struct CommandAnswer {
-    pub robot_id: String,
-    pub action: String,
-    pub accepted: bool,
-    pub message: String,
-}
-
-/// Answer of the bulk command.
-#[derive(ToSchema)]
-pub struct BulkAnswer {
-    pub command: String,
-    /// How many robots were told.
-    pub count: u32,
-    pub robots: Vec<String>,
-    pub message: String,
-}
-
-/// `DELETE /api/v1/robots/{robot_id}`.
-#[derive(ToSchema)]
-pub struct RobotDeletedAnswer {
-    pub deleted: bool,
-    pub robot_id: String,
-    /// True when a running robot process was told to stop.
-    pub stopped: bool,
-}
-
-/// Answer of `POST …/{key_id}/revoke`.
-#[derive(ToSchema)]
-pub struct KeyRevoked {
-    pub revoked: bool,
-    pub key_id: String,
-    pub key: KeyView,
-}
-
-/// Answer of `POST …/{key_id}/{action}`: revoked, or rotated (a new `api_key`).
-#[derive(ToSchema)]
-#[serde(untagged)]
-pub enum KeyActionAnswer {
-    Revoked(KeyRevoked),
-    Rotated(CreatedKey),
-}
-
-/// Answer of `DELETE /api/v1/api-keys/{key_id}`.
-#[derive(ToSchema)]
-pub struct KeyDeleted {
-    pub deleted: bool,
-    pub key_id: String,
-}
-
 /// One Server-Sent Event of `GET /api/v1/events`, as OpenAPI 3.1 describes an event stream: one
 /// schema per event, with the fields `id` and `data` (JSON holding a [`StreamedEvent`]).
 pub struct SseEvent;
@@ -698,7 +649,22 @@ mod tests {
         assert_eq!(keys("Key"), keys_of(key.clone()));
         let created = api::CreatedKey { api_key: String::new(), key: key.clone() };
         assert_eq!(keys("CreatedKey"), keys_of(created));
+        let revoked = KeyRevoked { revoked: true, key_id: String::new(), key: key.clone() };
+        assert_eq!(keys("KeyRevoked"), keys_of(revoked));
+        assert_eq!(keys("KeyDeleted"), keys_of(KeyDeleted { deleted: true, key_id: String::new() }));
         assert_eq!(keys("KeyList"), keys_of(api::KeyList { keys: vec![key], total: 1 }));
+        let robot_id = fleet_schemas::RobotId::new("r1").unwrap();
+        let answer = CommandAnswer {
+            robot_id: robot_id.clone(),
+            action: String::new(),
+            accepted: true,
+            message: String::new(),
+        };
+        assert_eq!(keys("CommandAnswer"), keys_of(answer));
+        let bulk = BulkAnswer { command: String::new(), count: 0, robots: vec![], message: String::new() };
+        assert_eq!(keys("BulkAnswer"), keys_of(bulk));
+        let deleted = api::RobotDeleted { robot_id, deleted: true, stopped: false };
+        assert_eq!(keys("RobotDeletedAnswer"), keys_of(deleted));
         // Every optional field set, since unset ones are left out of an event.
         let event = fleet_schemas::event::Event {
             v: 1,

@@ -663,7 +663,9 @@ pub struct RobotSaved {
 
 /// What deleting a robot did (`Endpoint::DeleteRobot`, body [`GetById<RobotId>`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = RobotDeletedAnswer))]
 pub struct RobotDeleted {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub robot_id: RobotId,
     pub deleted: bool,
     /// True when a running robot process was told to stop.

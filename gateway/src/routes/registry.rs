@@ -14,7 +14,6 @@ use fleet_schemas::api::{Endpoint, GetById, RegisterRobot, RobotDeleted, RobotSa
 use fleet_schemas::keys::Role;
 use fleet_schemas::{Capability, RequestId, RobotId};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::robots::RobotDetail;
 use super::{call, path_id};
@@ -201,15 +200,11 @@ pub async fn delete(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<RobotDeleted>, HttpError> {
     caller.require(Role::Admin)?;
     let id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
     // A repeated delete finds nothing and answers 404, which the Canvas takes as success.
     let deleted: RobotDeleted =
         call(&state, Endpoint::DeleteRobot, request_id, &caller, GetById { id }, CallKind::Retryable).await?;
-    Ok(Json(json!({
-        "deleted": deleted.deleted,
-        "robot_id": deleted.robot_id,
-        "stopped": deleted.stopped,
-    })))
+    Ok(Json(deleted))
 }
