@@ -26,9 +26,11 @@ use crate::routes;
 // `fleet-schemas`' own types, which derive their schemas with its `openapi` feature; where the
 // gateway's answer differs from them (the Canvas's aliases), the gateway's type is the one that
 // is both serialised and described.
+pub use crate::error::ErrorBody;
 pub use crate::routes::commands::{BulkAnswer, CommandAnswer};
 pub use crate::routes::health::Health;
 pub use crate::routes::keys::{KeyActionAnswer, KeyDeleted, KeyRevoked};
+pub use crate::routes::logs::{JobLogs, RobotLogs, RobotMetrics};
 pub use crate::routes::robots::{Robot, RobotDetail};
 pub use fleet_schemas::api::{
     Activity, Analytics, Cancelled, CreatedKey, FleetSummary, JobStatus, JobView as Job, KeyList, KeyView,
@@ -327,55 +329,6 @@ pub enum RobotStatusFilter {
     Error,
 }
 
-/// Every error answer.
-#[derive(ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-    /// The request id (also in the `x-request-id` header).
-    pub request_id: Option<String>,
-}
-
-#[derive(ToSchema)]
-pub struct ErrorDetail {
-    /// Stable, snake_case: `not_found`, `invalid`, `unauthorized`, `rate_limited`, `unavailable`, `outcome_unknown`, …
-    pub code: String,
-    pub message: String,
-    /// The request field at fault (`workflow_json.steps[0].argv`, `priority`, …).
-    pub field: Option<String>,
-}
-
-#[derive(ToSchema)]
-pub struct JobLogs {
-    pub job_id: String,
-    pub logs: Vec<LogLine>,
-    /// Pass as `since` to get the lines after these.
-    pub next_since: Option<u64>,
-}
-
-#[derive(ToSchema)]
-pub struct RobotLogs {
-    pub robot_id: String,
-    pub logs: Vec<LogLine>,
-}
-
-/// `GET /api/v1/robots/{robot_id}/metrics`.
-#[derive(ToSchema)]
-pub struct RobotMetrics {
-    pub robot_id: String,
-    pub status: RobotStatus,
-    pub state: String,
-    pub cpu_percent: Option<f32>,
-    pub memory_mb: Option<f64>,
-    #[schema(format = DateTime)]
-    pub last_heartbeat: Option<String>,
-    #[schema(format = DateTime)]
-    pub last_seen: Option<String>,
-    pub current_jobs: u32,
-    pub current_job_ids: Vec<String>,
-    pub max_concurrent_jobs: u32,
-    pub version: Option<String>,
-}
-
 /// One Server-Sent Event of `GET /api/v1/events`, as OpenAPI 3.1 describes an event stream: one
 /// schema per event, with the fields `id` and `data` (JSON holding a [`StreamedEvent`]).
 pub struct SseEvent;
@@ -526,6 +479,20 @@ mod tests {
             version: None,
         };
         assert_eq!(keys("RobotView"), keys_of(robot.clone()));
+        let metrics = RobotMetrics {
+            robot_id: String::new(),
+            status: api::RobotStatus::Online,
+            state: String::new(),
+            cpu_percent: None,
+            memory_mb: None,
+            last_heartbeat: None,
+            last_seen: None,
+            current_jobs: 0,
+            current_job_ids: vec![],
+            max_concurrent_jobs: 1,
+            version: None,
+        };
+        assert_eq!(keys("RobotMetrics"), keys_of(metrics));
         assert_eq!(keys("Robot"), keys_of(Robot::from(robot.clone())));
         let detail = RobotDetail {
             robot: Robot::from(robot),
@@ -576,7 +543,14 @@ mod tests {
             line: String::new(),
             at: t,
         };
-        assert_eq!(keys("LogLine"), keys_of(line));
+        assert_eq!(keys("LogLine"), keys_of(line.clone()));
+        let job_logs = JobLogs { job_id: line.job_id, logs: vec![line.clone()], next_since: None };
+        assert_eq!(keys("JobLogs"), keys_of(job_logs));
+        let robot_logs = RobotLogs { robot_id: line.robot_id.clone(), logs: vec![line] };
+        assert_eq!(keys("RobotLogs"), keys_of(robot_logs));
+        let error = crate::error::HttpError::invalid("priority", "0 to 20").body(None);
+        assert_eq!(keys("ErrorBody"), keys_of(&error));
+        assert_eq!(keys("ErrorDetail"), keys_of(&error["error"]));
         let id = fleet_schemas::JobId::new();
         let retried = api::Retried {
             job_id: id,
