@@ -449,16 +449,23 @@ fn install(root: &Path) -> Result<PathBuf, String> {
     let staged = staging.path().join(TOOLS_BINARY);
     make_executable(&staged)?;
     check_version(&staged)?;
-    let staging = staging.keep();
-    if let Err(error) = std::fs::rename(&staging, &target) {
-        // Another process installed it first (or a stale install is in the way).
-        let _ = std::fs::remove_dir_all(&staging);
-        if !binary.is_file() {
-            return Err(format!("cannot move the install into {}: {error}", target.display()));
-        }
-    }
+    move_into_place(staging.keep(), &target)?;
     check_version(&binary)?;
     Ok(binary)
+}
+
+/// Renames a finished install (`staging`) to `target`, atomically. When `target` exists by then
+/// (another process won the race, or an old install is in the way) the rename fails and the one
+/// in place is kept: it is complete, since it too got there by a rename.
+fn move_into_place(staging: PathBuf, target: &Path) -> Result<(), String> {
+    let Err(error) = std::fs::rename(&staging, target) else { return Ok(()) };
+    // Ours is not needed either way.
+    let _ = std::fs::remove_dir_all(&staging);
+    if target.join(TOOLS_BINARY).is_file() {
+        Ok(())
+    } else {
+        Err(format!("cannot move the install into {}: {error}", target.display()))
+    }
 }
 
 fn make_executable(path: &Path) -> Result<(), String> {
@@ -652,6 +659,33 @@ mod tests {
         let found = search(None, &[], path_of(&[&dir]));
         assert_eq!(found.outcome, Outcome::NotFound);
         assert!(found.skipped[0].contains("cannot read the version"), "{found:?}");
+    }
+
+    #[test]
+    fn an_install_is_moved_into_place_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join(".tools/nats");
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let first = tmp.path().join(".tools/first");
+        fake_server(&first.join("bin"), "2.15.1");
+        move_into_place(first.clone(), &target).unwrap();
+        assert!(target.join(TOOLS_BINARY).is_file() && !first.exists());
+
+        // A second, racing install loses: the first stays, the second's folder is removed.
+        let second = tmp.path().join(".tools/second");
+        let loser = fake_server(&second.join("bin"), "2.15.0");
+        move_into_place(second.clone(), &target).unwrap();
+        assert!(!second.exists(), "{} left behind", loser.display());
+        let kept = std::fs::read_to_string(target.join(TOOLS_BINARY)).unwrap();
+        assert!(kept.contains("2.15.1"), "{kept}");
+
+        // A target in the way that holds no server is an error, not a silent success.
+        let broken = tmp.path().join(".tools/broken");
+        std::fs::create_dir_all(broken.join("junk")).unwrap();
+        let third = tmp.path().join(".tools/third");
+        fake_server(&third.join("bin"), "2.15.1");
+        let error = move_into_place(third, &broken).unwrap_err();
+        assert!(error.contains("cannot move the install"), "{error}");
     }
 
     #[tokio::test]
