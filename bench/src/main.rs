@@ -14,8 +14,9 @@ use fleet_bench::scenario::raw_jetstream::{self, RawParams};
 use fleet_bench::scenario::routing::{self, RoutingParams};
 use fleet_bench::scenario::throughput::{self, ThroughputParams};
 
-/// Fleet's benchmarks. Each scenario starts its own nats-server (FLEET_NATS_SERVER or
-/// .tools/nats/bin/nats-server) and a throwaway PostgreSQL database (FLEET_TEST_DATABASE_URL,
+/// Fleet's benchmarks. Each scenario starts its own nats-server (FLEET_NATS_SERVER, else the
+/// clone's .tools/nats/bin/nats-server, else a nats-server >= 2.11 on PATH, else the pinned one
+/// installed into .tools/nats) and a throwaway PostgreSQL database (FLEET_TEST_DATABASE_URL,
 /// default postgres://postgres@127.0.0.1:5432/postgres), runs Fleet's parts in this process,
 /// and prints a table and a JSON summary. Build with --release.
 #[derive(Parser)]

@@ -118,23 +118,29 @@ impl HttpError {
 
     /// The JSON body, with the request id the middleware knows.
     pub fn body(&self, request_id: Option<RequestId>) -> serde_json::Value {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            error: Inner<'a>,
-            request_id: Option<String>,
-        }
-        #[derive(Serialize)]
-        struct Inner<'a> {
-            code: &'a str,
-            message: &'a str,
-            field: Option<&'a str>,
-        }
-        serde_json::to_value(Body {
-            error: Inner { code: self.code, message: &self.message, field: self.field.as_deref() },
+        serde_json::to_value(ErrorBody {
+            error: ErrorDetail { code: self.code, message: self.message.clone(), field: self.field.clone() },
             request_id: request_id.map(|r| r.to_string()),
         })
         .unwrap_or(serde_json::Value::Null)
     }
+}
+
+/// Every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+    /// The request id (also in the `x-request-id` header).
+    pub request_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, snake_case: `not_found`, `invalid`, `unauthorized`, `rate_limited`, `unavailable`, `outcome_unknown`, …
+    pub code: &'static str,
+    pub message: String,
+    /// The request field at fault (`workflow_json.steps[0].argv`, `priority`, …).
+    pub field: Option<String>,
 }
 
 impl std::fmt::Display for HttpError {

@@ -1,15 +1,16 @@
 //! The OpenAPI document (`GET /api/v1/openapi.json`), generated from the `#[utoipa::path]`
 //! annotation on each handler, next to the code it describes.
 //!
-//! The answer types of the orchestrator (`JobView`, `RobotView`, …) live in `fleet-schemas`,
-//! which stays free of HTTP concerns, so they are described here by documentation-only mirrors
-//! (never built; a test checks each mirror has exactly the keys the real type serializes, so
-//! they cannot drift apart). A test also checks the document lists exactly the routes of
+//! Each shape is written once: the answer types of the orchestrator (`JobView`, `RobotView`, …)
+//! are `fleet-schemas`' own, which derive `utoipa::ToSchema` behind its `openapi` feature (so
+//! that crate stays free of HTTP concerns without it), and where the gateway answers something
+//! else (the Canvas's aliases, `stream_seq`) its own type is serialised and described. What is
+//! left here describes what no Rust type carries: path words, query filters, the error body,
+//! answers built as JSON in a handler. A test checks the document lists exactly the routes of
 //! [`crate::routes::ROUTES`], the list kept next to the router.
 
-#![allow(dead_code)] // the mirrors are descriptions, never built
+#![allow(dead_code)] // the gateway-only descriptions are never built
 
-use serde_json::Value;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::request_body::RequestBody;
@@ -20,6 +21,23 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, Required, Response};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::routes;
+
+// The answer types, by the names the operations' `body =` use. Those of the orchestrator are
+// `fleet-schemas`' own types, which derive their schemas with its `openapi` feature; where the
+// gateway's answer differs from them (the Canvas's aliases), the gateway's type is the one that
+// is both serialised and described.
+pub use crate::error::ErrorBody;
+pub use crate::routes::commands::{BulkAnswer, CommandAnswer};
+pub use crate::routes::health::Health;
+pub use crate::routes::keys::{KeyActionAnswer, KeyDeleted, KeyRevoked};
+pub use crate::routes::logs::{JobLogs, RobotLogs, RobotMetrics};
+pub use crate::routes::robots::{Robot, RobotDetail};
+pub use fleet_schemas::api::{
+    Activity, Analytics, Cancelled, CreatedKey, FleetSummary, JobStatus, JobView as Job, KeyList, KeyView,
+    QueueView as Queue, Retried, RobotDeleted as RobotDeletedAnswer, RobotStatus, RobotView,
+};
+pub use fleet_schemas::event::Event;
+pub use fleet_schemas::robot::LogLine;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -69,9 +87,9 @@ use crate::routes;
         routes::agent::fail,
         routes::agent::release,
     ),
-    // Named by no `body =` (a path word's enum, the answer of a shared `IntoResponses`), so
-    // not collected on their own: listed here.
-    components(schemas(routes::commands::RobotAction, routes::keys::KeyVerb, KeyActionAnswer)),
+    // Named by no `body =` (a path word's enum, a query filter's, the answer of a shared
+    // `IntoResponses`), so not collected on their own: listed here.
+    components(schemas(routes::commands::RobotAction, routes::keys::KeyVerb, KeyActionAnswer, KeyStatus)),
     modifiers(&Security, &EdgeResponses),
     tags(
         (name = "jobs", description = "Submit, list, cancel and follow jobs"),
@@ -308,27 +326,8 @@ macro_rules! listed_enum {
 }
 
 listed_enum! {
-    /// A job's status (`fleet_schemas::api::JobStatus`).
-    JobStatus = fleet_schemas::api::JobStatus::ALL.map(fleet_schemas::api::JobStatus::as_str)
-}
-
-listed_enum! {
-    /// A robot's status (`fleet_schemas::api::RobotStatus`).
-    RobotStatus = fleet_schemas::api::RobotStatus::ALL.map(fleet_schemas::api::RobotStatus::as_str)
-}
-
-listed_enum! {
-    /// An API key's role (`fleet_schemas::keys::Role`); each includes those listed before it.
-    Role = fleet_schemas::keys::Role::ALL.map(fleet_schemas::keys::Role::as_str)
-}
-
-/// An API key's status.
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum KeyStatus {
-    Active,
-    Revoked,
-    Expired,
+    /// An API key's status (`fleet_schemas::api::KeyView::STATUSES`).
+    KeyStatus = fleet_schemas::api::KeyView::STATUSES
 }
 
 /// A robot status as a filter (`idle` is the same as `online`).
@@ -343,388 +342,20 @@ pub enum RobotStatusFilter {
     Error,
 }
 
-/// Every error answer.
-#[derive(ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-    /// The request id (also in the `x-request-id` header).
-    pub request_id: Option<String>,
-}
-
-#[derive(ToSchema)]
-pub struct ErrorDetail {
-    /// Stable, snake_case: `not_found`, `invalid`, `unauthorized`, `rate_limited`, `unavailable`, `outcome_unknown`, …
-    pub code: String,
-    pub message: String,
-    /// The request field at fault (`workflow_json.steps[0].argv`, `priority`, …).
-    pub field: Option<String>,
-}
-
-/// A job (`fleet_schemas::api::JobView`); every key is always present, `null` when unknown.
-#[derive(ToSchema)]
-pub struct Job {
-    pub job_id: String,
-    pub workflow_id: String,
-    pub workflow_name: String,
-    pub status: JobStatus,
-    pub robot_id: Option<String>,
-    pub robot_name: Option<String>,
-    pub attempt: i32,
-    pub priority: i16,
-    pub required_capabilities: Vec<String>,
-    pub progress: i16,
-    pub current_node: Option<String>,
-    #[schema(format = DateTime)]
-    pub created_at: String,
-    #[schema(format = DateTime)]
-    pub claimed_at: Option<String>,
-    #[schema(format = DateTime)]
-    pub started_at: Option<String>,
-    #[schema(format = DateTime)]
-    pub completed_at: Option<String>,
-    pub duration_ms: Option<i64>,
-    #[schema(value_type = Option<Object>)]
-    pub output: Option<Value>,
-    pub error_message: Option<String>,
-    pub error_type: Option<String>,
-    /// Why a pending job waits ("no online robot of tenant acme has gpu").
-    pub waiting_reason: Option<String>,
-    pub retry_count: i32,
-    pub target_robot_id: Option<String>,
-    pub trigger_type: String,
-    pub execution_mode: String,
-    /// The request id of the submission.
-    pub request_id: Option<String>,
-}
-
-/// A robot (`fleet_schemas::api::RobotView`), with the Canvas's aliases `current_job_id` and
-/// `current_jobs` added by the gateway.
-#[derive(ToSchema)]
-pub struct Robot {
-    pub robot_id: String,
-    pub name: String,
-    pub hostname: String,
-    pub status: RobotStatus,
-    /// What the robot reports: online, paused, maintenance, draining, stopping
-    pub state: String,
-    /// What it was told: online, paused, maintenance
-    pub desired_state: String,
-    pub environment: String,
-    pub capabilities: Vec<String>,
-    pub tags: Vec<String>,
-    pub max_concurrent_jobs: u32,
-    pub current_job_ids: Vec<String>,
-    pub current_job: Option<String>,
-    pub cpu_percent: Option<f32>,
-    pub memory_mb: Option<f64>,
-    #[schema(format = DateTime)]
-    pub last_heartbeat: Option<String>,
-    #[schema(format = DateTime)]
-    pub last_seen: Option<String>,
-    #[schema(format = DateTime)]
-    pub created_at: String,
-    pub version: Option<String>,
-}
-
-/// `GET /api/v1/metrics/fleet` (`fleet_schemas::api::FleetSummary`).
-#[derive(ToSchema)]
-pub struct FleetSummary {
-    pub total_robots: u32,
-    pub active_robots: u32,
-    pub idle_robots: u32,
-    pub busy_robots: u32,
-    pub offline_robots: u32,
-    pub maintenance_robots: u32,
-    pub active_jobs: u32,
-    pub queue_depth: u32,
-    pub total_jobs_today: u32,
-    pub average_job_duration_seconds: f64,
-    #[schema(value_type = Object)]
-    pub jobs_by_status: Value,
-}
-
-/// One robot class (`fleet_schemas::api::QueueView`).
-#[derive(ToSchema)]
-pub struct Queue {
-    pub class: String,
-    pub capabilities: Vec<String>,
-    pub waiting: u32,
-    pub offered: u32,
-    pub running: u32,
-    pub capacity: u32,
-    pub online_robots: u32,
-    pub robots: u32,
-}
-
-/// `POST /api/v1/jobs/{job_id}/cancel` (`fleet_schemas::api::Cancelled`).
-#[derive(ToSchema)]
-pub struct Cancelled {
-    pub job_id: String,
-    pub cancelled: bool,
-    pub previous_status: JobStatus,
-    pub message: String,
-}
-
-/// One log line of a job (`fleet_schemas::robot::LogLine`).
-#[derive(ToSchema)]
-pub struct LogLine {
-    pub job_id: String,
-    pub attempt: i32,
-    pub robot_id: String,
-    /// stdout, stderr or fleet
-    pub stream: String,
-    pub step: Option<String>,
-    pub line: String,
-    #[schema(format = DateTime)]
-    pub at: String,
-}
-
-#[derive(ToSchema)]
-pub struct JobLogs {
-    pub job_id: String,
-    pub logs: Vec<LogLine>,
-    /// Pass as `since` to get the lines after these.
-    pub next_since: Option<u64>,
-}
-
-#[derive(ToSchema)]
-pub struct RobotLogs {
-    pub robot_id: String,
-    pub logs: Vec<LogLine>,
-}
-
-/// `GET /api/v1/robots/{robot_id}/metrics`.
-#[derive(ToSchema)]
-pub struct RobotMetrics {
-    pub robot_id: String,
-    pub status: RobotStatus,
-    pub state: String,
-    pub cpu_percent: Option<f32>,
-    pub memory_mb: Option<f64>,
-    #[schema(format = DateTime)]
-    pub last_heartbeat: Option<String>,
-    #[schema(format = DateTime)]
-    pub last_seen: Option<String>,
-    pub current_jobs: u32,
-    pub current_job_ids: Vec<String>,
-    pub max_concurrent_jobs: u32,
-    pub version: Option<String>,
-}
-
-/// Answer of the per-robot commands (`start`, `stop`, `pause`, `resume`, `restart`).
-#[derive(ToSchema)]
-pub struct CommandAnswer {
-    pub robot_id: String,
-    pub action: String,
-    pub accepted: bool,
-    pub message: String,
-}
-
-/// Answer of the bulk command.
-#[derive(ToSchema)]
-pub struct BulkAnswer {
-    pub command: String,
-    /// How many robots were told.
-    pub count: u32,
-    pub robots: Vec<String>,
-    pub message: String,
-}
-
-/// `POST /api/v1/jobs/{job_id}/retry` (`fleet_schemas::api::Retried`): the job runs again as its
-/// next attempt under the same id, so all three ids are that job's.
-#[derive(ToSchema)]
-pub struct Retried {
-    pub job_id: String,
-    pub new_job_id: String,
-    pub original_job_id: String,
-    /// failed, cancelled or timed_out
-    pub previous_status: JobStatus,
-    /// pending
-    pub status: JobStatus,
-    pub next_attempt: i32,
-    pub message: String,
-}
-
-/// `DELETE /api/v1/robots/{robot_id}`.
-#[derive(ToSchema)]
-pub struct RobotDeletedAnswer {
-    pub deleted: bool,
-    pub robot_id: String,
-    /// True when a running robot process was told to stop.
-    pub stopped: bool,
-}
-
-/// `GET /api/v1/metrics/analytics` (`fleet_schemas::api::Analytics`). Durations are those of
-/// completed jobs; "failed" counts failed and timed-out jobs; rates are percentages (0 to 100)
-/// of the jobs that ended.
-#[derive(ToSchema)]
-pub struct Analytics {
-    pub days: u32,
-    pub total_jobs: u64,
-    pub jobs_completed: u64,
-    pub jobs_failed: u64,
-    pub success_rate: f64,
-    pub failure_rate: f64,
-    pub average_duration_ms: f64,
-    pub avg_duration_ms: f64,
-    pub p50_duration_ms: f64,
-    pub p90_duration_ms: f64,
-    pub p99_duration_ms: f64,
-    /// `{status: count}`
-    #[schema(value_type = Object)]
-    pub job_status_distribution: Value,
-    pub slowest_workflows: Vec<WorkflowDuration>,
-    pub error_distribution: Vec<ErrorCount>,
-    pub throughput_per_workflow: Vec<WorkflowThroughput>,
-    pub throughput_per_hour: Vec<HourThroughput>,
-    /// Always 0: Fleet does not heal selectors.
-    pub self_healing_success_rate: f64,
-}
-
-#[derive(ToSchema)]
-pub struct WorkflowDuration {
-    pub workflow_id: String,
-    pub workflow_name: String,
-    pub average_duration_ms: f64,
-    pub runs: u64,
-}
-
-#[derive(ToSchema)]
-pub struct ErrorCount {
-    pub error_type: String,
-    pub count: u64,
-}
-
-#[derive(ToSchema)]
-pub struct WorkflowThroughput {
-    pub workflow_id: String,
-    pub workflow_name: String,
-    pub jobs: u64,
-}
-
-#[derive(ToSchema)]
-pub struct HourThroughput {
-    #[schema(format = DateTime)]
-    pub hour: String,
-    pub jobs: u64,
-}
-
-/// `GET /api/v1/metrics/activity` (`fleet_schemas::api::Activity`).
-#[derive(ToSchema)]
-pub struct Activity {
-    pub events: Vec<ActivityEvent>,
-    /// Events matching the filters, not only those returned.
-    pub total: u64,
-}
-
-#[derive(ToSchema)]
-pub struct ActivityEvent {
-    pub id: String,
-    /// job_started, job_completed, job_failed, robot_online, robot_offline, or the event's name
-    /// with `_` for `.`
-    #[schema(rename = "type")]
-    pub kind: String,
-    #[schema(format = DateTime)]
-    pub timestamp: String,
-    pub title: String,
-    #[schema(value_type = Object)]
-    pub details: Value,
-    pub robot_id: Option<String>,
-    pub job_id: Option<String>,
-}
-
-/// An API key as listed (`fleet_schemas::api::KeyView`): never its secret.
-#[derive(ToSchema)]
-pub struct Key {
-    /// The key id, the part between `crpa_` and the secret.
-    pub id: String,
-    pub name: String,
-    /// The same as `name` (the Canvas reads `key_name`).
-    pub key_name: String,
-    pub description: Option<String>,
-    pub role: Role,
-    pub status: KeyStatus,
-    pub robot_id: Option<String>,
-    pub robot_name: Option<String>,
-    #[schema(format = DateTime)]
-    pub created_at: String,
-    #[schema(format = DateTime)]
-    pub expires_at: Option<String>,
-    #[schema(format = DateTime)]
-    pub last_used_at: Option<String>,
-    pub last_used_ip: Option<String>,
-    /// The key's own rate limit at the gateway, `<requests>/<s|min|h>`; `null`: the gateway's
-    /// default.
-    #[schema(example = "1000/min")]
-    pub rate_limit: Option<String>,
-}
-
-/// A new or rotated key (`fleet_schemas::api::CreatedKey`).
-#[derive(ToSchema)]
-pub struct CreatedKey {
-    /// The key itself, `crpa_<key id>_<secret>`: shown this once, Fleet keeps only its hash.
-    pub api_key: String,
-    pub key: Key,
-}
-
-/// `GET /api/v1/api-keys` (`fleet_schemas::api::KeyList`).
-#[derive(ToSchema)]
-pub struct KeyList {
-    pub keys: Vec<Key>,
-    /// Keys matching the filters, not only those returned.
-    pub total: u32,
-}
-
-/// Answer of `POST …/{key_id}/revoke`.
-#[derive(ToSchema)]
-pub struct KeyRevoked {
-    pub revoked: bool,
-    pub key_id: String,
-    pub key: Key,
-}
-
-/// Answer of `POST …/{key_id}/{action}`: revoked, or rotated (a new `api_key`).
-#[derive(ToSchema)]
-#[serde(untagged)]
-pub enum KeyActionAnswer {
-    Revoked(KeyRevoked),
-    Rotated(CreatedKey),
-}
-
-/// Answer of `DELETE /api/v1/api-keys/{key_id}`.
-#[derive(ToSchema)]
-pub struct KeyDeleted {
-    pub deleted: bool,
-    pub key_id: String,
-}
-
-/// One event as the live streams send it (`fleet_schemas::event::Event` with `stream_seq`).
-#[derive(ToSchema)]
-pub struct StreamedEvent {
-    /// Schema version.
-    pub v: u32,
-    /// Unique, increasing id of the event.
-    pub id: i64,
-    /// `job.submitted`, `job.started`, `job.completed`, `robot.registered`, …
-    #[schema(rename = "type")]
-    pub kind: String,
-    pub tenant: String,
-    #[schema(format = DateTime)]
-    pub occurred_at: String,
-    pub job_id: Option<String>,
-    pub robot_id: Option<String>,
-    /// Per-job sequence number (1, 2, 3… for each job); absent for robot events.
-    pub seq: Option<i32>,
-    pub attempt: Option<i32>,
-    /// Event-specific fields (`status`, `error`, `class`, `reason`…).
-    pub data: Value,
-    /// The stream sequence: resume after it with `Last-Event-ID` or `?since=`.
-    pub stream_seq: u64,
-}
-
 /// One Server-Sent Event of `GET /api/v1/events`, as OpenAPI 3.1 describes an event stream: one
 /// schema per event, with the fields `id` and `data` (JSON holding a [`StreamedEvent`]).
 pub struct SseEvent;
+
+/// One event as the live streams send it: the stored `fleet_schemas::event::Event` with the
+/// gateway's `stream_seq` (`crate::routes::events::stream_event` adds it to the stored JSON, so
+/// fields of a newer event version pass through).
+#[derive(ToSchema)]
+pub struct StreamedEvent {
+    #[serde(flatten)]
+    pub event: Event,
+    /// The stream sequence: resume after it with `Last-Event-ID` or `?since=`.
+    pub stream_seq: u64,
+}
 
 impl utoipa::PartialSchema for SseEvent {
     fn schema() -> RefOr<utoipa::openapi::schema::Schema> {
@@ -744,34 +375,35 @@ impl utoipa::PartialSchema for SseEvent {
 impl ToSchema for SseEvent {
     fn schemas(schemas: &mut Vec<(String, RefOr<utoipa::openapi::schema::Schema>)>) {
         schemas.push(("StreamedEvent".to_owned(), <StreamedEvent as utoipa::PartialSchema>::schema()));
+        // And what it refers to (`Event`).
+        <StreamedEvent as ToSchema>::schemas(schemas);
     }
-}
-
-/// `GET /health`.
-#[derive(ToSchema)]
-pub struct Health {
-    /// healthy or unhealthy
-    pub status: String,
-    pub service: String,
-    pub version: String,
-    #[schema(format = DateTime)]
-    pub timestamp: String,
-    pub nats: String,
-    pub orchestrator: String,
-    pub leader: bool,
-    pub detail: Option<String>,
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
-    /// The keys of a mirror's schema.
+    /// The keys a component schema describes, through `allOf` and `$ref` (a `#[serde(flatten)]`
+    /// field is described as one part of an `allOf`).
     fn keys(name: &str) -> Vec<String> {
+        fn collect(doc: &Value, schema: &Value, keys: &mut Vec<String>) {
+            if let Some(target) = schema["$ref"].as_str() {
+                let name = target.trim_start_matches("#/components/schemas/");
+                return collect(doc, &doc["components"]["schemas"][name], keys);
+            }
+            keys.extend(schema["properties"].as_object().into_iter().flat_map(|p| p.keys().cloned()));
+            for part in schema["allOf"].as_array().into_iter().flatten() {
+                collect(doc, part, keys);
+            }
+        }
         let doc = serde_json::to_value(document()).unwrap();
-        let props =
-            doc["components"]["schemas"][name]["properties"].as_object().unwrap_or_else(|| panic!("{name}"));
-        let mut keys: Vec<String> = props.keys().cloned().collect();
+        let schema = &doc["components"]["schemas"][name];
+        assert!(schema.is_object(), "no component {name}");
+        let mut keys = Vec::new();
+        collect(&doc, schema, &mut keys);
         keys.sort();
         keys
     }
@@ -804,8 +436,10 @@ mod tests {
         assert!(values("KeyVerb").iter().all(|a| path_enum::<KeyVerb>(a).is_some()));
     }
 
+    /// utoipa reads the serde attributes, but not all of them the way serde does (flatten,
+    /// skipping, `with`): each described answer has exactly the keys its value serialises.
     #[test]
-    fn mirrors_match_the_real_types() {
+    fn described_keys_are_the_serialised_keys() {
         use fleet_schemas::api;
         use time::OffsetDateTime;
         let t = OffsetDateTime::UNIX_EPOCH;
@@ -857,7 +491,30 @@ mod tests {
             created_at: t,
             version: None,
         };
-        assert_eq!(keys("Robot"), keys_of(robot));
+        assert_eq!(keys("RobotView"), keys_of(robot.clone()));
+        let metrics = RobotMetrics {
+            robot_id: String::new(),
+            status: api::RobotStatus::Online,
+            state: String::new(),
+            cpu_percent: None,
+            memory_mb: None,
+            last_heartbeat: None,
+            last_seen: None,
+            current_jobs: 0,
+            current_job_ids: vec![],
+            max_concurrent_jobs: 1,
+            version: None,
+        };
+        assert_eq!(keys("RobotMetrics"), keys_of(metrics));
+        assert_eq!(keys("Robot"), keys_of(Robot::from(robot.clone())));
+        let detail = RobotDetail {
+            robot: Robot::from(robot),
+            jobs_completed_today: 0,
+            jobs_failed_today: 0,
+            average_job_duration_seconds: None,
+            memory_percent: None,
+        };
+        assert_eq!(keys("RobotDetail"), keys_of(detail));
         let summary = api::FleetSummary {
             total_robots: 0,
             active_robots: 0,
@@ -899,7 +556,14 @@ mod tests {
             line: String::new(),
             at: t,
         };
-        assert_eq!(keys("LogLine"), keys_of(line));
+        assert_eq!(keys("LogLine"), keys_of(line.clone()));
+        let job_logs = JobLogs { job_id: line.job_id, logs: vec![line.clone()], next_since: None };
+        assert_eq!(keys("JobLogs"), keys_of(job_logs));
+        let robot_logs = RobotLogs { robot_id: line.robot_id.clone(), logs: vec![line] };
+        assert_eq!(keys("RobotLogs"), keys_of(robot_logs));
+        let error = crate::error::HttpError::invalid("priority", "0 to 20").body(None);
+        assert_eq!(keys("ErrorBody"), keys_of(&error));
+        assert_eq!(keys("ErrorDetail"), keys_of(&error["error"]));
         let id = fleet_schemas::JobId::new();
         let retried = api::Retried {
             job_id: id,
@@ -972,7 +636,22 @@ mod tests {
         assert_eq!(keys("Key"), keys_of(key.clone()));
         let created = api::CreatedKey { api_key: String::new(), key: key.clone() };
         assert_eq!(keys("CreatedKey"), keys_of(created));
+        let revoked = KeyRevoked { revoked: true, key_id: String::new(), key: key.clone() };
+        assert_eq!(keys("KeyRevoked"), keys_of(revoked));
+        assert_eq!(keys("KeyDeleted"), keys_of(KeyDeleted { deleted: true, key_id: String::new() }));
         assert_eq!(keys("KeyList"), keys_of(api::KeyList { keys: vec![key], total: 1 }));
+        let robot_id = fleet_schemas::RobotId::new("r1").unwrap();
+        let answer = CommandAnswer {
+            robot_id: robot_id.clone(),
+            action: String::new(),
+            accepted: true,
+            message: String::new(),
+        };
+        assert_eq!(keys("CommandAnswer"), keys_of(answer));
+        let bulk = BulkAnswer { command: String::new(), count: 0, robots: vec![], message: String::new() };
+        assert_eq!(keys("BulkAnswer"), keys_of(bulk));
+        let deleted = api::RobotDeleted { robot_id, deleted: true, stopped: false };
+        assert_eq!(keys("RobotDeletedAnswer"), keys_of(deleted));
         // Every optional field set, since unset ones are left out of an event.
         let event = fleet_schemas::event::Event {
             v: 1,

@@ -202,7 +202,9 @@ pub struct ListRobots {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Cancelled {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub job_id: JobId,
     pub cancelled: bool,
     pub previous_status: JobStatus,
@@ -221,6 +223,7 @@ pub struct Pong {
 
 /// The state of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Pending,
@@ -266,6 +269,7 @@ impl JobStatus {
 
 /// The state of a robot as the API shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RobotStatus {
     Online,
@@ -305,7 +309,9 @@ impl RobotStatus {
 
 /// A job as the API shows it. Every field is always present (`null` when unknown).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = Job))]
 pub struct JobView {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub job_id: JobId,
     pub workflow_id: String,
     pub workflow_name: String,
@@ -326,19 +332,23 @@ pub struct JobView {
     #[serde(with = "time::serde::rfc3339::option")]
     pub completed_at: Option<OffsetDateTime>,
     pub duration_ms: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub output: Option<Value>,
     pub error_message: Option<String>,
     pub error_type: Option<String>,
+    /// Why a pending job waits ("no online robot of tenant acme has gpu").
     pub waiting_reason: Option<String>,
     pub retry_count: i32,
     pub target_robot_id: Option<String>,
     pub trigger_type: String,
     pub execution_mode: String,
+    /// The request id of the submission.
     pub request_id: Option<String>,
 }
 
 /// A robot as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RobotView {
     pub robot_id: String,
     pub name: String,
@@ -368,6 +378,7 @@ pub struct RobotView {
 
 /// `GET /api/v1/metrics/fleet`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FleetSummary {
     pub total_robots: u32,
     pub active_robots: u32,
@@ -470,13 +481,17 @@ pub struct CreateKey {
 
 /// A key as listed (never its secret).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = Key))]
 pub struct KeyView {
+    /// The key id, the part between `crpa_` and the secret.
     pub id: String,
     pub name: String,
+    /// The same as `name` (the Canvas reads `key_name`).
     pub key_name: String,
     pub description: Option<String>,
     pub role: crate::keys::Role,
     /// `active`, `revoked` or `expired`.
+    #[cfg_attr(feature = "openapi", schema(schema_with = KeyView::status_schema))]
     pub status: String,
     pub robot_id: Option<String>,
     pub robot_name: Option<String>,
@@ -488,13 +503,31 @@ pub struct KeyView {
     pub last_used_at: Option<OffsetDateTime>,
     pub last_used_ip: Option<String>,
     /// The key's own rate limit (`1000/min`); `None`: the gateway's default.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "1000/min"))]
     #[serde(default)]
     pub rate_limit: Option<crate::keys::Rate>,
 }
 
+impl KeyView {
+    /// Every value of `status`.
+    pub const STATUSES: [&'static str; 3] = ["active", "revoked", "expired"];
+
+    /// `status` is a `String` on the wire; the document lists its values.
+    #[cfg(feature = "openapi")]
+    fn status_schema() -> utoipa::openapi::Object {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .enum_values(Some(Self::STATUSES))
+            .description(Some("`active`, `revoked` or `expired`."))
+            .build()
+    }
+}
+
 /// A new key: shown once.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreatedKey {
+    /// The key itself, `crpa_<key id>_<secret>`: shown this once, Fleet keeps only its hash.
     pub api_key: String,
     pub key: KeyView,
 }
@@ -515,8 +548,10 @@ pub struct ListKeys {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyList {
     pub keys: Vec<KeyView>,
+    /// Keys matching the filters, not only those returned.
     pub total: u32,
 }
 
@@ -529,6 +564,7 @@ pub struct KeyAction {
 
 /// One robot class of a tenant, for `GET /api/v1/queues`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = Queue))]
 pub struct QueueView {
     /// The class name (`browser+shell`, or `any`).
     pub class: String,
@@ -588,12 +624,17 @@ impl JobCursor {
 /// What a retry did (`Endpoint::RetryJob`, body [`GetById<JobId>`]). A retry is the job's next
 /// attempt under the same id, so all three ids are that job's (the Canvas reads `job_id`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Retried {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub job_id: JobId,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub new_job_id: JobId,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub original_job_id: JobId,
     /// The status it was retried from: `failed`, `cancelled` or `timed_out`.
     pub previous_status: JobStatus,
+    /// `pending`: the job waits for its next attempt.
     pub status: JobStatus,
     /// The attempt the retry will run as.
     pub next_attempt: i32,
@@ -635,7 +676,9 @@ pub struct RobotSaved {
 
 /// What deleting a robot did (`Endpoint::DeleteRobot`, body [`GetById<RobotId>`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = RobotDeletedAnswer))]
 pub struct RobotDeleted {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub robot_id: RobotId,
     pub deleted: bool,
     /// True when a running robot process was told to stop.
@@ -653,6 +696,7 @@ pub struct AnalyticsQuery {
 /// (`completed_at - started_at` of their last attempt); "failed" counts `failed` and
 /// `timed_out`; rates are percentages of the jobs that ended (completed, failed, timed out).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Analytics {
     pub days: u32,
     pub total_jobs: u64,
@@ -676,6 +720,7 @@ pub struct Analytics {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkflowDuration {
     pub workflow_id: String,
     pub workflow_name: String,
@@ -685,12 +730,14 @@ pub struct WorkflowDuration {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorCount {
     pub error_type: String,
     pub count: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkflowThroughput {
     pub workflow_id: String,
     pub workflow_name: String,
@@ -698,6 +745,7 @@ pub struct WorkflowThroughput {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HourThroughput {
     /// The start of the hour.
     #[serde(with = "time::serde::rfc3339")]
@@ -719,6 +767,7 @@ pub struct ActivityQuery {
 
 /// Recent events of a tenant, newest first, in the Canvas's vocabulary.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Activity {
     pub events: Vec<ActivityEvent>,
     /// Events matching the filters (not only those in `events`).
@@ -726,6 +775,7 @@ pub struct Activity {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ActivityEvent {
     /// The history row's id (the event's id in the event stream).
     pub id: String,
@@ -737,6 +787,7 @@ pub struct ActivityEvent {
     pub timestamp: OffsetDateTime,
     pub title: String,
     /// The event's data.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub details: Value,
     pub robot_id: Option<String>,
     pub job_id: Option<String>,

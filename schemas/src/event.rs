@@ -13,6 +13,7 @@ use crate::ids::TenantId;
 pub const EVENT_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Event {
     pub v: u32,
     /// Unique, increasing id of the event (the history row id for job events).
@@ -20,6 +21,7 @@ pub struct Event {
     /// `job.submitted`, `job.assigned`, `job.started`, `job.completed`, `robot.registered`, …
     #[serde(rename = "type")]
     pub kind: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub tenant: TenantId,
     #[serde(with = "time::serde::rfc3339")]
     pub occurred_at: OffsetDateTime,

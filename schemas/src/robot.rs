@@ -272,9 +272,12 @@ pub struct Heartbeat {
 
 /// One log line of a job, published to `fleet.logs.<tenant>.<job_id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogLine {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub job_id: JobId,
     pub attempt: i32,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub robot_id: RobotId,
     /// `stdout`, `stderr`, `fleet` (the step engine's own lines) or `output` (the full output of
     /// a job whose recorded output was truncated, as consecutive chunks of its JSON text).

@@ -16,9 +16,11 @@
 //! dev-depend on it, and so can `fleet-tests`, the end-to-end tests that depend on all parts.
 //!
 //! Where the dependencies come from:
-//! - nats-server: `FLEET_NATS_SERVER`, else `<workspace>/.tools/nats/bin/nats-server` as
-//!   installed by `scripts/install-nats` (pinned 2.15.1). Older than 2.11 is refused, and a
-//!   missing server fails the test with a message saying how to install one: tests are never
+//! - nats-server ([`nats_server_binary`]): `FLEET_NATS_SERVER`, else the repository's
+//!   `.tools/nats/bin/nats-server` (found above the current directory, or where this crate was
+//!   built), else a `nats-server` on `PATH` of 2.11 or newer (older ones are skipped with a note),
+//!   else the pinned 2.15.1 is installed into `.tools/nats` as `scripts/install-nats` does. When
+//!   none of that works the test fails with a message naming what was tried: tests are never
 //!   skipped for want of it.
 //! - PostgreSQL: the admin URL `FLEET_TEST_DATABASE_URL`, default
 //!   `postgres://postgres@127.0.0.1:5432/postgres` (`.ci/run` makes sure it answers).

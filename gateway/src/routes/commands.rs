@@ -15,8 +15,8 @@ use fleet_schemas::api::{
     RobotView,
 };
 use fleet_schemas::{RequestId, RobotId};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::call;
 use crate::AppState;
@@ -71,7 +71,7 @@ pub async fn robot_action(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<(String, String)>, PathRejection>,
     body: Bytes,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<CommandAnswer>, HttpError> {
     caller.require(fleet_schemas::keys::Role::Operator)?;
     let Ok(Path((robot_id, action))) = path else { return Err(HttpError::not_found("robot")) };
     let robot_id = RobotId::new(robot_id).map_err(|_| HttpError::not_found("robot"))?;
@@ -88,12 +88,32 @@ pub async fn robot_action(
     let result =
         send(&state, request_id, &caller, CommandTarget::Robot { robot_id: robot_id.clone() }, command)
             .await?;
-    Ok(Json(json!({
-        "robot_id": robot_id,
-        "action": action,
-        "accepted": !result.robots.is_empty(),
-        "message": message(command, result.robots.len()),
-    })))
+    Ok(Json(CommandAnswer {
+        robot_id,
+        action,
+        accepted: !result.robots.is_empty(),
+        message: message(command, result.robots.len()),
+    }))
+}
+
+/// Answer of the per-robot commands (`start`, `stop`, `pause`, `resume`, `restart`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CommandAnswer {
+    #[schema(value_type = String)]
+    pub robot_id: RobotId,
+    pub action: String,
+    pub accepted: bool,
+    pub message: String,
+}
+
+/// Answer of the bulk command.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BulkAnswer {
+    pub command: String,
+    /// How many robots were told.
+    pub count: usize,
+    pub robots: Vec<String>,
+    pub message: String,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -114,7 +134,7 @@ pub struct StatusBody {
     params(("robot_id" = String, Path, pattern = "^[a-z0-9-]{1,64}$", description = "Robot id")),
     request_body = StatusBody,
     responses(
-        (status = 200, description = "The robot after the change", body = crate::openapi::Robot),
+        (status = 200, description = "The robot after the change", body = crate::openapi::RobotView),
         (status = 403, description = "The key's role is below operator", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such robot in the caller's tenant", body = crate::openapi::ErrorBody),
         (status = 422, description = "Bad status (or an unknown field)", body = crate::openapi::ErrorBody),
@@ -201,7 +221,7 @@ pub async fn bulk(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     JsonBody(body): JsonBody<BulkBody>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<BulkAnswer>, HttpError> {
     caller.require(fleet_schemas::keys::Role::Operator)?;
     let command = match body.command.as_str() {
         "pause" => RobotCommand::Pause,
@@ -233,12 +253,12 @@ pub async fn bulk(
     }
     let target = CommandTarget::Filter { status, capabilities: body.capabilities };
     let result = send(&state, request_id, &caller, target, command).await?;
-    Ok(Json(json!({
-        "command": body.command,
-        "count": result.robots.len(),
-        "robots": result.robots,
-        "message": message(command, result.robots.len()),
-    })))
+    Ok(Json(BulkAnswer {
+        command: body.command,
+        count: result.robots.len(),
+        message: message(command, result.robots.len()),
+        robots: result.robots,
+    }))
 }
 
 async fn send(

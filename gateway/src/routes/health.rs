@@ -26,7 +26,7 @@ use crate::orchestrator::CallError;
 /// How long a health check waits for the orchestrator's pong.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Health {
     /// `healthy` or `unhealthy`.
     pub status: &'static str,

@@ -12,8 +12,7 @@ use axum::http::Uri;
 use fleet_schemas::api::{CreateKey, CreatedKey, Endpoint, KeyAction, KeyList, KeyView, ListKeys};
 use fleet_schemas::keys::{self, Rate, Role};
 use fleet_schemas::{RequestId, RobotId};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::{QueryParams, call};
@@ -264,7 +263,7 @@ struct KeyActionPath {
 enum KeyActionResponses {
     /// revoke: `{revoked, key_id, key}`; rotate: the new `api_key` and the key
     #[response(status = 200)]
-    Done(crate::openapi::KeyActionAnswer),
+    Done(KeyActionAnswer),
     /// The key's role is not admin
     #[response(status = 403)]
     Forbidden(crate::openapi::ErrorBody),
@@ -288,7 +287,7 @@ pub async fn key_action(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<(String, String)>, PathRejection>,
     body: Bytes,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<KeyActionAnswer>, HttpError> {
     caller.require(Role::Admin)?;
     let Ok(Path((key_id, verb))) = path else { return Err(HttpError::not_found("key")) };
     let verb = super::path_enum::<KeyVerb>(&verb).ok_or_else(|| HttpError::not_found("endpoint"))?;
@@ -300,15 +299,38 @@ pub async fn key_action(
             let req = KeyAction { id: key_id.clone(), reason: body.reason };
             let key: KeyView =
                 call(&state, Endpoint::RevokeKey, request_id, &caller, req, CallKind::Retryable).await?;
-            Ok(Json(json!({"revoked": true, "key_id": key_id, "key": key})))
+            Ok(Json(KeyActionAnswer::Revoked(KeyRevoked { revoked: true, key_id, key })))
         }
         KeyVerb::Rotate => {
             let req = KeyAction { id: key_id, reason: None };
             let created: CreatedKey =
                 call(&state, Endpoint::RotateKey, request_id, &caller, req, CallKind::Submit).await?;
-            Ok(Json(serde_json::to_value(created).map_err(|e| HttpError::internal(e.to_string()))?))
+            Ok(Json(KeyActionAnswer::Rotated(created)))
         }
     }
+}
+
+/// Answer of `POST …/{key_id}/revoke`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct KeyRevoked {
+    pub revoked: bool,
+    pub key_id: String,
+    pub key: KeyView,
+}
+
+/// Answer of `POST …/{key_id}/{action}`: revoked, or rotated (a new `api_key`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum KeyActionAnswer {
+    Revoked(KeyRevoked),
+    Rotated(CreatedKey),
+}
+
+/// Answer of `DELETE /api/v1/api-keys/{key_id}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct KeyDeleted {
+    pub deleted: bool,
+    pub key_id: String,
 }
 
 #[utoipa::path(delete, path = "/api/v1/api-keys/{key_id}", tag = "keys",
@@ -324,12 +346,12 @@ pub async fn delete(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<KeyDeleted>, HttpError> {
     caller.require(Role::Admin)?;
     let key_id = super::path_id(path, "key", |s| Some(s.to_owned())).and_then(known_shape)?;
     let req = KeyAction { id: key_id.clone(), reason: None };
     let _: KeyView = call(&state, Endpoint::DeleteKey, request_id, &caller, req, CallKind::Retryable).await?;
-    Ok(Json(json!({"deleted": true, "key_id": key_id})))
+    Ok(Json(KeyDeleted { deleted: true, key_id }))
 }
 
 /// `POST /api/v1/robot-api-keys/{key_id}/revoke|rotate`: the same as for any key.
@@ -344,6 +366,6 @@ pub async fn robot_key_action(
     request_id: Extension<RequestId>,
     path: Result<Path<(String, String)>, PathRejection>,
     body: Bytes,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<KeyActionAnswer>, HttpError> {
     key_action(caller, state, request_id, path, body).await
 }

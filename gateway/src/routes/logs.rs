@@ -24,11 +24,11 @@ use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State, rejection::PathRejection};
 use axum::http::Uri;
-use fleet_schemas::api::{Endpoint, GetById, JobView, RobotView};
+use fleet_schemas::api::{Endpoint, GetById, JobView, RobotStatus, RobotView};
 use fleet_schemas::robot::LogLine;
 use fleet_schemas::{JobId, RequestId, RobotId, TenantId, subjects};
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -79,7 +79,7 @@ pub async fn job_logs(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
     uri: Uri,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<JobLogs>, HttpError> {
     let id = path_id(path, "job", |s| s.parse::<JobId>().ok())?;
     let q = QueryParams::from_uri(&uri)?;
     let (limit, since) = (limit(&q)?, since(&q)?);
@@ -94,7 +94,16 @@ pub async fn job_logs(
     .await?;
     let next_since = lines.last().map(|(seq, _)| *seq);
     let logs: Vec<LogLine> = lines.into_iter().map(|(_, l)| l).collect();
-    Ok(Json(json!({"job_id": id, "logs": logs, "next_since": next_since})))
+    Ok(Json(JobLogs { job_id: id, logs, next_since }))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobLogs {
+    #[schema(value_type = String)]
+    pub job_id: JobId,
+    pub logs: Vec<LogLine>,
+    /// Pass as `since` to get the lines after these.
+    pub next_since: Option<u64>,
 }
 
 #[utoipa::path(
@@ -119,7 +128,7 @@ pub async fn robot_logs(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
     uri: Uri,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<RobotLogs>, HttpError> {
     let id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
     let q = QueryParams::from_uri(&uri)?;
     let (limit, since) = (limit(&q)?, since(&q)?);
@@ -147,7 +156,14 @@ pub async fn robot_logs(
         true
     })
     .await?;
-    Ok(Json(json!({"robot_id": id, "logs": newest})))
+    Ok(Json(RobotLogs { robot_id: id, logs: newest.into() }))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RobotLogs {
+    #[schema(value_type = String)]
+    pub robot_id: RobotId,
+    pub logs: Vec<LogLine>,
 }
 
 #[utoipa::path(
@@ -166,24 +182,41 @@ pub async fn robot_metrics(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<RobotMetrics>, HttpError> {
     let id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
     let r: RobotView =
         call(&state, Endpoint::GetRobot, request_id, &caller, GetById { id }, CallKind::Retryable).await?;
-    let rfc3339 = |t: Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
-    Ok(Json(json!({
-        "robot_id": r.robot_id,
-        "status": r.status,
-        "state": r.state,
-        "cpu_percent": r.cpu_percent,
-        "memory_mb": r.memory_mb,
-        "last_heartbeat": rfc3339(r.last_heartbeat),
-        "last_seen": rfc3339(r.last_seen),
-        "current_jobs": r.current_job_ids.len(),
-        "current_job_ids": r.current_job_ids,
-        "max_concurrent_jobs": r.max_concurrent_jobs,
-        "version": r.version,
-    })))
+    Ok(Json(RobotMetrics {
+        robot_id: r.robot_id,
+        status: r.status,
+        state: r.state,
+        cpu_percent: r.cpu_percent,
+        memory_mb: r.memory_mb,
+        last_heartbeat: r.last_heartbeat,
+        last_seen: r.last_seen,
+        current_jobs: r.current_job_ids.len(),
+        current_job_ids: r.current_job_ids,
+        max_concurrent_jobs: r.max_concurrent_jobs,
+        version: r.version,
+    }))
+}
+
+/// `GET /api/v1/robots/{robot_id}/metrics`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RobotMetrics {
+    pub robot_id: String,
+    pub status: RobotStatus,
+    pub state: String,
+    pub cpu_percent: Option<f32>,
+    pub memory_mb: Option<f64>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_heartbeat: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen: Option<OffsetDateTime>,
+    pub current_jobs: usize,
+    pub current_job_ids: Vec<String>,
+    pub max_concurrent_jobs: u32,
+    pub version: Option<String>,
 }
 
 /// All log subjects of a tenant. (`fleet_schemas::subjects` has only the per-job subject yet.)

@@ -14,8 +14,8 @@ use fleet_schemas::api::{Endpoint, GetById, RegisterRobot, RobotDeleted, RobotSa
 use fleet_schemas::keys::Role;
 use fleet_schemas::{Capability, RequestId, RobotId};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
+use super::robots::RobotDetail;
 use super::{call, path_id};
 use crate::AppState;
 use crate::auth::Caller;
@@ -94,7 +94,7 @@ async fn robot_object(
     state: AppState,
     request_id: RequestId,
     robot_id: &RobotId,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<RobotDetail>, HttpError> {
     super::robots::get(caller, State(state), Extension(request_id), Ok(Path(robot_id.to_string()))).await
 }
 
@@ -104,7 +104,7 @@ async fn robot_object(
     tag = "robots",
     request_body = RegisterBody,
     responses(
-        (status = 200, description = "The robot (created or updated)", body = crate::openapi::Robot),
+        (status = 200, description = "The robot (created or updated)", body = crate::openapi::RobotDetail),
         (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),
         (status = 422, description = "A field is wrong; `error.field` names it", body = crate::openapi::ErrorBody),
     ),
@@ -115,7 +115,7 @@ pub async fn register(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     JsonBody(body): JsonBody<RegisterBody>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<RobotDetail>, HttpError> {
     caller.require(Role::Admin)?;
     let robot_id =
         RobotId::new(body.robot_id.trim()).map_err(|_| HttpError::invalid("robot_id", RobotId::RULE))?;
@@ -144,7 +144,7 @@ pub async fn register(
     params(("robot_id" = String, Path, pattern = "^[a-z0-9-]{1,64}$", description = "Robot id")),
     request_body = UpdateBody,
     responses(
-        (status = 200, description = "The robot after the change", body = crate::openapi::Robot),
+        (status = 200, description = "The robot after the change", body = crate::openapi::RobotDetail),
         (status = 403, description = "The key's role is not admin", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such robot in the caller's tenant", body = crate::openapi::ErrorBody),
         (status = 422, description = "A field is wrong; `error.field` names it", body = crate::openapi::ErrorBody),
@@ -157,7 +157,7 @@ pub async fn update(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<UpdateBody>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<RobotDetail>, HttpError> {
     caller.require(Role::Admin)?;
     let robot_id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
     if let Some(name) = &body.name {
@@ -200,15 +200,11 @@ pub async fn delete(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<RobotDeleted>, HttpError> {
     caller.require(Role::Admin)?;
     let id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
     // A repeated delete finds nothing and answers 404, which the Canvas takes as success.
     let deleted: RobotDeleted =
         call(&state, Endpoint::DeleteRobot, request_id, &caller, GetById { id }, CallKind::Retryable).await?;
-    Ok(Json(json!({
-        "deleted": deleted.deleted,
-        "robot_id": deleted.robot_id,
-        "stopped": deleted.stopped,
-    })))
+    Ok(Json(deleted))
 }

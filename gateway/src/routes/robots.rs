@@ -10,7 +10,7 @@ use axum::extract::{Path, State, rejection::PathRejection};
 use axum::http::Uri;
 use fleet_schemas::api::{Endpoint, GetById, ListRobots, RobotStatus, RobotView};
 use fleet_schemas::{RequestId, RobotId};
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use super::{QueryParams, call, path_id};
 use crate::AppState;
@@ -33,7 +33,7 @@ pub async fn list(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     uri: Uri,
-) -> Result<Json<Vec<Value>>, HttpError> {
+) -> Result<Json<Vec<Robot>>, HttpError> {
     let q = QueryParams::from_uri(&uri)?;
     let status = q
         .get("status")
@@ -46,7 +46,7 @@ pub async fn list(
     let robots: Vec<RobotView> =
         call(&state, Endpoint::ListRobots, request_id, &caller, ListRobots { status }, CallKind::Retryable)
             .await?;
-    robots.into_iter().map(canvas_view).collect::<Result<_, _>>().map(Json)
+    Ok(Json(robots.into_iter().map(Robot::from).collect()))
 }
 
 #[utoipa::path(
@@ -55,7 +55,7 @@ pub async fn list(
     tag = "robots",
     params(("robot_id" = String, Path, pattern = "^[a-z0-9-]{1,64}$", description = "Robot id")),
     responses(
-        (status = 200, description = "The robot, with its statistics", body = crate::openapi::Robot),
+        (status = 200, description = "The robot, with its statistics", body = crate::openapi::RobotDetail),
         (status = 404, description = "No such robot in the caller's tenant", body = crate::openapi::ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = []))
@@ -65,33 +65,47 @@ pub async fn get(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<RobotDetail>, HttpError> {
     let id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
     let robot: RobotView =
         call(&state, Endpoint::GetRobot, request_id, &caller, GetById { id }, CallKind::Retryable).await?;
-    let mut json = canvas_view(robot)?;
-    if let Value::Object(m) = &mut json {
-        // Placeholders until the orchestrator keeps per-robot statistics.
-        for (key, placeholder) in [
-            ("jobs_completed_today", json!(0)),
-            ("jobs_failed_today", json!(0)),
-            ("average_job_duration_seconds", Value::Null),
-            ("memory_percent", Value::Null),
-        ] {
-            m.entry(key).or_insert(placeholder);
-        }
-    }
-    Ok(Json(json))
+    // Placeholders until the orchestrator keeps per-robot statistics.
+    Ok(Json(RobotDetail {
+        robot: robot.into(),
+        jobs_completed_today: 0,
+        jobs_failed_today: 0,
+        average_job_duration_seconds: None,
+        memory_percent: None,
+    }))
 }
 
-/// A `RobotView` with the Canvas's aliases added.
-fn canvas_view(robot: RobotView) -> Result<Value, HttpError> {
-    let first_job = robot.current_job_ids.first().cloned();
-    let running = robot.current_job_ids.len();
-    let mut json = serde_json::to_value(robot).map_err(|e| HttpError::internal(e.to_string()))?;
-    if let Value::Object(m) = &mut json {
-        m.entry("current_job_id").or_insert_with(|| json!(first_job));
-        m.entry("current_jobs").or_insert_with(|| json!(running));
+/// A robot as the Canvas reads it: the orchestrator's `RobotView` with two aliases.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Robot {
+    #[serde(flatten)]
+    pub robot: RobotView,
+    /// The first of `current_job_ids`.
+    pub current_job_id: Option<String>,
+    /// How many jobs run (the length of `current_job_ids`).
+    pub current_jobs: u32,
+}
+
+impl From<RobotView> for Robot {
+    fn from(robot: RobotView) -> Robot {
+        let current_job_id = robot.current_job_ids.first().cloned();
+        let current_jobs = u32::try_from(robot.current_job_ids.len()).unwrap_or(u32::MAX);
+        Robot { robot, current_job_id, current_jobs }
     }
-    Ok(json)
+}
+
+/// One robot with the per-robot statistics the Canvas shows, zero or null until the
+/// orchestrator keeps them.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RobotDetail {
+    #[serde(flatten)]
+    pub robot: Robot,
+    pub jobs_completed_today: u32,
+    pub jobs_failed_today: u32,
+    pub average_job_duration_seconds: Option<f64>,
+    pub memory_percent: Option<f64>,
 }
