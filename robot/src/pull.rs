@@ -9,11 +9,13 @@
 //! With the slot in hand the loop pulls from the class consumer and the robot's own consumer at
 //! the same time and takes whichever offer comes first. Two loops sharing one slot would leave
 //! one consumer unserved for up to a whole pull (5 s) while the other waits; one pull per
-//! consumer under one slot keeps both served. When one pull yields, the other is dropped: the
-//! client unsubscribes its inbox and the server discards a pull request whose inbox has no
-//! interest, so an offer is not sent into the void (in the tiny window where it already was, it is
-//! redelivered after the consumer's short `ack_wait`). The same holds when pausing or shutting
-//! down: an in-flight pull is simply dropped.
+//! consumer under one slot keeps both served. When one pull yields, the other is not dropped:
+//! the server may already have handed it an offer (dropping it would leave that offer unacked
+//! until the consumer's `ack_wait`, 30 s by default, a latency outlier seen after a consumer was
+//! recreated under load). It is left to finish in the background, bounded by its expiry, and an
+//! offer it still gets is NAKed at once, which hands it straight to the next waiting pull. When
+//! pausing or shutting down, an in-flight pull is simply dropped (the rare offer in flight then
+//! waits for `ack_wait`).
 //!
 //! Nothing is pulled before the robot's desired state has been read (see [`crate::commands`]): a
 //! robot started while paused must not claim its first offer before it learns it is paused.
@@ -86,7 +88,7 @@ pub fn priority(free: usize) -> usize {
 }
 
 /// One pull: at most one message.
-async fn fetch_one(consumer: &PullConsumer, priority: usize) -> Result<Option<jetstream::Message>, String> {
+async fn fetch_one(consumer: PullConsumer, priority: usize) -> Result<Option<jetstream::Message>, String> {
     let mut batch = consumer
         .fetch()
         .max_messages(1)
@@ -109,20 +111,29 @@ enum Round {
     Failed(String),
 }
 
-/// Pull from both consumers at once; the first offer wins.
+/// Pull from both consumers at once; the first offer wins, and the other pull is handed to
+/// [`give_back_late_offer`].
 async fn fetch_round(c: &Consumers, priority: usize) -> Round {
-    let class = fetch_one(&c.class, priority);
-    let robot = fetch_one(&c.robot, priority);
-    tokio::pin!(class, robot);
+    let mut class = Box::pin(fetch_one(c.class.clone(), priority));
+    let mut robot = Box::pin(fetch_one(c.robot.clone(), priority));
     let (mut class_done, mut robot_done) = (false, false);
     let mut failure = None;
     while !(class_done && robot_done) {
-        let result = tokio::select! {
-            r = &mut class, if !class_done => { class_done = true; r }
-            r = &mut robot, if !robot_done => { robot_done = true; r }
+        let (result, other_done) = tokio::select! {
+            r = &mut class, if !class_done => { class_done = true; (r, robot_done) }
+            r = &mut robot, if !robot_done => { robot_done = true; (r, class_done) }
         };
         match result {
-            Ok(Some(m)) => return Round::Offer(Box::new(m)),
+            Ok(Some(m)) => {
+                if !other_done {
+                    if class_done {
+                        tokio::spawn(give_back_late_offer(robot));
+                    } else {
+                        tokio::spawn(give_back_late_offer(class));
+                    }
+                }
+                return Round::Offer(Box::new(m));
+            }
             Ok(None) => {}
             Err(e) => failure = Some(e),
         }
@@ -130,6 +141,20 @@ async fn fetch_round(c: &Consumers, priority: usize) -> Round {
     match failure {
         Some(e) => Round::Failed(e),
         None => Round::Empty,
+    }
+}
+
+/// Let the losing pull of a round finish (it ends by its expiry at the latest) and NAK an offer
+/// it still receives, without delay, so the offer goes at once to the next waiting pull instead of
+/// waiting out `ack_wait` unacked on this robot, which has no slot for it.
+async fn give_back_late_offer(
+    pull: std::pin::Pin<Box<impl std::future::Future<Output = Result<Option<jetstream::Message>, String>>>>,
+) {
+    let late = tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(1), pull).await;
+    if let Ok(Ok(Some(msg))) = late
+        && let Err(e) = msg.ack_with(jetstream::AckKind::Nak(None)).await
+    {
+        tracing::debug!(error = %e, "could not hand back an offer a losing pull received");
     }
 }
 
