@@ -164,6 +164,7 @@ async fn submit(core: &Arc<Core>, req: ApiRequest<SubmitJob>) -> ApiResult<Submi
     let mut reserved: Option<String> = None;
     let placement = match core.fleet.reserve(&placing, position, true) {
         Decision::Offer { subject, target: to, class, robot } => {
+            core.fleet.offered_priority(&req.tenant, &subject, body.priority);
             reserved = Some(subject.clone());
             match ensure_consumer(core, &req.tenant, class.as_ref(), robot.as_ref()).await {
                 Ok(()) => Placement::Offer { subject, target: to },
@@ -228,6 +229,10 @@ async fn submit(core: &Arc<Core>, req: ApiRequest<SubmitJob>) -> ApiResult<Submi
             created_at: inserted.created_at,
             job_id: inserted.job_id.0,
         });
+        // Offers of a lower priority wait where it could run: a pass recalls them.
+        if target.is_none() && !core.fleet.outranked(&req.tenant, &requires, job.priority).is_empty() {
+            core.admission.reset();
+        }
         core.wake_admission.notify_one();
     }
     core.wake_relay.notify_one();
