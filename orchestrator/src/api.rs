@@ -285,10 +285,12 @@ async fn list_robots(
     req: ApiRequest<ListRobots>,
 ) -> ApiResult<Vec<fleet_schemas::api::RobotView>> {
     let robots = core.store.list_robots(&req.tenant, None).await?;
-    Ok(match req.body.status {
-        Some(status) => robots.into_iter().filter(|r| r.status == status).collect(),
-        None => robots,
-    })
+    let ListRobots { status, capability } = &req.body;
+    Ok(robots
+        .into_iter()
+        .filter(|r| status.is_none_or(|s| r.status == s))
+        .filter(|r| capability.as_ref().is_none_or(|c| r.capabilities.iter().any(|have| have == c.as_str())))
+        .collect())
 }
 
 async fn get_robot(

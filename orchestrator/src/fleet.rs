@@ -304,7 +304,8 @@ impl FleetView {
     /// The offer just reserved on `subject` has `priority` (for [`FleetView::outranked`]).
     pub fn offered_priority(&self, tenant: &TenantId, subject: &str, priority: i16) {
         let mut tenants = self.tenants.write().expect("not poisoned");
-        let lowest = tenants.entry(tenant.clone()).or_default().lowest.entry(subject.to_owned()).or_insert(priority);
+        let lowest =
+            tenants.entry(tenant.clone()).or_default().lowest.entry(subject.to_owned()).or_insert(priority);
         *lowest = (*lowest).min(priority);
     }
 
@@ -787,7 +788,11 @@ mod tests {
         let (tenant, any) = (t(), Class::default());
         let subject = "fleet.jobs.acme.shell";
         assert!(view.outranked(&tenant, &any, 20).is_empty(), "no offers");
-        view.offered_priority(&tenant, &subject_of(&view.reserve(&place(&tenant, &any), 1, false)).to_owned(), 5);
+        view.offered_priority(
+            &tenant,
+            &subject_of(&view.reserve(&place(&tenant, &any), 1, false)).to_owned(),
+            5,
+        );
         view.offered_priority(&tenant, subject, 2);
         assert_eq!(view.outranked(&tenant, &any, 3), vec![subject.to_owned()]);
         assert!(view.outranked(&tenant, &any, 2).is_empty(), "a tie does not outrank");

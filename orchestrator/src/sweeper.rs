@@ -382,7 +382,11 @@ async fn recall_outranked(core: &Core, outranking: Vec<(TenantId, i16, Vec<Strin
             let subject = queued.offer.subject.as_str();
             let outranked = per_subject.get(subject).is_some_and(|p| queued.priority < *p);
             let gone = outranked
-                && match core.store.recall(queued.offer.job_id, queued.offer.offer_no, "outranked by a waiting job").await {
+                && match core
+                    .store
+                    .recall(queued.offer.job_id, queued.offer.offer_no, "outranked by a waiting job")
+                    .await
+                {
                     Ok(gone) => gone,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot recall an outranked offer");

@@ -518,22 +518,25 @@ async fn with_the_default_prefetch_a_higher_priority_job_starts_before_lower_off
     stack.wait_robots_online(1).await;
     let blocker = submit_all(&stack, vec![job(&[], json!({"variables": {"ms": 4000}}))]).await;
     wait_status(&stack, &blocker[0], "running").await;
-    let low =
-        submit_all(&stack, (0..5).map(|_| job(&[], json!({"priority": 2, "variables": {"ms": 5}}))).collect())
-            .await;
+    let low = submit_all(
+        &stack,
+        (0..5).map(|_| job(&[], json!({"priority": 2, "variables": {"ms": 5}}))).collect(),
+    )
+    .await;
     // The prefetch at work: the first two are offered while the slot is still taken.
     for id in &low[..2] {
         assert_eq!(stack.job(id).await["status"], "queued", "the scenario needs prefetched offers");
     }
     let high = submit_all(&stack, vec![job(&[], json!({"priority": 18, "variables": {"ms": 5}}))]).await;
     // It takes the place of the class's offers at the head, before the slot frees.
-    let (offered, blocker_status) = wait_for("the priority-18 job offered or the slot freed", WAIT, || async {
-        let offered = stack.job(&high[0]).await["status"] == "queued";
-        let blocker_status = stack.job(&blocker[0]).await["status"].clone();
-        (offered || blocker_status != "running").then_some((offered, blocker_status))
-    })
-    .await
-    .unwrap();
+    let (offered, blocker_status) =
+        wait_for("the priority-18 job offered or the slot freed", WAIT, || async {
+            let offered = stack.job(&high[0]).await["status"] == "queued";
+            let blocker_status = stack.job(&blocker[0]).await["status"].clone();
+            (offered || blocker_status != "running").then_some((offered, blocker_status))
+        })
+        .await
+        .unwrap();
     assert!(
         offered && blocker_status == "running",
         "the priority-18 job was not offered while the slot was busy (blocker {blocker_status})"

@@ -309,7 +309,11 @@ impl Store {
 
     /// Unclaimed offers of a tenant on `subjects`, with their priorities (to find the ones a
     /// waiting job outranks). Only queued jobs are read, a few per class.
-    pub async fn queued_offers(&self, tenant: &TenantId, subjects: &[String]) -> StoreResult<Vec<QueuedOffer>> {
+    pub async fn queued_offers(
+        &self,
+        tenant: &TenantId,
+        subjects: &[String],
+    ) -> StoreResult<Vec<QueuedOffer>> {
         let rows = sqlx::query(
             "SELECT job_id, offer_no, offer_subject, offer_seq, priority FROM jobs
              WHERE status = 'queued' AND tenant = $1 AND offer_subject = ANY($2)",
