@@ -788,18 +788,19 @@ mod tests {
         let (tenant, any) = (t(), Class::default());
         let subject = "fleet.jobs.acme.shell";
         assert!(view.outranked(&tenant, &any, 20).is_empty(), "no offers");
-        view.offered_priority(
-            &tenant,
-            &subject_of(&view.reserve(&place(&tenant, &any), 1, false)).to_owned(),
-            5,
-        );
-        view.offered_priority(&tenant, subject, 2);
+        // Two offers: priority 5, then 2.
+        for priority in [5, 2] {
+            assert_eq!(subject_of(&view.reserve(&place(&tenant, &any), 1, false)), subject);
+            view.offered_priority(&tenant, subject, priority);
+        }
         assert_eq!(view.outranked(&tenant, &any, 3), vec![subject.to_owned()]);
         assert!(view.outranked(&tenant, &any, 2).is_empty(), "a tie does not outrank");
         assert!(view.outranked(&tenant, &Class::parse(["gpu"]).unwrap(), 20).is_empty(), "cannot run there");
         // The database said only the priority-5 offer is left.
+        view.unoffered(&tenant, subject);
         view.set_lowest(&tenant, subject, Some(5));
         assert!(view.outranked(&tenant, &any, 3).is_empty());
+        assert_eq!(view.outranked(&tenant, &any, 6), vec![subject.to_owned()]);
         // The last offer claimed: nothing left to outrank.
         view.unoffered(&tenant, subject);
         assert!(view.outranked(&tenant, &any, 20).is_empty());
