@@ -169,6 +169,7 @@ async fn submit(core: &Arc<Core>, req: ApiRequest<SubmitJob>) -> ApiResult<Submi
     let mut reserved: Option<String> = None;
     let placement = match core.fleet.reserve(&placing, position, true) {
         Decision::Offer { subject, target: to, class, robot } => {
+            core.fleet.offered_priority(&req.tenant, &subject, body.priority);
             reserved = Some(subject.clone());
             match ensure_consumer(core, &req.tenant, class.as_ref(), robot.as_ref()).await {
                 Ok(()) => Placement::Offer { subject, target: to },
@@ -233,6 +234,10 @@ async fn submit(core: &Arc<Core>, req: ApiRequest<SubmitJob>) -> ApiResult<Submi
             created_at: inserted.created_at,
             job_id: inserted.job_id.0,
         });
+        // Offers of a lower priority wait where it could run: a pass recalls them.
+        if target.is_none() && !core.fleet.outranked(&req.tenant, &requires, job.priority).is_empty() {
+            core.admission.reset();
+        }
         core.wake_admission.notify_one();
     }
     core.wake_relay.notify_one();
@@ -285,10 +290,12 @@ async fn list_robots(
     req: ApiRequest<ListRobots>,
 ) -> ApiResult<Vec<fleet_schemas::api::RobotView>> {
     let robots = core.store.list_robots(&req.tenant, None).await?;
-    Ok(match req.body.status {
-        Some(status) => robots.into_iter().filter(|r| r.status == status).collect(),
-        None => robots,
-    })
+    let ListRobots { status, capability } = &req.body;
+    Ok(robots
+        .into_iter()
+        .filter(|r| status.is_none_or(|s| r.status == s))
+        .filter(|r| capability.as_ref().is_none_or(|c| r.capabilities.iter().any(|have| have == c.as_str())))
+        .collect())
 }
 
 async fn get_robot(

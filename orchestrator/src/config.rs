@@ -79,8 +79,8 @@ pub struct Config {
     /// How often the sweeper and admission pass run when nothing wakes them earlier.
     #[serde(with = "duration")]
     pub sweep_interval: Duration,
-    /// Unclaimed offers a class may hold beyond its free slots: that many jobs may start ahead
-    /// of the priority order, in exchange for robots finding their next offer already waiting.
+    /// Unclaimed offers a class may hold beyond its free slots, so robots find their next offer
+    /// already waiting. Priority stays strict: a higher job that comes recalls them (fleet.rs).
     pub prefetch: u32,
     /// Rejections after which a job fails instead of being offered again.
     pub max_rejections: i32,

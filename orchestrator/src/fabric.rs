@@ -406,7 +406,7 @@ pub async fn reconcile(core: &Core) -> Result<Repairs, FabricError> {
 /// the old stream holds it already and the copy is refused at claim, and the new sequences are
 /// recorded for the watchdog.
 async fn republish_queued(core: &Core) {
-    match core.store.queued_offers(REPUBLISH_LIMIT).await {
+    match core.store.all_queued_offers(REPUBLISH_LIMIT).await {
         Ok(offers) => {
             tracing::warn!(
                 jobs = offers.len(),

@@ -170,10 +170,12 @@ pub async fn list(core: &Core, req: ApiRequest<ListKeys>) -> ApiResult<KeyList> 
     let q = &req.body;
     let rows = sqlx::query(&format!(
         "{SELECT} WHERE k.tenant = $1 AND ($2::text IS NULL OR k.robot_id = $2)
+           AND (NOT $3 OR k.robot_id IS NOT NULL)
          ORDER BY k.created_at DESC, k.key_id"
     ))
     .bind(req.tenant.as_str())
     .bind(q.robot_id.as_deref())
+    .bind(q.robot_keys)
     .fetch_all(&core.store.pool)
     .await
     .map_err(StoreError::from)?;

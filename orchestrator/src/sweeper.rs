@@ -255,6 +255,8 @@ async fn admit_round(core: &Core) -> bool {
     // Offers decided this round, admitted together in one statement below.
     let mut admits: Vec<(JobId, String, String)> = Vec::new();
     let mut admitted_in: Vec<TenantId> = Vec::new();
+    // Waiting jobs that outrank offers on a class they could run on: (tenant, priority, subjects).
+    let mut outranking: Vec<(TenantId, i16, Vec<String>)> = Vec::new();
     for job in pending {
         let key = PendingKey { priority: job.priority, created_at: job.created_at, job_id: job.job_id };
         last = Some(key);
@@ -270,8 +272,11 @@ async fn admit_round(core: &Core) -> bool {
         let position = waiting.get(&tenant).copied().unwrap_or(0) + 1;
         let placing =
             Placing { tenant: &tenant, requires: &requires, target: target.as_ref(), rejected: &rejected };
-        match core.fleet.reserve(&placing, position, false) {
+        // Queue behind jobs of this pass that wait for a class: its offers, prefetch included,
+        // stay the head of the priority order (fleet.rs, "Strict priority").
+        match core.fleet.reserve(&placing, position, true) {
             Decision::Offer { subject, target: to, class, robot } => {
+                core.fleet.offered_priority(&tenant, &subject, job.priority);
                 if let Err(e) =
                     crate::api::ensure_consumer(core, &tenant, class.as_ref(), robot.as_ref()).await
                 {
@@ -285,6 +290,12 @@ async fn admit_round(core: &Core) -> bool {
             }
             Decision::Wait { reason } => {
                 next_from.get_or_insert(key);
+                if target.is_none() && rejected.is_empty() {
+                    let subjects = core.fleet.outranked(&tenant, &requires, job.priority);
+                    if !subjects.is_empty() {
+                        outranking.push((tenant.clone(), job.priority, subjects));
+                    }
+                }
                 *waiting.entry(tenant).or_default() += 1;
                 // A new kind of reason is recorded at once; a new queue position only on the
                 // periodic refresh (it changes for every waiting job whenever one starts).
@@ -335,7 +346,77 @@ async fn admit_round(core: &Core) -> bool {
         Ok(()) => {}
         Err(e) => tracing::warn!(error = %e, "cannot record waiting reasons"),
     }
+    if !outranking.is_empty() {
+        recall_outranked(core, outranking).await;
+    }
     ok && full && waiting.is_empty()
+}
+
+/// Recall the unclaimed offers that waiting jobs outrank, so the next round offers those jobs
+/// first and the recalled ones behind them (a class consumer delivers in stream order). A
+/// robot that already fetched a recalled offer is refused at claim and pulls again.
+///
+/// Ties stay first come, first served: only a strictly higher priority recalls.
+async fn recall_outranked(core: &Core, outranking: Vec<(TenantId, i16, Vec<String>)>) {
+    // Per tenant and subject, the highest priority waiting for it.
+    let mut wanted: HashMap<TenantId, HashMap<String, i16>> = HashMap::new();
+    for (tenant, priority, subjects) in outranking {
+        let per_subject = wanted.entry(tenant).or_default();
+        for subject in subjects {
+            let p = per_subject.entry(subject).or_insert(priority);
+            *p = (*p).max(priority);
+        }
+    }
+    let mut recalled = 0usize;
+    for (tenant, per_subject) in wanted {
+        let subjects: Vec<String> = per_subject.keys().cloned().collect();
+        let offers = match core.store.queued_offers_on(&tenant, &subjects).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list offers to recall");
+                continue;
+            }
+        };
+        let mut lowest_left: HashMap<&str, i16> = HashMap::new();
+        for queued in &offers {
+            let subject = queued.offer.subject.as_str();
+            let outranked = per_subject.get(subject).is_some_and(|p| queued.priority < *p);
+            let gone = outranked
+                && match core
+                    .store
+                    .recall(queued.offer.job_id, queued.offer.offer_no, "outranked by a waiting job")
+                    .await
+                {
+                    Ok(gone) => gone,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot recall an outranked offer");
+                        false
+                    }
+                };
+            if gone {
+                recalled += 1;
+                core.fleet.unoffered(&tenant, subject);
+                // Not recorded yet: the robot that gets the message is refused its claim.
+                if let Some(seq) = queued.seq {
+                    core.offers.delete(&core.fabric.jobs, seq).await;
+                }
+            } else {
+                let p = lowest_left.entry(subject).or_insert(queued.priority);
+                *p = (*p).min(queued.priority);
+            }
+        }
+        // What is left is now known: no look at the database again until a lower offer comes.
+        for subject in &subjects {
+            core.fleet.set_lowest(&tenant, subject, lowest_left.get(subject.as_str()).copied());
+        }
+    }
+    if recalled > 0 {
+        tracing::debug!(offers = recalled, "recalled offers outranked by waiting jobs");
+        // The recalled jobs are pending again, ahead of the cursor.
+        core.admission.reset();
+        core.wake_admission.notify_one();
+        core.wake_relay.notify_one();
+    }
 }
 
 /// Rebuild the leader's bookkeeping (running jobs per robot, waiting offers per subject) from

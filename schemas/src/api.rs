@@ -199,6 +199,9 @@ pub struct ListJobs {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListRobots {
     pub status: Option<RobotStatus>,
+    /// Only robots that have this capability (declared or implicit).
+    #[serde(default)]
+    pub capability: Option<crate::Capability>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -545,6 +548,9 @@ pub struct ListKeys {
     pub status: Option<String>,
     pub limit: u32,
     pub offset: u32,
+    /// Only keys bound to a robot (before paging, so `total` and `offset` count those).
+    #[serde(default)]
+    pub robot_keys: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

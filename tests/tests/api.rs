@@ -511,3 +511,233 @@ async fn input_the_database_cannot_hold_is_refused_at_the_edge() {
     assert_eq!(status, 404, "JSON null is no body; the robot does not exist: {answer}");
     stack.stop().await;
 }
+
+/// GET `path`, asserting 200.
+async fn list(stack: &Stack, path: &str) -> Value {
+    let (status, _, body) = call(stack, Method::GET, path, None).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
+/// GET `path`, asserting a 422 that names `field`.
+async fn refused(stack: &Stack, path: &str, field: &str) {
+    let (status, _, body) = call(stack, Method::GET, path, None).await;
+    assert_eq!((status, body["error"]["field"].as_str()), (422, Some(field)), "{path}: {body}");
+}
+
+/// The values of `key` in a list of objects.
+fn values(items: &Value, key: &str) -> BTreeSet<String> {
+    items
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {items}"))
+        .iter()
+        .map(|i| i[key].to_string())
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|i| Value::from(*i).to_string()).collect()
+}
+
+/// Regression (issue 11): `?capability=gpu` returned every robot.
+#[tokio::test]
+async fn the_robot_list_filters_by_status_and_capability() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("r1", &["browser"]));
+    stack.wait_robots_online(1).await;
+    let gpu = json!({"robot_id": "bot-gpu", "name": "G", "hostname": "g", "capabilities": ["gpu"]});
+    let (status, _, body) = call(&stack, Method::POST, "/api/v1/robots/register", Some(gpu)).await;
+    assert_eq!(status, 200, "{body}");
+    let path = "/api/v1/metrics/robots";
+    assert_eq!(values(&list(&stack, path).await, "robot_id"), set(&["r1", "bot-gpu"]));
+    assert_eq!(values(&list(&stack, &format!("{path}?capability=gpu")).await, "robot_id"), set(&["bot-gpu"]));
+    assert_eq!(values(&list(&stack, &format!("{path}?capability=browser")).await, "robot_id"), set(&["r1"]));
+    // Implicit capabilities count.
+    assert_eq!(values(&list(&stack, &format!("{path}?capability=shell")).await, "robot_id"), set(&["r1"]));
+    assert_eq!(values(&list(&stack, &format!("{path}?capability=secure")).await, "robot_id"), set(&[]));
+    let (_, r1) = stack.get("/api/v1/metrics/robots/r1").await;
+    let online = r1["status"].as_str().unwrap().to_owned();
+    assert_ne!(online, "offline", "{r1}");
+    assert_eq!(values(&list(&stack, &format!("{path}?status={online}")).await, "robot_id"), set(&["r1"]));
+    assert_eq!(values(&list(&stack, &format!("{path}?status=offline")).await, "robot_id"), set(&["bot-gpu"]));
+    // Both at once.
+    assert_eq!(
+        values(&list(&stack, &format!("{path}?status=offline&capability=browser")).await, "robot_id"),
+        set(&[])
+    );
+    refused(&stack, &format!("{path}?capability=Bad!"), "capability").await;
+    refused(&stack, &format!("{path}?status=asleep"), "status").await;
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_job_list_filters_by_status_workflow_robot_and_limit() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("r1", &[]));
+    let done = stack.submit(shell("Done", "true")).await;
+    stack.finished(&id_of(&done)).await;
+    let mut waits = shell("Waits", "true");
+    waits["required_capabilities"] = json!(["gpu"]);
+    let waits = stack.submit(waits).await;
+    let (done_id, waits_id) = (id_of(&done), id_of(&waits));
+    let path = "/api/v1/metrics/jobs";
+    let ids = |body: Value| values(&body, "job_id");
+    assert_eq!(ids(list(&stack, path).await), set(&[&done_id, &waits_id]));
+    assert_eq!(ids(list(&stack, &format!("{path}?status=completed")).await), set(&[&done_id]));
+    assert_eq!(ids(list(&stack, &format!("{path}?status=pending")).await), set(&[&waits_id]));
+    let workflow = waits["workflow_id"].as_str().unwrap();
+    assert_eq!(ids(list(&stack, &format!("{path}?workflow_id={workflow}")).await), set(&[&waits_id]));
+    assert_eq!(ids(list(&stack, &format!("{path}?robot_id=r1")).await), set(&[&done_id]));
+    assert_eq!(ids(list(&stack, &format!("{path}?robot_id=r2")).await), set(&[]));
+    // Newest first.
+    assert_eq!(ids(list(&stack, &format!("{path}?limit=1")).await), set(&[&waits_id]));
+    assert_eq!(
+        ids(list(&stack, &format!("{path}?status=completed&robot_id=r1&limit=1")).await),
+        set(&[&done_id])
+    );
+    refused(&stack, &format!("{path}?status=nope"), "status").await;
+    refused(&stack, &format!("{path}?robot_id=R!"), "robot_id").await;
+    refused(&stack, &format!("{path}?limit=0"), "limit").await;
+    refused(&stack, &format!("{path}?cursor=zz"), "cursor").await;
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_activity_list_filters_by_type_time_and_limit() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("r1", &[]));
+    let first = id_of(&stack.submit(shell("First", "true")).await);
+    stack.finished(&first).await;
+    let path = "/api/v1/metrics/activity";
+    // A time after the first job's events and before the second's (the API's own clock).
+    let newest = list(&stack, &format!("{path}?limit=1")).await;
+    let between = newest["events"][0]["timestamp"].as_str().unwrap().to_owned();
+    assert!(newest["total"].as_u64().unwrap() > 1, "the limit leaves some out: {newest}");
+    assert_eq!(newest["events"].as_array().map(Vec::len), Some(1), "{newest}");
+    let second = id_of(&stack.submit(shell("Second", "true")).await);
+    stack.finished(&second).await;
+    let completed = list(&stack, &format!("{path}?event_type=job_completed&limit=200")).await;
+    assert_eq!(values(&completed["events"], "job_id"), set(&[&first, &second]), "{completed}");
+    assert_eq!(values(&completed["events"], "type"), set(&["job_completed"]), "{completed}");
+    let since = list(&stack, &format!("{path}?since={}&limit=200", between.replace('+', "%2B"))).await;
+    let jobs = values(&since["events"], "job_id");
+    assert!(jobs.contains(&Value::from(second.as_str()).to_string()), "{since}");
+    assert!(!jobs.contains(&Value::from(first.as_str()).to_string()), "{since}");
+    refused(&stack, &format!("{path}?limit=201"), "limit").await;
+    refused(&stack, &format!("{path}?since=soon"), "since").await;
+    refused(&stack, &format!("{path}?event_type=Job-Done"), "event_type").await;
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_log_lists_filter_by_limit_and_since() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("r1", &[]));
+    let id = id_of(&stack.submit(shell("Chatty", "echo one; echo two; echo three")).await);
+    stack.finished(&id).await;
+    let job_path = format!("/api/v1/jobs/{id}/logs");
+    let lines = |body: &Value| -> Vec<String> {
+        body["logs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l["line"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let all = list(&stack, &job_path).await;
+    let every = lines(&all);
+    for word in ["one", "two", "three"] {
+        assert!(every.iter().any(|l| l == word), "{all}");
+    }
+    let page = list(&stack, &format!("{job_path}?limit=1")).await;
+    assert_eq!(lines(&page), every[..1], "{page}");
+    let rest = list(&stack, &format!("{job_path}?since={}", page["next_since"])).await;
+    assert_eq!(lines(&rest), every[1..], "{rest}");
+    let later = list(&stack, &format!("{job_path}?since=2999-01-01T00:00:00Z")).await;
+    assert_eq!(lines(&later), Vec::<String>::new(), "{later}");
+    refused(&stack, &format!("{job_path}?limit=0"), "limit").await;
+    refused(&stack, &format!("{job_path}?since=soon"), "since").await;
+
+    let robot_path = "/api/v1/robots/r1/logs";
+    let all = list(&stack, robot_path).await;
+    assert_eq!(lines(&all), every, "the robot wrote the same lines: {all}");
+    let newest = list(&stack, &format!("{robot_path}?limit=1")).await;
+    assert_eq!(lines(&newest), every[every.len() - 1..], "the newest: {newest}");
+    let earlier = list(&stack, &format!("{robot_path}?since=2000-01-01T00:00:00")).await;
+    assert_eq!(lines(&earlier), every, "{earlier}");
+    let later = list(&stack, &format!("{robot_path}?since=2999-01-01T00:00:00Z")).await;
+    assert_eq!(lines(&later), Vec::<String>::new(), "{later}");
+    refused(&stack, &format!("{robot_path}?limit=10001"), "limit").await;
+    refused(&stack, &format!("{robot_path}?since=soon"), "since").await;
+    stack.stop().await;
+}
+
+/// Regression (issue 11): `GET /api/v1/robot-api-keys` paged over every key and then dropped
+/// the ones of no robot, so a page could come back empty and `total` counted only the page.
+#[tokio::test]
+async fn the_key_lists_filter_by_robot_status_and_page() {
+    let stack = Stack::start().await;
+    for robot in ["bot-k", "bot-j"] {
+        let body = json!({"robot_id": robot, "name": robot, "hostname": "h"});
+        let (status, _, answer) = call(&stack, Method::POST, "/api/v1/robots/register", Some(body)).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let mut robot_keys = Vec::new();
+    for (robot, name) in [("bot-k", "k1"), ("bot-k", "k2"), ("bot-j", "j1")] {
+        let (status, made) =
+            stack.post("/api/v1/robot-api-keys", &json!({"robot_id": robot, "name": name})).await;
+        assert_eq!(status, 200, "{made}");
+        robot_keys.push(made["key"]["id"].as_str().unwrap().to_owned());
+    }
+    // Newer than the robot keys, so they come first in the list.
+    let mut api_keys = Vec::new();
+    for name in ["a1", "a2", "a3"] {
+        let (status, made) = stack.post("/api/v1/api-keys", &json!({"name": name, "role": "viewer"})).await;
+        assert_eq!(status, 200, "{made}");
+        api_keys.push(made["key"]["id"].as_str().unwrap().to_owned());
+    }
+    let (status, _) = stack.post(&format!("/api/v1/api-keys/{}/revoke", api_keys[0]), &json!({})).await;
+    assert_eq!(status, 200);
+    let ids = |body: &Value| values(&body["keys"], "id");
+    let strs = |v: &[String]| -> BTreeSet<String> {
+        v.iter().map(|s| Value::from(s.as_str()).to_string()).collect()
+    };
+
+    let all = list(&stack, "/api/v1/api-keys?limit=1000").await;
+    let everything: BTreeSet<String> = strs(&api_keys).union(&strs(&robot_keys)).cloned().collect();
+    assert!(ids(&all).is_superset(&everything), "{all}");
+    let revoked = list(&stack, "/api/v1/api-keys?status=revoked").await;
+    assert_eq!(ids(&revoked), strs(&api_keys[..1]), "{revoked}");
+    let active = list(&stack, "/api/v1/api-keys?status=active&limit=1000").await;
+    assert!(!ids(&active).contains(&Value::from(api_keys[0].as_str()).to_string()), "{active}");
+    assert!(ids(&active).is_superset(&strs(&robot_keys)), "{active}");
+    let of_k = list(&stack, "/api/v1/api-keys?robot_id=bot-k").await;
+    assert_eq!(ids(&of_k), strs(&robot_keys[..2]), "{of_k}");
+    let total = all["total"].as_u64().unwrap();
+    let page = list(&stack, "/api/v1/api-keys?limit=2&offset=1").await;
+    assert_eq!(
+        (page["keys"].as_array().map(Vec::len), page["total"].as_u64()),
+        (Some(2), Some(total)),
+        "{page}"
+    );
+    let skipped: Vec<Value> = all["keys"].as_array().unwrap()[1..3].iter().map(|k| k["id"].clone()).collect();
+    assert_eq!(page["keys"].as_array().unwrap().iter().map(|k| k["id"].clone()).collect::<Vec<_>>(), skipped);
+
+    // The robot-key list pages over robot keys only.
+    let robots = list(&stack, "/api/v1/robot-api-keys").await;
+    assert_eq!((ids(&robots), robots["total"].as_u64()), (strs(&robot_keys), Some(3)), "{robots}");
+    let first = list(&stack, "/api/v1/robot-api-keys?limit=1").await;
+    assert_eq!(
+        (first["keys"].as_array().map(Vec::len), first["total"].as_u64()),
+        (Some(1), Some(3)),
+        "{first}"
+    );
+    let last = list(&stack, "/api/v1/robot-api-keys?limit=2&offset=2").await;
+    assert_eq!(ids(&last), strs(&robot_keys[..1]), "the oldest robot key: {last}");
+    let of_j = list(&stack, "/api/v1/robot-api-keys?robot_id=bot-j&status=active").await;
+    assert_eq!(ids(&of_j), strs(&robot_keys[2..]), "{of_j}");
+    refused(&stack, "/api/v1/robot-api-keys?status=lost", "status").await;
+    refused(&stack, "/api/v1/api-keys?limit=1001", "limit").await;
+    refused(&stack, "/api/v1/api-keys?offset=-1", "offset").await;
+    stack.stop().await;
+}

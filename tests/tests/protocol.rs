@@ -719,7 +719,10 @@ async fn api_keys_verify_until_revoked_or_rotated() {
     assert_eq!(revoked.status, "revoked");
     assert!(fabric.api::<_, KeyIdentity>(Endpoint::VerifyKey, verify(&rotated.api_key)).await.is_err());
     let list: KeyList = fabric
-        .api(Endpoint::ListKeys, ListKeys { robot_id: None, status: None, limit: 50, offset: 0 })
+        .api(
+            Endpoint::ListKeys,
+            ListKeys { robot_id: None, status: None, limit: 50, offset: 0, robot_keys: false },
+        )
         .await
         .unwrap();
     assert_eq!((list.total, list.keys[0].status.as_str()), (1, "revoked"));

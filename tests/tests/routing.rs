@@ -491,3 +491,119 @@ async fn tenants_never_see_each_others_jobs_or_robots() {
     assert_eq!((status, body["error"]["field"].as_str()), (422, Some("target_robot_id")), "{body}");
     stack.stop().await;
 }
+
+/// Wait until job `id` has `status`.
+async fn wait_status(stack: &Stack, id: &str, status: &str) {
+    wait_for(format!("job {id} to be {status}"), WAIT, || async {
+        (stack.job(id).await["status"] == status).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// The jobs of `ids` in the order the robots started them.
+fn start_order(log: &Log, ids: &[String]) -> Vec<String> {
+    let mut runs: Vec<Run> = log.runs().into_iter().filter(|r| ids.contains(&r.job)).collect();
+    runs.sort_by_key(|r| r.started);
+    runs.into_iter().map(|r| r.job).collect()
+}
+
+/// Regression (issue 11): with the shipped prefetch, a busy class held two priority-2 offers
+/// when a priority-18 job came, and both ran before it. The outranked offers are recalled.
+#[tokio::test]
+async fn with_the_default_prefetch_a_higher_priority_job_starts_before_lower_offers() {
+    let log = Log::default();
+    let mut stack = Stack::start().await;
+    stack.robot(&log, "solo", &[], 1);
+    stack.wait_robots_online(1).await;
+    let blocker = submit_all(&stack, vec![job(&[], json!({"variables": {"ms": 4000}}))]).await;
+    wait_status(&stack, &blocker[0], "running").await;
+    let low = submit_all(
+        &stack,
+        (0..5).map(|_| job(&[], json!({"priority": 2, "variables": {"ms": 5}}))).collect(),
+    )
+    .await;
+    // The prefetch at work: the first two are offered while the slot is still taken.
+    for id in &low[..2] {
+        assert_eq!(stack.job(id).await["status"], "queued", "the scenario needs prefetched offers");
+    }
+    let high = submit_all(&stack, vec![job(&[], json!({"priority": 18, "variables": {"ms": 5}}))]).await;
+    // It takes the place of the class's offers at the head, before the slot frees.
+    let (offered, blocker_status) =
+        wait_for("the priority-18 job offered or the slot freed", WAIT, || async {
+            let offered = stack.job(&high[0]).await["status"] == "queued";
+            let blocker_status = stack.job(&blocker[0]).await["status"].clone();
+            (offered || blocker_status != "running").then_some((offered, blocker_status))
+        })
+        .await
+        .unwrap();
+    assert!(
+        offered && blocker_status == "running",
+        "the priority-18 job was not offered while the slot was busy (blocker {blocker_status})"
+    );
+    let mut all = low.clone();
+    all.push(high[0].clone());
+    all_finished(&stack, &all).await;
+    let order = start_order(&log, &all);
+    assert_eq!(order.first(), Some(&high[0]), "priority 18 starts first: {order:?}");
+    // Ties stay first come, first served.
+    assert_eq!(order[1..], low[..], "the priority-2 jobs in submission order");
+    stack.stop().await;
+}
+
+/// The same with several robots in two classes: a job both classes can run starts on the
+/// first slot that frees, in either class, before lower jobs either class holds or could take.
+#[tokio::test]
+async fn across_classes_the_first_freed_slot_goes_to_the_highest_priority_job_it_can_run() {
+    let log = Log::default();
+    let mut stack = Stack::start().await;
+    for name in ["a1", "a2"] {
+        stack.robot(&log, name, &["browser"], 1);
+    }
+    stack.robot(&log, "g1", &["browser", "gpu"], 1);
+    stack.wait_robots_online(3).await;
+    // Every slot busy; the GPU robot's frees first.
+    let blockers = submit_all(
+        &stack,
+        [("a1", 6000), ("a2", 6000), ("g1", 3000)]
+            .into_iter()
+            .map(|(robot, ms)| job(&[], json!({"target_robot_id": robot, "variables": {"ms": ms}})))
+            .collect(),
+    )
+    .await;
+    for id in &blockers {
+        wait_status(&stack, id, "running").await;
+    }
+    // Lower jobs: some only the GPU class can run, some both classes can.
+    let low = submit_all(
+        &stack,
+        [&["gpu"][..], &["browser"], &["gpu"], &["browser"], &["gpu"]]
+            .into_iter()
+            .map(|requires| job(requires, json!({"priority": 2, "variables": {"ms": 5}})))
+            .collect(),
+    )
+    .await;
+    assert_eq!(stack.job(&low[0]).await["status"], "queued", "the scenario needs a prefetched offer");
+    let high =
+        submit_all(&stack, vec![job(&["browser"], json!({"priority": 18, "variables": {"ms": 5}}))]).await;
+    // No class keeps a lower offer it could hand out first.
+    wait_for("the priority-2 offers to be recalled", WAIT, || async {
+        for id in &low {
+            if stack.job(id).await["status"] != "pending" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(stack.job(&blockers[2]).await["status"], "running", "the GPU blocker ended too soon to tell");
+    let mut all = low.clone();
+    all.push(high[0].clone());
+    all_finished(&stack, &all).await;
+    let order = start_order(&log, &all);
+    assert_eq!(order.first(), Some(&high[0]), "priority 18 starts first: {order:?}");
+    let first = log.runs().into_iter().find(|r| r.job == high[0]).unwrap();
+    assert_eq!(first.robot, "g1", "on the slot that freed first");
+    stack.stop().await;
+}

@@ -163,6 +163,7 @@ async fn list_keys(
     state: &AppState,
     request_id: RequestId,
     uri: &Uri,
+    robot_keys: bool,
 ) -> Result<KeyList, HttpError> {
     caller.require(Role::Admin)?;
     let q = QueryParams::from_uri(uri)?;
@@ -187,6 +188,7 @@ async fn list_keys(
         status,
         limit: number("limit", 100, 1000)?.max(1),
         offset: number("offset", 0, u32::MAX)?,
+        robot_keys,
     };
     call(state, Endpoint::ListKeys, request_id, caller, body, CallKind::Retryable).await
 }
@@ -205,7 +207,7 @@ pub async fn list(
     Extension(request_id): Extension<RequestId>,
     uri: Uri,
 ) -> Result<Json<KeyList>, HttpError> {
-    list_keys(&caller, &state, request_id, &uri).await.map(Json)
+    list_keys(&caller, &state, request_id, &uri, false).await.map(Json)
 }
 
 #[utoipa::path(get, path = "/api/v1/robot-api-keys", tag = "keys",
@@ -222,10 +224,7 @@ pub async fn list_robot_keys(
     Extension(request_id): Extension<RequestId>,
     uri: Uri,
 ) -> Result<Json<KeyList>, HttpError> {
-    let mut all = list_keys(&caller, &state, request_id, &uri).await?;
-    all.keys.retain(|k| k.robot_id.is_some());
-    all.total = all.keys.len() as u32;
-    Ok(Json(all))
+    list_keys(&caller, &state, request_id, &uri, true).await.map(Json)
 }
 
 /// Optional body of `POST …/{key_id}/revoke`.

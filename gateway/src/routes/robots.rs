@@ -1,4 +1,4 @@
-//! Robots: `GET /api/v1/metrics/robots[?status=]` and `GET /api/v1/metrics/robots/{robot_id}`.
+//! Robots: `GET /api/v1/metrics/robots[?status=&capability=]` and `GET /api/v1/metrics/robots/{robot_id}`.
 //!
 //! Answers are the orchestrator's `RobotView`s plus the aliases the Canvas reads
 //! (`current_job_id`, `current_jobs`), and for one robot the per-robot statistics the Canvas
@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::{Path, State, rejection::PathRejection};
 use axum::http::Uri;
 use fleet_schemas::api::{Endpoint, GetById, ListRobots, RobotStatus, RobotView};
-use fleet_schemas::{RequestId, RobotId};
+use fleet_schemas::{Capability, RequestId, RobotId};
 use serde::Serialize;
 
 use super::{QueryParams, call, path_id};
@@ -21,10 +21,13 @@ use crate::error::{CallKind, HttpError};
     get,
     path = "/api/v1/metrics/robots",
     tag = "robots",
-    params(("status" = Option<crate::openapi::RobotStatusFilter>, Query)),
+    params(
+        ("status" = Option<crate::openapi::RobotStatusFilter>, Query),
+        ("capability" = Option<crate::openapi::Capability>, Query, description = "Only robots that have this capability (declared, or implicit such as `shell`)"),
+    ),
     responses(
         (status = 200, description = "A bare array", body = Vec<crate::openapi::Robot>),
-        (status = 422, description = "Bad status filter", body = crate::openapi::ErrorBody),
+        (status = 422, description = "A filter is wrong", body = crate::openapi::ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = []))
 )]
@@ -43,9 +46,13 @@ pub async fn list(
             })
         })
         .transpose()?;
+    let capability = q
+        .get("capability")
+        .map(|c| Capability::new(c).map_err(|e| HttpError::invalid("capability", e.to_string())))
+        .transpose()?;
+    let query = ListRobots { status, capability };
     let robots: Vec<RobotView> =
-        call(&state, Endpoint::ListRobots, request_id, &caller, ListRobots { status }, CallKind::Retryable)
-            .await?;
+        call(&state, Endpoint::ListRobots, request_id, &caller, query, CallKind::Retryable).await?;
     Ok(Json(robots.into_iter().map(Robot::from).collect()))
 }
 

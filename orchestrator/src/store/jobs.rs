@@ -13,8 +13,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Inserted, NewJob, PendingJob, Placement, Store, StoreError, StoreResult, ToOffer, batch, lock_in_order,
-    secs, uuid,
+    Inserted, NewJob, PendingJob, Placement, QueuedOffer, Store, StoreError, StoreResult, ToOffer, batch,
+    lock_in_order, secs, uuid,
 };
 use crate::leader::fenced;
 
@@ -216,15 +216,16 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        let offered: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT tenant, offer_subject, count(*) FROM jobs
+        let offered: Vec<(String, String, i64, i16)> = sqlx::query_as(
+            "SELECT tenant, offer_subject, count(*), min(priority) FROM jobs
              WHERE status = 'queued' AND offer_subject IS NOT NULL GROUP BY tenant, offer_subject",
         )
         .fetch_all(&self.pool)
         .await?;
         Ok(crate::fleet::Snapshot {
             running: running.into_iter().map(|(t, r, j)| (t, r, JobId(j))).collect(),
-            offered,
+            lowest: offered.iter().map(|(t, s, _, p)| (t.clone(), s.clone(), *p)).collect(),
+            offered: offered.into_iter().map(|(t, s, n, _)| (t, s, n)).collect(),
         })
     }
 
@@ -299,7 +300,7 @@ impl Store {
 
     /// Every queued job's current offer, recorded or not: after `FLEET_JOBS` was recreated none
     /// of them is in the stream any more, and their recorded sequences name other messages.
-    pub async fn queued_offers(&self, limit: i64) -> StoreResult<Vec<ToOffer>> {
+    pub async fn all_queued_offers(&self, limit: i64) -> StoreResult<Vec<ToOffer>> {
         self.queued_where(
             "SELECT job_id, offer_no, offer_subject FROM jobs
              WHERE status = 'queued' ORDER BY offered_at LIMIT $1",
@@ -316,6 +317,35 @@ impl Store {
                 job_id: JobId(r.get("job_id")),
                 offer_no: r.get("offer_no"),
                 subject: r.get("offer_subject"),
+            })
+            .collect())
+    }
+
+    /// Unclaimed offers of a tenant on `subjects`, with their priorities (to find the ones a
+    /// waiting job outranks). Only queued jobs are read, a few per class.
+    pub async fn queued_offers_on(
+        &self,
+        tenant: &TenantId,
+        subjects: &[String],
+    ) -> StoreResult<Vec<QueuedOffer>> {
+        let rows = sqlx::query(
+            "SELECT job_id, offer_no, offer_subject, offer_seq, priority FROM jobs
+             WHERE status = 'queued' AND tenant = $1 AND offer_subject = ANY($2)",
+        )
+        .bind(tenant.as_str())
+        .bind(subjects)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| QueuedOffer {
+                offer: ToOffer {
+                    job_id: JobId(r.get("job_id")),
+                    offer_no: r.get("offer_no"),
+                    subject: r.get("offer_subject"),
+                },
+                seq: r.get::<Option<i64>, _>("offer_seq").map(|s| s as u64),
+                priority: r.get("priority"),
             })
             .collect())
     }

@@ -215,6 +215,14 @@ pub struct ToOffer {
     pub subject: String,
 }
 
+/// An unclaimed offer, with its stream sequence when recorded.
+#[derive(Debug, Clone)]
+pub struct QueuedOffer {
+    pub offer: ToOffer,
+    pub seq: Option<u64>,
+    pub priority: i16,
+}
+
 /// A pending job waiting for admission.
 #[derive(Debug, Clone, FromRow)]
 pub struct PendingJob {
