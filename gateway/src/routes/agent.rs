@@ -23,7 +23,7 @@ use fleet_schemas::{JobId, RequestId, RobotId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{call, path_id};
+use super::call;
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{CallKind, HttpError};
@@ -160,7 +160,7 @@ pub async fn heartbeat(
     body: Bytes,
 ) -> Result<Json<HeartbeatAnswer>, HttpError> {
     robot_of(&caller)?;
-    let robot_id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
+    let robot_id = super::robot_path(path)?;
     let metrics: serde_json::Map<String, Value> = optional_json(&body)?;
     let beat = beat(&state, request_id, &caller, robot_id, &Value::Object(metrics), false).await?;
     Ok(Json(HeartbeatAnswer { ok: true, timestamp: rfc3339(beat.timestamp) }))
@@ -265,7 +265,7 @@ async fn report(
     report: AgentReport,
 ) -> Result<AgentReported, HttpError> {
     let key_robot = robot_of(caller)?;
-    let job_id = path_id(path, "job", |s| s.parse::<JobId>().ok())?;
+    let job_id = super::job_path(path)?;
     let req = AgentJobReport { key_robot, job_id, report };
     call(state, Endpoint::AgentReport, request_id, caller, req, CallKind::Retryable).await
 }

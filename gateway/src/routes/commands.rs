@@ -11,8 +11,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State, rejection::PathRejection};
 use fleet_schemas::api::{
-    CommandResult, CommandTarget, Endpoint, GetById, RobotCommand, RobotCommandRequest, RobotStatus,
-    RobotView,
+    CommandResult, CommandTarget, Endpoint, RobotCommand, RobotCommandRequest, RobotStatus, RobotView,
 };
 use fleet_schemas::{RequestId, RobotId};
 use serde::{Deserialize, Serialize};
@@ -149,7 +148,7 @@ pub async fn set_status(
     JsonBody(body): JsonBody<StatusBody>,
 ) -> Result<Json<Value>, HttpError> {
     caller.require(fleet_schemas::keys::Role::Operator)?;
-    let robot_id = super::path_id(path, "robot", |s| RobotId::new(s).ok())?;
+    let robot_id = super::robot_path(path)?;
     // A robot key acts on its own robot only (another id is one that does not exist to it).
     if caller.robot_id.as_ref().is_some_and(|own| *own != robot_id) {
         return Err(HttpError::not_found("robot"));
@@ -179,9 +178,7 @@ pub async fn set_status(
         send(&state, request_id, &caller, CommandTarget::Robot { robot_id: robot_id.clone() }, command)
             .await?;
     }
-    let robot: RobotView =
-        call(&state, Endpoint::GetRobot, request_id, &caller, GetById { id: robot_id }, CallKind::Retryable)
-            .await?;
+    let robot: RobotView = super::get_robot(&state, request_id, &caller, robot_id).await?;
     Ok(Json(serde_json::to_value(robot).map_err(|e| HttpError::internal(e.to_string()))?))
 }
 

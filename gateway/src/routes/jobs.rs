@@ -15,10 +15,10 @@ use axum::Json;
 use axum::extract::{Path, State, rejection::PathRejection};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use fleet_schemas::api::{Cancelled, Endpoint, GetById, JobCursor, JobStatus, JobView, ListJobs, Retried};
-use fleet_schemas::{JobId, RequestId, RobotId};
+use fleet_schemas::{RequestId, RobotId};
 use serde_json::Value;
 
-use super::{QueryParams, call, path_id};
+use super::{QueryParams, call};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{CallKind, HttpError};
@@ -46,9 +46,8 @@ pub async fn get(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, HttpError> {
-    let id = path_id(path, "job", |s| s.parse::<JobId>().ok())?;
-    let job: JobView =
-        call(&state, Endpoint::GetJob, request_id, &caller, GetById { id }, CallKind::Retryable).await?;
+    let id = super::job_path(path)?;
+    let job: JobView = super::get_job(&state, request_id, &caller, id).await?;
     let mut json = serde_json::to_value(job).map_err(|e| HttpError::internal(e.to_string()))?;
     if let Value::Object(m) = &mut json {
         // The Canvas reads per-node results here; Fleet does not record them (yet).
@@ -159,7 +158,7 @@ pub async fn cancel(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Cancelled>, HttpError> {
     caller.require(fleet_schemas::keys::Role::Operator)?;
-    let id = path_id(path, "job", |s| s.parse::<JobId>().ok())?;
+    let id = super::job_path(path)?;
     let cancelled =
         call(&state, Endpoint::CancelJob, request_id, &caller, GetById { id }, CallKind::Retryable).await?;
     Ok(Json(cancelled))
@@ -185,7 +184,7 @@ pub async fn retry(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Retried>, HttpError> {
     caller.require(fleet_schemas::keys::Role::Operator)?;
-    let id = path_id(path, "job", |s| s.parse::<JobId>().ok())?;
+    let id = super::job_path(path)?;
     // Repeating a retry whose answer was lost is harmless: the job is then pending, and the
     // second one answers 409 without changing anything.
     let retried =
@@ -212,7 +211,7 @@ mod tests {
         assert_eq!(l.status, Some(JobStatus::TimedOut));
         assert_eq!((l.limit, l.workflow_id.as_deref()), (500, Some("w")));
         assert!(l.peek_next && l.cursor.is_none());
-        let c = JobCursor { created_at_us: 1_767_225_600_000_001, job_id: JobId::new() };
+        let c = JobCursor { created_at_us: 1_767_225_600_000_001, job_id: fleet_schemas::JobId::new() };
         assert_eq!(q(&format!("cursor={}", c.token())).unwrap().cursor, Some(c));
         for (query, field) in [
             ("limit=0", "limit"),

@@ -24,7 +24,7 @@ use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State, rejection::PathRejection};
 use axum::http::Uri;
-use fleet_schemas::api::{Endpoint, GetById, JobView, RobotStatus, RobotView};
+use fleet_schemas::api::{RobotStatus, RobotView};
 use fleet_schemas::robot::LogLine;
 use fleet_schemas::{JobId, RequestId, RobotId, TenantId, subjects};
 use futures::StreamExt;
@@ -32,10 +32,10 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{QueryParams, call, path_id};
+use super::QueryParams;
 use crate::AppState;
 use crate::auth::Caller;
-use crate::error::{CallKind, HttpError};
+use crate::error::HttpError;
 
 pub const DEFAULT_LIMIT: usize = 1000;
 pub const MAX_LIMIT: usize = 10_000;
@@ -80,11 +80,10 @@ pub async fn job_logs(
     path: Result<Path<String>, PathRejection>,
     uri: Uri,
 ) -> Result<Json<JobLogs>, HttpError> {
-    let id = path_id(path, "job", |s| s.parse::<JobId>().ok())?;
+    let id = super::job_path(path)?;
     let q = QueryParams::from_uri(&uri)?;
     let (limit, since) = (limit(&q)?, since(&q)?);
-    let _job: JobView =
-        call(&state, Endpoint::GetJob, request_id, &caller, GetById { id }, CallKind::Retryable).await?;
+    super::get_job(&state, request_id, &caller, id).await?;
     let subject = subjects::job_logs(&caller.tenant, &id);
     let mut lines = Vec::new();
     read(&state, subject, since, limit as u64, |seq, line| {
@@ -129,18 +128,10 @@ pub async fn robot_logs(
     path: Result<Path<String>, PathRejection>,
     uri: Uri,
 ) -> Result<Json<RobotLogs>, HttpError> {
-    let id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
+    let id = super::robot_path(path)?;
     let q = QueryParams::from_uri(&uri)?;
     let (limit, since) = (limit(&q)?, since(&q)?);
-    let _robot: RobotView = call(
-        &state,
-        Endpoint::GetRobot,
-        request_id,
-        &caller,
-        GetById { id: id.clone() },
-        CallKind::Retryable,
-    )
-    .await?;
+    super::get_robot(&state, request_id, &caller, id.clone()).await?;
     let since = match since {
         Since::Start => Since::Seq(last_sequence(&state).await?.saturating_sub(ROBOT_SCAN)),
         other => other,
@@ -183,9 +174,8 @@ pub async fn robot_metrics(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RobotMetrics>, HttpError> {
-    let id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
-    let r: RobotView =
-        call(&state, Endpoint::GetRobot, request_id, &caller, GetById { id }, CallKind::Retryable).await?;
+    let id = super::robot_path(path)?;
+    let r: RobotView = super::get_robot(&state, request_id, &caller, id).await?;
     Ok(Json(RobotMetrics {
         robot_id: r.robot_id,
         status: r.status,

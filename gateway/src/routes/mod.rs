@@ -31,8 +31,9 @@ use axum::extract::{Path, Query, rejection::PathRejection};
 use axum::http::{StatusCode, Uri};
 use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post, put};
-use fleet_schemas::RequestId;
 use fleet_schemas::api::Endpoint;
+use fleet_schemas::api::{GetById, JobView, RobotView};
+use fleet_schemas::{JobId, RequestId, RobotId};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -169,6 +170,36 @@ pub(crate) fn path_id<T>(
     parse: impl FnOnce(&str) -> Option<T>,
 ) -> Result<T, HttpError> {
     path.ok().and_then(|Path(raw)| parse(&raw)).ok_or_else(|| HttpError::not_found(what))
+}
+
+/// The robot id of a path (404 when it is not one).
+pub(crate) fn robot_path(path: Result<Path<String>, PathRejection>) -> Result<RobotId, HttpError> {
+    path_id(path, "robot", |s| RobotId::new(s).ok())
+}
+
+/// The job id of a path (404 when it is not one).
+pub(crate) fn job_path(path: Result<Path<String>, PathRejection>) -> Result<JobId, HttpError> {
+    path_id(path, "job", |s| s.parse::<JobId>().ok())
+}
+
+/// A robot of the caller's tenant (404 for one it does not have, exactly as for none).
+pub(crate) async fn get_robot(
+    state: &AppState,
+    request_id: RequestId,
+    caller: &Caller,
+    id: RobotId,
+) -> Result<RobotView, HttpError> {
+    call(state, Endpoint::GetRobot, request_id, caller, GetById { id }, CallKind::Retryable).await
+}
+
+/// A job of the caller's tenant (404 for one it does not have, exactly as for none).
+pub(crate) async fn get_job(
+    state: &AppState,
+    request_id: RequestId,
+    caller: &Caller,
+    id: JobId,
+) -> Result<JobView, HttpError> {
+    call(state, Endpoint::GetJob, request_id, caller, GetById { id }, CallKind::Retryable).await
 }
 
 /// A fixed word of the path (the `{action}` of `…/{robot_id}/{action}`), as the enum listing the

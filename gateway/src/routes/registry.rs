@@ -15,8 +15,8 @@ use fleet_schemas::keys::Role;
 use fleet_schemas::{Capability, RequestId, RobotId};
 use serde::Deserialize;
 
+use super::call;
 use super::robots::RobotDetail;
-use super::{call, path_id};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{CallKind, HttpError};
@@ -159,7 +159,7 @@ pub async fn update(
     JsonBody(body): JsonBody<UpdateBody>,
 ) -> Result<Json<RobotDetail>, HttpError> {
     caller.require(Role::Admin)?;
-    let robot_id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
+    let robot_id = super::robot_path(path)?;
     if let Some(name) = &body.name {
         check_text("name", name)?;
     }
@@ -202,7 +202,7 @@ pub async fn delete(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RobotDeleted>, HttpError> {
     caller.require(Role::Admin)?;
-    let id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
+    let id = super::robot_path(path)?;
     // A repeated delete finds nothing and answers 404, which the Canvas takes as success.
     let deleted: RobotDeleted =
         call(&state, Endpoint::DeleteRobot, request_id, &caller, GetById { id }, CallKind::Retryable).await?;

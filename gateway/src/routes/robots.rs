@@ -8,11 +8,11 @@ use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State, rejection::PathRejection};
 use axum::http::Uri;
-use fleet_schemas::api::{Endpoint, GetById, ListRobots, RobotStatus, RobotView};
-use fleet_schemas::{Capability, RequestId, RobotId};
+use fleet_schemas::api::{Endpoint, ListRobots, RobotStatus, RobotView};
+use fleet_schemas::{Capability, RequestId};
 use serde::Serialize;
 
-use super::{QueryParams, call, path_id};
+use super::{QueryParams, call};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{CallKind, HttpError};
@@ -73,9 +73,8 @@ pub async fn get(
     Extension(request_id): Extension<RequestId>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RobotDetail>, HttpError> {
-    let id = path_id(path, "robot", |s| RobotId::new(s).ok())?;
-    let robot: RobotView =
-        call(&state, Endpoint::GetRobot, request_id, &caller, GetById { id }, CallKind::Retryable).await?;
+    let id = super::robot_path(path)?;
+    let robot: RobotView = super::get_robot(&state, request_id, &caller, id).await?;
     // Placeholders until the orchestrator keeps per-robot statistics.
     Ok(Json(RobotDetail {
         robot: robot.into(),
