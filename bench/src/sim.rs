@@ -172,9 +172,11 @@ impl SimFleet {
 
     /// Beat every `interval` with `ttl`, the robots spread evenly over the interval and over
     /// `connections` NATS connections.
+    /// The simulated robots share a few connections, so they connect with the orchestrator's
+    /// credentials (one robot identity per connection is what real robots get).
     pub async fn start_heartbeats(
         &mut self,
-        url: &str,
+        nats: &fleet_testkit::NatsServer,
         connections: usize,
         interval: Duration,
         ttl: Duration,
@@ -182,7 +184,7 @@ impl SimFleet {
         let connections = connections.max(1);
         let start = Instant::now();
         for c in 0..connections {
-            let client = async_nats::connect(url).await?;
+            let client = nats.client().await?;
             let js = jetstream::new(client.clone());
             self.clients.push(client);
             let mine: Vec<usize> = (c..self.len()).step_by(connections).collect();

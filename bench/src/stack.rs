@@ -134,6 +134,8 @@ pub struct Stack {
     runtimes: Vec<PartRuntime>,
     robot_rt: usize,
     dirs: tempfile::TempDir,
+    /// The key every bench robot connects with.
+    robot_key: String,
 }
 
 /// A runtime for one part, whose threads are all named `name`. Dropping it shuts it down
@@ -184,15 +186,16 @@ impl Stack {
             heartbeat_interval: options.heartbeat_interval,
             heartbeat_timeout: options.heartbeat_timeout,
             prefetch: options.prefetch.unwrap_or(defaults.prefetch),
+            nats_auth_dir: Some(nats.auth_dir()),
             ..defaults
         };
         let token = CancellationToken::new();
         let task = orch_rt.spawn(fleet_orchestrator::run(config, token.clone()));
         let orchestrator = Some(Part { token, task });
 
-        let client = async_nats::ConnectOptions::new()
-            .name("fleet-bench")
-            .request_timeout(Some(REQUEST_TIMEOUT))
+        let client = nats
+            .orchestrator_credentials()
+            .apply(async_nats::ConnectOptions::new().name("fleet-bench").request_timeout(Some(REQUEST_TIMEOUT)))?
             .connect(nats.url())
             .await
             .context("bench connection to NATS")?;
@@ -224,8 +227,10 @@ impl Stack {
             runtimes: vec![orch_rt, gw_rt, robot_rt],
             robot_rt: 2,
             dirs: tempfile::tempdir().context("robot state directories")?,
+            robot_key: String::new(),
         };
         stack.wait_leader().await?;
+        stack.robot_key = stack.insert_robot_key().await?;
         if options.gateway {
             stack.start_gateway().await?;
         }
@@ -238,6 +243,7 @@ impl Stack {
         let base = format!("http://{}", listener.local_addr()?);
         let config = fleet_gateway::GatewayConfig {
             nats_url: self.nats.url(),
+            nats_credentials: self.nats.gateway_credentials(),
             dev_mode: true,
             // The benchmark measures the fabric, not the per-key limit (issue 6: "rate limits
             // raised by configuration").
@@ -261,6 +267,22 @@ impl Stack {
         .await?;
         self.base = Some(base);
         Ok(())
+    }
+
+    /// A robot key of the bench tenant (unbound, granting what robots offer), as an operator
+    /// would create one; every bench robot enrols with it.
+    async fn insert_robot_key(&self) -> anyhow::Result<String> {
+        let (key_id, secret, full) = fleet_schemas::keys::new_key();
+        sqlx::query(
+            "INSERT INTO api_keys (key_id, tenant, name, role, secret_sha256) VALUES ($1, $2, 'bench robots', 'robot', $3)",
+        )
+        .bind(&key_id)
+        .bind(self.tenant.as_str())
+        .bind(fleet_schemas::keys::secret_hash(&secret))
+        .execute(&self.bench_db.pool)
+        .await
+        .context("creating the bench robots' key")?;
+        Ok(full)
     }
 
     async fn wait_leader(&self) -> anyhow::Result<()> {
@@ -294,6 +316,7 @@ impl Stack {
             let name = format!("{prefix}-{i}");
             let mut config = RobotConfig::new(self.tenant.clone());
             config.nats_url = self.nats.url();
+            config.key = Some(fleet_robot::RobotKey::new(&self.robot_key).map_err(anyhow::Error::msg)?);
             config.id = Some(RobotId::new(&name)?);
             config.name = Some(name.clone());
             config.capabilities = caps.iter().map(|c| Capability::new(*c)).collect::<Result<_, _>>()?;

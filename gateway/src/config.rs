@@ -57,6 +57,9 @@ impl From<Rate> for RateLimit {
 pub struct GatewayConfig {
     /// Where the orchestrator is reached (`NATS_URL`).
     pub nats_url: String,
+    /// How the gateway proves who it is to NATS (`FLEET_NATS_CREDS`: the `gateway.nk` that
+    /// `fleet-orchestrator nats-setup` wrote).
+    pub nats_credentials: fleet_nats_auth::Credentials,
     /// `FLEET_DEV_MODE=true`: every request acts as tenant `default`, with or without a key.
     /// Only for local use; the gateway logs a loud warning at start.
     pub dev_mode: bool,
@@ -86,6 +89,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             nats_url: DEFAULT_NATS_URL.to_owned(),
+            nats_credentials: fleet_nats_auth::Credentials::None,
             dev_mode: false,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,

@@ -84,9 +84,10 @@ impl AppState {
     /// client keeps trying in the background, and until it is connected requests get 503 (and
     /// `/health` says why), so the gateway can start before NATS does.
     pub async fn connect(config: GatewayConfig) -> anyhow::Result<Self> {
-        let client = async_nats::ConnectOptions::new()
-            .name("fleet-gateway")
-            .retry_on_initial_connect()
+        let options = async_nats::ConnectOptions::new().name("fleet-gateway").retry_on_initial_connect();
+        let client = config
+            .nats_credentials
+            .apply(options)?
             .connect(config.nats_url.as_str())
             .await
             // Not the URL itself: it may carry credentials.

@@ -22,6 +22,11 @@ struct Args {
     #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL, hide_env_values = true)]
     nats_url: String,
 
+    /// The gateway's NATS credentials: the gateway.nk that `fleet-orchestrator nats-setup`
+    /// wrote (a locked server refuses a gateway without it).
+    #[arg(long, env = "FLEET_NATS_CREDS")]
+    nats_creds: Option<std::path::PathBuf>,
+
     /// Development mode: no API keys, every request acts as tenant "default". Local use only.
     #[arg(long, env = "FLEET_DEV_MODE", value_parser = clap::builder::BoolishValueParser::new())]
     dev_mode: bool,
@@ -83,8 +88,13 @@ async fn main() -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
+    let nats_credentials = match &args.nats_creds {
+        Some(path) => fleet_nats_auth::Credentials::gateway(path).context("--nats-creds (FLEET_NATS_CREDS)")?,
+        None => fleet_nats_auth::Credentials::None,
+    };
     let config = GatewayConfig {
         nats_url: args.nats_url,
+        nats_credentials,
         dev_mode: args.dev_mode,
         request_timeout: args.request_timeout,
         body_limit_bytes: args.body_limit_bytes,

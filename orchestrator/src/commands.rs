@@ -67,6 +67,12 @@ pub async fn publish_desired(core: &Core, tenant: &TenantId, robot: &RobotId, de
     if let Err(e) = core.fabric.commands_kv.put(key, encode(desired).into()).await {
         tracing::warn!(%robot, error = %e, "could not publish the robot's desired state; it is re-sent at registration");
     }
+    // Pushed too, so the robot obeys at once (it also reads the state at start, on reconnect
+    // and every few seconds, so a missed push only delays).
+    let push = RobotPush::Desired { v: ROBOT_PROTOCOL_VERSION, desired: desired.clone() };
+    if let Err(e) = core.client.publish(subjects::robot_command(tenant, robot), encode(&push).into()).await {
+        tracing::debug!(%robot, error = %e, "could not push the desired state; the robot reads it later");
+    }
 }
 
 /// Tell a robot at once that an attempt of one of its jobs was cancelled, on its command subject

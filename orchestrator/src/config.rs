@@ -88,6 +88,11 @@ pub struct Config {
     /// recreates what is missing (a missing-object error triggers a check at once as well).
     #[serde(with = "duration")]
     pub fabric_check_interval: Duration,
+    /// The folder `fleet-orchestrator nats-setup` wrote (`FLEET_NATS_AUTH_DIR`): the
+    /// orchestrator connects with its keys from there and answers the server's auth callout.
+    /// Without it, it connects without credentials (only an unlocked server accepts that).
+    #[serde(default)]
+    pub nats_auth_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -110,6 +115,7 @@ impl Default for Config {
             prefetch: 2,
             max_rejections: 5,
             fabric_check_interval: Duration::from_secs(5),
+            nats_auth_dir: None,
         }
     }
 }
@@ -150,7 +156,7 @@ impl Config {
     }
 
     /// Keys settable with a `FLEET_` variable.
-    const KEYS: [&'static str; 16] = [
+    const KEYS: [&'static str; 17] = [
         "prefetch",
         "max_rejections",
         "db_pool_size",
@@ -167,6 +173,7 @@ impl Config {
         "sweep_interval",
         "fabric_check_interval",
         "nats_url",
+        "nats_auth_dir",
     ];
 
     /// Extract and check a configuration; without `interval_given` the heartbeat interval is

@@ -201,6 +201,7 @@ pub async fn revoke(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyVie
     if n == 0 {
         return Err(ApiError::NotFound { what: "key".into() });
     }
+    crate::callout::announce_revoked(&core.store.pool, &crate::callout::robot_user(&req.body.id)).await;
     get(&core.store.pool, &req.tenant, &req.body.id)
         .await?
         .ok_or_else(|| ApiError::NotFound { what: "key".into() })
@@ -222,6 +223,7 @@ pub async fn rotate(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<Create
     if n == 0 {
         return Err(ApiError::NotFound { what: "active key".into() });
     }
+    crate::callout::announce_revoked(&core.store.pool, &crate::callout::robot_user(&req.body.id)).await;
     let key = get(&core.store.pool, &req.tenant, &req.body.id)
         .await?
         .ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
@@ -238,6 +240,7 @@ pub async fn delete(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyVie
         .execute(&core.store.pool)
         .await
         .map_err(StoreError::from)?;
+    crate::callout::announce_revoked(&core.store.pool, &crate::callout::robot_user(&req.body.id)).await;
     Ok(key)
 }
 

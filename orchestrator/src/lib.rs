@@ -8,6 +8,7 @@
 pub mod analytics;
 pub mod api;
 pub mod batch;
+pub mod callout;
 pub mod commands;
 pub mod config;
 pub mod fabric;
@@ -17,6 +18,7 @@ pub mod http_robots;
 pub mod job_pages;
 pub mod keys;
 pub mod leader;
+pub mod nats_admin;
 pub mod offers;
 pub mod registry;
 pub mod relay;
@@ -65,6 +67,8 @@ pub struct Core {
     pub admission: sweeper::AdmissionCursor,
     /// One at a time per HTTP robot: the choice of its session.
     pub http_sessions: http_robots::SessionLocks,
+    /// The auth callout's issuer and system connection (`None` on an unlocked server).
+    pub auth: Option<callout::Auth>,
 }
 
 /// Run an orchestrator until `shutdown`: connect, migrate, set up JetStream, then lead or stand
@@ -74,12 +78,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let Some(pool) = pool else { return Ok(()) };
     sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
 
-    let client = async_nats::ConnectOptions::new()
-        .name("fleet-orchestrator")
-        .retry_on_initial_connect()
-        .connect(config.nats_url.as_str())
-        .await
-        .with_context(|| format!("connecting to NATS at {}", config.nats_url))?;
+    let keys = match &config.nats_auth_dir {
+        Some(dir) => Some(fleet_nats_auth::setup::load(dir).context("FLEET_NATS_AUTH_DIR")?),
+        None => None,
+    };
+    let credentials = |seed: Option<&String>| match seed {
+        Some(seed) => fleet_nats_auth::Credentials::Nkey { seed: seed.clone(), inbox_prefix: None },
+        None => fleet_nats_auth::Credentials::None,
+    };
+    let connect = |name: &'static str, credentials: fleet_nats_auth::Credentials| {
+        let url = config.nats_url.clone();
+        async move {
+            let options = async_nats::ConnectOptions::new().name(name).retry_on_initial_connect();
+            credentials
+                .apply(options)?
+                .connect(url.as_str())
+                .await
+                .with_context(|| format!("connecting to NATS at {url}"))
+        }
+    };
+    let client = connect("fleet-orchestrator", credentials(keys.as_ref().map(|k| &k.orchestrator))).await?;
+    let auth = match keys {
+        Some(keys) => {
+            let sys = connect("fleet-orchestrator-sys", credentials(Some(&keys.orchestrator_sys))).await?;
+            Some(callout::Auth { issuer: keys.issuer, sys })
+        }
+        None => None,
+    };
     let fabric = loop {
         // The first connection happens in the background with retry_on_initial_connect; wait
         // for it (bounded by shutdown) so the server version can be checked.
@@ -111,7 +136,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         health: sweeper::Health::default(),
         admission: sweeper::AdmissionCursor::default(),
         http_sessions: Default::default(),
+        auth,
     });
+
+    // Served by every instance, leader or not: robots and observers connect (and enrol) while
+    // leadership changes hands.
+    let mut always = JoinSet::new();
+    if core.auth.is_some() {
+        always.spawn(serve(core.clone(), callout::AUTH_REQUESTS, shutdown.clone(), callout::handle));
+        always.spawn(serve(
+            core.clone(),
+            fleet_nats_auth::permissions::WHOAMI_REQUESTS,
+            shutdown.clone(),
+            callout::whoami,
+        ));
+        always.spawn(callout::watch_revocations(core.clone(), shutdown.clone()));
+    }
 
     // Aborted if this future is dropped (a crash in tests): a lease kept alive by a detached
     // task would keep every standby from taking over.
@@ -152,6 +192,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tasks.join_all().await;
     }
     let _ = lease_task.await;
+    always.join_all().await;
     let _ = client.drain().await;
     core.store.close().await;
     Ok(())
@@ -228,6 +269,21 @@ pub(crate) async fn connect_db(
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     }
+}
+
+/// A database pool for a one-shot command (`api-key`, `nats-creds`): the orchestrator's
+/// connection rules (a missing database is created), migrations applied, but giving up after
+/// 30 s instead of waiting for PostgreSQL forever.
+pub async fn cli_pool(config: &Config) -> anyhow::Result<sqlx::PgPool> {
+    let give_up = CancellationToken::new();
+    let timer = give_up.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        timer.cancel();
+    });
+    let pool = connect_db(config, &give_up).await?.context("PostgreSQL did not answer within 30 s (DATABASE_URL)")?;
+    sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
+    Ok(pool)
 }
 
 /// Start everything only the leader does.

@@ -25,6 +25,51 @@ enum Command {
     /// Manage API keys directly in the database (for the first admin key of a tenant).
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
+    /// Write the locked nats-server configuration and the service keys into a folder:
+    /// nats.conf (run `nats-server -c DIR/nats.conf`), issuer.nk, orchestrator.nk,
+    /// orchestrator-sys.nk (the orchestrator reads them with FLEET_NATS_AUTH_DIR=DIR) and
+    /// gateway.nk (the gateway's FLEET_NATS_CREDS). Running it again keeps the keys and rewrites
+    /// nats.conf.
+    NatsSetup {
+        /// The folder to write (created if missing).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Address the server listens on, host:port (default: the server's, 0.0.0.0:4222).
+        #[arg(long)]
+        listen: Option<String>,
+        /// HTTP monitoring port of the server.
+        #[arg(long)]
+        monitor_port: Option<u16>,
+        /// JetStream store directory (default: DIR/jetstream).
+        #[arg(long)]
+        store_dir: Option<std::path::PathBuf>,
+        /// Make new keys (every service and robot must then reconnect with the new files).
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Issue or revoke NATS credentials for people and tools: an observer's creds file reads
+    /// one tenant's events live (`nats sub --creds FILE 'fleet.events.TENANT.>'`). Needs
+    /// FLEET_NATS_AUTH_DIR and DATABASE_URL.
+    NatsCreds {
+        /// The tenant whose events the credentials may read.
+        #[arg(long, required_unless_present = "revoke")]
+        tenant: Option<String>,
+        /// The only role: observer (read-only, one tenant's events and live events).
+        #[arg(long, default_value = "observer")]
+        role: String,
+        /// Where to write the creds file (mode 0600; an existing file is refused).
+        #[arg(long, required_unless_present = "revoke")]
+        out: Option<std::path::PathBuf>,
+        /// A name to recognise the credentials by.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// How long the credentials last, e.g. 30d or 12h (default: until revoked).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<std::time::Duration>,
+        /// Revoke the credentials with this id instead (their connections are dropped).
+        #[arg(long, conflicts_with_all = ["tenant", "out"])]
+        revoke: Option<String>,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -71,8 +116,17 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    if let Some(Command::ApiKey(ApiKeyCommand::Create { tenant, role, name, rate_limit })) = cli.command {
-        return runtime.block_on(create_key(config, tenant, role, name, rate_limit));
+    match cli.command {
+        Some(Command::ApiKey(ApiKeyCommand::Create { tenant, role, name, rate_limit })) => {
+            return runtime.block_on(create_key(config, tenant, role, name, rate_limit));
+        }
+        Some(Command::NatsSetup { dir, listen, monitor_port, store_dir, rotate }) => {
+            return nats_setup(&dir, listen, monitor_port, store_dir, rotate);
+        }
+        Some(Command::NatsCreds { tenant, role, out, name, expires_in, revoke }) => {
+            return runtime.block_on(nats_creds(config, tenant, role, out, name, expires_in, revoke));
+        }
+        Some(Command::Run) | None => {}
     }
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
@@ -148,5 +202,102 @@ async fn create_key(
             eprintln!("fleet-orchestrator: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+fn nats_setup(
+    dir: &std::path::Path,
+    listen: Option<String>,
+    monitor_port: Option<u16>,
+    store_dir: Option<std::path::PathBuf>,
+    rotate: bool,
+) -> std::process::ExitCode {
+    let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let store_dir = store_dir.unwrap_or_else(|| dir.join("jetstream"));
+    let options = fleet_nats_auth::setup::ConfOptions {
+        listen,
+        monitor_port,
+        store_dir: Some(absolute(&store_dir)),
+        tls_block: None,
+    };
+    match fleet_nats_auth::setup::write(dir, &options, rotate) {
+        Ok(conf) => {
+            println!("{}", conf.display());
+            eprintln!(
+                "wrote {conf}; start the server with `nats-server -c {conf}`, the orchestrator with \
+                 FLEET_NATS_AUTH_DIR={dir} and the gateway with FLEET_NATS_CREDS={gateway}",
+                conf = conf.display(),
+                dir = absolute(dir).display(),
+                gateway = absolute(&dir.join(fleet_nats_auth::setup::GATEWAY_FILE)).display(),
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleet-orchestrator nats-setup: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn nats_creds(
+    config: fleet_orchestrator::Config,
+    tenant: Option<String>,
+    role: String,
+    out: Option<std::path::PathBuf>,
+    name: String,
+    expires_in: Option<std::time::Duration>,
+    revoke: Option<String>,
+) -> std::process::ExitCode {
+    let fail = |e: anyhow::Error| {
+        eprintln!("fleet-orchestrator nats-creds: {e:#}");
+        std::process::ExitCode::FAILURE
+    };
+    let pool = match fleet_orchestrator::cli_pool(&config).await {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    if let Some(id) = revoke {
+        return match fleet_orchestrator::nats_admin::revoke(&pool, &id).await {
+            Ok(true) => {
+                eprintln!("credentials {id} revoked; their connections are dropped");
+                std::process::ExitCode::SUCCESS
+            }
+            Ok(false) => fail(anyhow::anyhow!("no live credentials with id {id}")),
+            Err(e) => fail(e),
+        };
+    }
+    if role != "observer" {
+        eprintln!("fleet-orchestrator nats-creds: --role must be observer (the only role issued as a creds file)");
+        return std::process::ExitCode::from(2);
+    }
+    let tenant = match fleet_schemas::TenantId::new(tenant.unwrap_or_default()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("fleet-orchestrator nats-creds: --tenant: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let Some(dir) = config.nats_auth_dir.clone() else {
+        return fail(anyhow::anyhow!("FLEET_NATS_AUTH_DIR is not set (the folder nats-setup wrote)"));
+    };
+    let Some(out) = out else { return fail(anyhow::anyhow!("--out is required")) };
+    let expires_at = match expires_in.map(time::Duration::try_from).transpose() {
+        Ok(d) => d.map(|d| time::OffsetDateTime::now_utc() + d),
+        Err(e) => return fail(anyhow::anyhow!("--expires-in: {e}")),
+    };
+    match fleet_orchestrator::nats_admin::create_observer(&pool, &dir, &tenant, &name, expires_at, &out).await {
+        Ok(issued) => {
+            println!("{}", issued.id);
+            eprintln!(
+                "observer credentials {} for tenant {tenant} written to {}; tail its events with\n  \
+                 nats sub --creds {} 'fleet.events.{tenant}.>'\nrevoke with `fleet-orchestrator nats-creds --revoke {}`",
+                issued.id,
+                out.display(),
+                out.display(),
+                issued.id
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }

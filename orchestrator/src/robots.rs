@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use fleet_schemas::codec::{decode, encode};
 use fleet_schemas::robot::{
-    Ack, ClaimGrant, ClaimRequest, CompleteRequest, ProgressReport, RegisterGrant, RegisterRequest,
-    RejectRequest, ReleaseRequest, RenewGrant, RenewRequest, RobotReply, RunOutcome,
+    Ack, ClaimGrant, ClaimRequest, CompleteRequest, DesiredReply, DesiredRequest, DesiredState, ProgressReport,
+    ROBOT_PROTOCOL_VERSION, RegisterGrant, RegisterRequest, RejectRequest, ReleaseRequest, RenewGrant,
+    RenewRequest, RobotReply, RunOutcome,
 };
 use fleet_schemas::subjects::{self, RobotVerb};
 use fleet_schemas::workflow::WorkflowFormat;
@@ -39,8 +40,23 @@ pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
             progress(c, t, &msg.payload).await;
             return;
         }
+        RobotVerb::Desired => call(&msg.payload, "desired", |_: DesiredRequest| desired(c, t, r)).await,
     };
     reply(&core, &msg, payload).await;
+}
+
+/// The robot's desired state, from the commands bucket the orchestrator keeps (robots have no
+/// JetStream rights on it: they ask).
+async fn desired(core: &Core, tenant: &TenantId, robot: &RobotId) -> RobotReply<DesiredReply> {
+    let key = subjects::command_key(tenant, robot);
+    match core.fabric.commands_kv.get(&key).await {
+        Ok(None) => RobotReply::Accepted(DesiredReply { v: ROBOT_PROTOCOL_VERSION, desired: None }),
+        Ok(Some(value)) => match decode::<DesiredState>("desired state", &value) {
+            Ok(d) => RobotReply::Accepted(DesiredReply { v: ROBOT_PROTOCOL_VERSION, desired: Some(d) }),
+            Err(e) => RobotReply::Unavailable { reason: format!("stored desired state unreadable: {e}") },
+        },
+        Err(e) => RobotReply::Unavailable { reason: format!("reading the desired state: {e}") },
+    }
 }
 
 async fn call<Q, A, F, Fut>(payload: &[u8], what: &'static str, handler: F) -> Vec<u8>

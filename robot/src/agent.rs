@@ -338,9 +338,17 @@ impl Robot {
 
         let (conn_tx, connections) = watch::channel(0u64);
         let conn_tx = Arc::new(conn_tx);
-        let client = async_nats::ConnectOptions::new()
+        let credentials = match &config.key {
+            Some(key) => fleet_nats_auth::Credentials::robot(key.expose(), robot_id.as_str())?,
+            None => fleet_nats_auth::Credentials::None,
+        };
+        // The name carries the capabilities the robot offers: the auth callout reads them there
+        // (the key decides which it may claim).
+        let options = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
-            .name(format!("fleet-robot {}/{robot_id}", config.tenant))
+            .name(fleet_nats_auth::permissions::robot_connection_name(&robot_id, &capabilities));
+        let client = credentials
+            .apply(options)?
             .event_callback(move |event| {
                 let conn_tx = conn_tx.clone();
                 async move {

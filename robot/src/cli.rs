@@ -8,7 +8,7 @@ use clap::Parser;
 
 use fleet_schemas::ids::{BUILTIN_CAPABILITIES, Capability, RobotId, SHELL_CAPABILITY, TenantId};
 
-use crate::config::{RobotConfig, RunnerSpec, default_state_dir};
+use crate::config::{RobotConfig, RobotKey, RunnerSpec, default_state_dir};
 
 fn after_help() -> String {
     format!(
@@ -38,9 +38,20 @@ pub struct Cli {
     #[arg(long, env = "NATS_URL", default_value = crate::config::DEFAULT_NATS_URL)]
     pub nats_url: String,
 
-    /// Tenant the robot works for.
-    #[arg(long, env = "FLEET_ROBOT_TENANT", default_value = "default")]
-    pub tenant: String,
+    /// The robot's key (crpa_…, role robot; create one with POST /api/v1/robot-api-keys or
+    /// `fleet-orchestrator api-key create --role robot`). Its tenant, bound robot id and the
+    /// capabilities it may claim come from the key.
+    #[arg(long, env = "FLEET_ROBOT_KEY", hide_env_values = true, conflicts_with = "key_file")]
+    pub key: Option<String>,
+
+    /// A file holding the robot's key (safer than --key: not in the process list).
+    #[arg(long, env = "FLEET_ROBOT_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// Tenant the robot works for; default: the key's. A tenant that disagrees with the key's is
+    /// an error.
+    #[arg(long, env = "FLEET_ROBOT_TENANT")]
+    pub tenant: Option<String>,
 
     /// Robot id; default: the one kept in the state directory, or a new random one.
     #[arg(long, env = "FLEET_ROBOT_ID")]
@@ -111,12 +122,27 @@ fn bad(flag: &'static str, message: impl ToString) -> CliError {
 }
 
 impl Cli {
-    /// Validate into a config.
+    /// The key from --key or --key-file, if either was given.
+    pub fn key(&self) -> Result<Option<RobotKey>, CliError> {
+        let raw = match (&self.key, &self.key_file) {
+            (Some(k), _) => k.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| bad("--key-file", format!("cannot read {}: {e}", path.display())))?,
+            (None, None) => return Ok(None),
+        };
+        let flag = if self.key.is_some() { "--key" } else { "--key-file" };
+        RobotKey::new(&raw).map(Some).map_err(|e| bad(flag, e))
+    }
+
+    /// Validate into a config without asking anyone: the tenant is `--tenant` (default
+    /// `default`), the key as given. [`crate::enrol::into_config_enrolled`] completes it from
+    /// the key.
     pub fn into_config(self) -> Result<RobotConfig, CliError> {
         if self.nats_url.trim().is_empty() {
             return Err(bad("--nats-url (NATS_URL)", "must not be empty"));
         }
-        let tenant = TenantId::new(self.tenant.trim()).map_err(|e| bad("--tenant", e))?;
+        let key = self.key()?;
+        let tenant = TenantId::new(self.tenant.as_deref().unwrap_or("default").trim()).map_err(|e| bad("--tenant", e))?;
         let id = self.id.map(|i| RobotId::new(i.trim())).transpose().map_err(|e| bad("--id", e))?;
         let mut capabilities = Vec::new();
         for name in self.capabilities.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {
@@ -142,6 +168,7 @@ impl Cli {
         let state_dir = self.state_dir.unwrap_or_else(|| default_state_dir(&tenant));
         let config = RobotConfig {
             nats_url: self.nats_url,
+            key,
             tenant,
             id,
             name: self.name,

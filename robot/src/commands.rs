@@ -25,13 +25,14 @@
 //!   (the orchestrator keeps the order until it is replaced).
 //! - No bucket, no key, or a deleted key: online, no stop.
 //!
-//! How the key is read: the watcher is opened first (`watch_with_history`: the current value,
-//! then every change), then the current value is read directly and applied before the robot pulls
-//! anything, so a robot started while paused never claims an offer. Values the watcher delivers
-//! that are not newer (by KV revision) than what was read are skipped, so an old value never
-//! flickers back. The watch is opened again, with backoff, when it fails or ends, after every
-//! reconnection to NATS, and on a nudge on `fleet.cmd.<tenant>.<robot_id>` (an optional hint from
-//! the orchestrator that the key changed); a missing bucket is looked for again with backoff.
+//! How it is read: robots have no rights on the bucket (a robot may read nothing of JetStream
+//! but its own offers), so the robot asks the orchestrator (`fleet.robot.<tenant>.<id>.desired`)
+//! at start, after every reconnection to NATS and every [`REFRESH`], and the orchestrator pushes
+//! each new value on `fleet.cmd.<tenant>.<robot_id>` ([`RobotPush::Desired`]). The value read at
+//! start is applied before the robot pulls anything, so a robot started while paused never
+//! claims an offer. Pushed values not newer (by revision) than the one applied are skipped, so
+//! an old value never flickers back; a read is applied as it is (it is the current truth); a
+//! push that cannot be read (an empty nudge included) makes the robot ask again.
 //!
 //! A message on that subject that reads as a [`RobotPush`] is acted on at once instead: a pushed
 //! cancel stops the named attempt of a running job as no longer ours (the record already says
@@ -39,18 +40,23 @@
 //! lease renewal, which stays the fallback.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind, KeyValueError, KeyValueErrorKind};
-use async_nats::jetstream::kv::{self, Operation};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use fleet_schemas::codec;
-use fleet_schemas::robot::{DesiredState, RobotMode, RobotPush, RobotRunState};
-use fleet_schemas::subjects;
+use fleet_schemas::robot::{
+    DesiredReply, DesiredRequest, DesiredState, ROBOT_PROTOCOL_VERSION, RobotMode, RobotPush, RobotRunState,
+};
+use fleet_schemas::subjects::{self, RobotVerb};
 
 use crate::agent::Agent;
-use crate::rpc;
+use crate::rpc::{self, Answer};
+
+/// How often the robot reads its desired state even when nothing was pushed (a missed push
+/// costs at most this long).
+pub const REFRESH: Duration = Duration::from_secs(30);
 
 /// How a robot's run ended, for `main` to act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,74 +67,12 @@ pub enum Exit {
     Restart,
 }
 
-/// The run state a mode asks for.
+/// The run state a mode puts the robot in.
 pub fn state_for(mode: RobotMode) -> RobotRunState {
     match mode {
         RobotMode::Online => RobotRunState::Online,
         RobotMode::Paused => RobotRunState::Paused,
         RobotMode::Maintenance => RobotRunState::Maintenance,
-    }
-}
-
-/// The key as it was opened: the watcher, and the value read right after opening it.
-enum Opened {
-    /// The bucket does not exist (yet): online, no stop.
-    NoBucket,
-    Watching {
-        // Boxed: a watcher is large (an ordered consumer and its state) and moves around.
-        watch: Box<kv::Watch>,
-        current: Option<kv::Entry>,
-    },
-}
-
-/// What woke the watch loop.
-enum Event {
-    Entry(Option<Result<kv::Entry, kv::WatcherError>>),
-    /// Time to look again (no watcher open).
-    Retry,
-    /// The connection count changed (`false`: its sender is gone).
-    Reconnected(bool),
-    /// A message on the command subject: a push, or a nudge (`None`: the subscription ended).
-    Nudged(Option<bytes::Bytes>),
-}
-
-/// Why the watcher is opened again.
-enum Reopen {
-    /// Reconnected or nudged: at once.
-    Now,
-    /// Failed or ended: after a backoff pause.
-    Later,
-}
-
-fn bucket_missing(e: &KeyValueError) -> bool {
-    e.kind() == KeyValueErrorKind::GetBucket
-        && std::error::Error::source(e).and_then(|s| s.downcast_ref::<GetStreamError>()).is_some_and(|s| {
-            matches!(s.kind(), GetStreamErrorKind::JetStream(err)
-                    if err.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND)
-        })
-}
-
-async fn open(js: &async_nats::jetstream::Context, key: &str) -> Result<Opened, String> {
-    let store = match js.get_key_value(subjects::COMMANDS_BUCKET).await {
-        Ok(s) => s,
-        Err(e) if bucket_missing(&e) => return Ok(Opened::NoBucket),
-        Err(e) => return Err(format!("bucket {}: {e}", subjects::COMMANDS_BUCKET)),
-    };
-    // Watch first, read second: a change between the two is delivered by the watcher.
-    let watch = store.watch_with_history(key).await.map_err(|e| format!("watching {key}: {e}"))?;
-    let current = store.entry(key).await.map_err(|e| format!("reading {key}: {e}"))?;
-    Ok(Opened::Watching { watch: Box::new(watch), current })
-}
-
-/// The desired state an entry stands for; `Err` when its value cannot be read (then the current
-/// one is kept: a robot must not resume work because of a garbled command).
-fn desired_of(entry: Option<&kv::Entry>) -> Result<Option<DesiredState>, String> {
-    match entry {
-        None => Ok(None),
-        Some(e) if e.operation != Operation::Put => Ok(None),
-        Some(e) => {
-            codec::decode::<DesiredState>("desired state", &e.value).map(Some).map_err(|e| e.to_string())
-        }
     }
 }
 
@@ -139,13 +83,6 @@ struct Applier {
 }
 
 impl Applier {
-    fn apply_entry(&mut self, agent: &Agent, entry: Option<&kv::Entry>) {
-        match desired_of(entry) {
-            Ok(desired) => self.apply(agent, desired),
-            Err(error) => tracing::warn!(%error, "unreadable desired state; keeping the current one"),
-        }
-    }
-
     /// Apply a desired state (`None`: online, no stop). Idempotent.
     fn apply(&mut self, agent: &Agent, desired: Option<DesiredState>) {
         let new = self.last.as_ref() != Some(&desired);
@@ -181,126 +118,93 @@ impl Applier {
     }
 }
 
-/// Watch the robot's key and apply what it says until `stop` fires. Sets
-/// [`Agent::desired_known`] once the current value (or its absence) has been applied: the pull
-/// loop waits for that.
+/// Read the desired state (asking until answered or `stop`).
+async fn read(agent: &Agent, stop: &CancellationToken) -> Option<Option<DesiredState>> {
+    let req = DesiredRequest { v: ROBOT_PROTOCOL_VERSION };
+    loop {
+        match agent.orch.call_retrying::<_, DesiredReply>(RobotVerb::Desired, &req, None, stop).await {
+            Ok(Answer::Accepted(reply)) => return Some(reply.desired),
+            Ok(Answer::Refused(reason)) => {
+                tracing::warn!(%reason, "the orchestrator refused to tell the desired state; asking again");
+                if !rpc::pause(&mut rpc::backoff(), stop).await {
+                    return None;
+                }
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Obey the robot's desired state until `stop` fires. Sets [`Agent::desired_known`] once the
+/// current value (or its absence) has been applied: the pull loop waits for that.
 pub async fn command_loop(agent: Arc<Agent>, stop: CancellationToken) {
-    let key = subjects::command_key(&agent.config.tenant, &agent.robot_id);
     let mut connections = Some(agent.connections());
     let mut seen_connections = connections.as_mut().map_or(0, |c| *c.borrow_and_update());
-    let nudge_subject = subjects::robot_command(&agent.config.tenant, &agent.robot_id);
-    let mut nudges = match agent.client.subscribe(nudge_subject).await {
+    let push_subject = subjects::robot_command(&agent.config.tenant, &agent.robot_id);
+    // Subscribed before the first read, so a change between the two arrives as a push.
+    let mut pushes = match agent.client.subscribe(push_subject).await {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for command nudges; relying on the watch alone");
+            tracing::warn!(error = %e, "cannot listen for pushed commands; reading every {REFRESH:?}");
             None
         }
     };
     let mut applier = Applier::default();
-    let mut delays = rpc::backoff();
-    let mut told_no_bucket = false;
+    let mut seen: i64;
     loop {
-        let opened = tokio::select! {
-            o = open(&agent.js, &key) => o,
-            _ = stop.cancelled() => return,
-        };
-        let mut watching = match opened {
-            Err(error) => {
-                tracing::warn!(%error, "cannot watch the desired state; retrying");
-                None
-            }
-            Ok(Opened::NoBucket) => {
-                if !told_no_bucket {
-                    tracing::info!(bucket = subjects::COMMANDS_BUCKET, "no commands bucket (yet): online");
-                    told_no_bucket = true;
-                }
-                applier.apply(&agent, None);
-                agent.desired_known.send_replace(true);
-                None
-            }
-            Ok(Opened::Watching { watch, current }) => {
-                told_no_bucket = false;
-                delays = rpc::backoff();
-                applier.apply_entry(&agent, current.as_ref());
-                agent.desired_known.send_replace(true);
-                Some((watch, current.map_or(0, |e| e.revision)))
-            }
-        };
-        let reopen = loop {
-            let idle = watching.is_none();
-            let event = {
-                let next = async {
-                    match watching.as_mut() {
-                        Some((watch, _)) => watch.next().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let nudged = async {
-                    match nudges.as_mut() {
-                        Some(n) => n.next().await.map(|m| m.payload),
-                        None => std::future::pending().await,
-                    }
-                };
-                let reconnected = async {
-                    match connections.as_mut() {
-                        Some(c) => c.changed().await.is_ok(),
-                        None => std::future::pending().await,
-                    }
-                };
-                let backoff = async {
-                    if idle {
-                        tokio::time::sleep(delays.next().unwrap_or(rpc::MAX_BACKOFF)).await;
-                    } else {
-                        std::future::pending::<()>().await;
-                    }
-                };
-                tokio::select! {
-                    entry = next => Event::Entry(entry),
-                    _ = backoff => Event::Retry,
-                    alive = reconnected => Event::Reconnected(alive),
-                    alive = nudged => Event::Nudged(alive),
-                    _ = stop.cancelled() => return,
+        // A read is the current truth (pushes older than it were handled before it was asked,
+        // newer ones arrive after it): applied whatever its revision, even "none".
+        let Some(desired) = read(&agent, &stop).await else { return };
+        seen = desired.as_ref().map_or(0, |d| d.revision);
+        applier.apply(&agent, desired);
+        agent.desired_known.send_replace(true);
+        let refresh = tokio::time::sleep(REFRESH);
+        tokio::pin!(refresh);
+        loop {
+            let pushed = async {
+                match pushes.as_mut() {
+                    Some(p) => p.next().await.map(|m| m.payload),
+                    None => std::future::pending().await,
                 }
             };
-            match event {
-                Event::Entry(Some(Ok(entry))) => {
-                    if let Some((_, seen)) = watching.as_mut()
-                        && entry.revision > *seen
-                    {
-                        *seen = entry.revision;
-                        applier.apply_entry(&agent, Some(&entry));
+            let reconnected = async {
+                match connections.as_mut() {
+                    Some(c) => c.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = &mut refresh => break,
+                alive = reconnected => {
+                    if !alive {
+                        connections = None;
+                        continue;
                     }
-                }
-                Event::Entry(Some(Err(error))) => {
-                    tracing::warn!(%error, "the desired state watch failed; watching again");
-                    break Reopen::Later;
-                }
-                Event::Entry(None) => {
-                    tracing::warn!("the desired state watch ended; watching again");
-                    break Reopen::Later;
-                }
-                Event::Retry => break Reopen::Now,
-                Event::Reconnected(false) => connections = None,
-                Event::Reconnected(true) => {
                     let now = connections.as_mut().map_or(0, |c| *c.borrow_and_update());
                     if now > seen_connections {
                         seen_connections = now;
                         tracing::debug!("reconnected: reading the desired state again");
-                        break Reopen::Now;
+                        break;
                     }
                 }
-                Event::Nudged(None) => nudges = None,
-                Event::Nudged(Some(payload)) => match codec::decode::<RobotPush>("push", &payload) {
-                    Ok(push) => obey_push(&agent, push),
-                    Err(_) => {
-                        tracing::debug!("nudged: reading the desired state again");
-                        break Reopen::Now;
-                    }
+                payload = pushed => match payload {
+                    None => pushes = None,
+                    Some(payload) => match codec::decode::<RobotPush>("push", &payload) {
+                        Ok(RobotPush::Desired { desired, .. }) => {
+                            if desired.revision > seen {
+                                seen = desired.revision;
+                                applier.apply(&agent, Some(desired));
+                            }
+                        }
+                        Ok(push) => obey_push(&agent, push),
+                        Err(_) => {
+                            tracing::debug!("unreadable push: reading the desired state again");
+                            break;
+                        }
+                    },
                 },
             }
-        };
-        if matches!(reopen, Reopen::Later) && !rpc::pause(&mut delays, &stop).await {
-            return;
         }
     }
 }
@@ -308,6 +212,7 @@ pub async fn command_loop(agent: Arc<Agent>, stop: CancellationToken) {
 /// Act on a push at once (it is not a desired state: nothing to remember).
 fn obey_push(agent: &Agent, push: RobotPush) {
     match push {
+        RobotPush::Desired { .. } => {}
         RobotPush::Cancel { job_id, attempt, .. } => {
             if agent.withdraw(job_id, attempt) {
                 tracing::info!(%job_id, attempt, "cancel pushed: stopping the job");

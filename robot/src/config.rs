@@ -22,10 +22,39 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// How long running jobs may take to finish after shutdown was asked for.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 
+/// A robot key (`crpa_…`, role robot): how the robot proves to NATS who it is. Its Debug form
+/// shows only the key id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RobotKey(String);
+
+impl RobotKey {
+    /// Checks the shape (`crpa_<key id>_<secret>`); the error names it.
+    pub fn new(raw: &str) -> Result<RobotKey, String> {
+        fleet_nats_auth::client::key_id(raw).map_err(|e| e.to_string())?;
+        Ok(RobotKey(raw.trim().to_owned()))
+    }
+
+    pub fn key_id(&self) -> String {
+        fleet_nats_auth::client::key_id(&self.0).unwrap_or_default()
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RobotKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RobotKey({}, <secret>)", self.key_id())
+    }
+}
+
 /// Everything a robot process needs to know; see the CLI flags for what each field means.
 #[derive(Debug, Clone)]
 pub struct RobotConfig {
     pub nats_url: String,
+    /// The robot's key; `None` connects without credentials (refused by a locked server).
+    pub key: Option<RobotKey>,
     pub tenant: TenantId,
     /// `None`: read `state_dir/robot-id`, else make one ([`RobotId::random`]) and store it.
     pub id: Option<RobotId>,
@@ -61,6 +90,7 @@ impl RobotConfig {
         let state_dir = default_state_dir(&tenant);
         Self {
             nats_url: DEFAULT_NATS_URL.to_owned(),
+            key: None,
             tenant,
             id: None,
             name: None,

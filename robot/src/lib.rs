@@ -27,6 +27,7 @@ pub mod bound;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod enrol;
 pub mod executor;
 pub mod heartbeat;
 pub mod job;
@@ -38,6 +39,6 @@ pub mod rpc;
 
 pub use agent::{Robot, run, run_until_exit, run_with_executors, run_with_executors_until_exit};
 pub use commands::Exit;
-pub use config::{RobotConfig, RunnerSpec};
+pub use config::{RobotConfig, RobotKey, RunnerSpec};
 pub use executor::{Execution, Executor, Executors, JobContext, RunReport};
 pub use job::{JobEnd, OfferOutcome};

@@ -12,19 +12,20 @@ use fleet_robot::cli::Cli;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Cli::parse().into_config() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("fleet-robot: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         // Logs go to stderr, coloured only on a terminal (not in log files).
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let config = match fleet_robot::enrol::into_config_enrolled(cli).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fleet-robot: {e}");
+            return ExitCode::from(2);
+        }
+    };
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

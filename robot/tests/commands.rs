@@ -66,8 +66,7 @@ async fn maintenance_shows_in_the_heartbeat_and_a_deleted_key_means_online() {
     assert!(h.next_within(QUIET, claim_of).await.is_none(), "a robot in maintenance claimed");
 
     // The orchestrator forgetting the robot's desired state means: online, no stop.
-    let kv = h.js.get_key_value(fleet_schemas::subjects::COMMANDS_BUCKET).await.unwrap();
-    kv.delete(fleet_schemas::subjects::command_key(&tenant(), &h.robot_id)).await.unwrap();
+    h.forget_desired().await;
     h.heartbeat_where("online", |hb| hb.state == RobotRunState::Online).await;
     h.next("claim after the key was deleted", claim_of).await;
     h.stop().await;
@@ -271,6 +270,7 @@ async fn the_binary_restarts_itself_and_exits_zero_on_stop() {
     let mut fabric = prepare(RobotReply::Accepted(grant_for(JobId::new(), json!({"steps": []})))).await;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleet-robot"))
         .args(["--tenant", "acme", "--id", fabric.robot_id.as_str(), "--shutdown-grace", "1s"])
+        .env("FLEET_ROBOT_KEY", fleet_testkit::callout::any_robot_key())
         .arg("--state-dir")
         .arg(fabric.state.path())
         .env("NATS_URL", fabric.server.url())

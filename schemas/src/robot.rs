@@ -135,6 +135,21 @@ pub enum RobotPush {
     /// This attempt of the job was cancelled (already `cancelled` in the record): kill it, free
     /// its slot, and report nothing (any report of it is refused).
     Cancel { v: u32, job_id: JobId, attempt: i32 },
+    /// The robot's desired state changed: apply it if it is newer than what was applied.
+    Desired { v: u32, desired: DesiredState },
+}
+
+/// Ask for the robot's desired state (`fleet.robot.<tenant>.<robot>.desired`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredRequest {
+    pub v: u32,
+}
+
+/// The robot's desired state; `None`: no command was ever given (online, no stop).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredReply {
+    pub v: u32,
+    pub desired: Option<DesiredState>,
 }
 
 /// How a run ended.
@@ -352,4 +367,25 @@ mod tests {
         let back: Heartbeat = decode("heartbeat", &encode(&hb)).unwrap();
         assert_eq!(back, hb);
     }
+}
+
+/// A robot's effective capabilities: those it offers that its key grants (sorted, each once).
+/// Built-in ones (`shell`, runner formats) are granted like any other.
+pub fn attest(offered: &[crate::ids::Capability], granted: &[crate::ids::Capability]) -> Vec<crate::ids::Capability> {
+    let mut effective: Vec<_> = offered.iter().filter(|c| granted.contains(c)).cloned().collect();
+    effective.sort();
+    effective.dedup();
+    effective
+}
+
+/// What a robot key says about the robot that holds it (`fleet.whoami.<key id>`): a robot
+/// started with only its key learns its tenant, its bound id and its grants from this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoAmI {
+    pub v: u32,
+    pub tenant: TenantId,
+    /// The robot id the key is bound to, if any.
+    pub robot_id: Option<RobotId>,
+    /// The capabilities the key grants; `None`: whatever the robot offers.
+    pub capabilities: Option<Vec<String>>,
 }

@@ -120,10 +120,12 @@ pub enum RobotVerb {
     Reject,
     Release,
     Progress,
+    /// Read the robot's desired state (commands).
+    Desired,
 }
 
 impl RobotVerb {
-    pub const ALL: [RobotVerb; 7] = [
+    pub const ALL: [RobotVerb; 8] = [
         RobotVerb::Register,
         RobotVerb::Claim,
         RobotVerb::Renew,
@@ -131,6 +133,7 @@ impl RobotVerb {
         RobotVerb::Reject,
         RobotVerb::Release,
         RobotVerb::Progress,
+        RobotVerb::Desired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -142,6 +145,7 @@ impl RobotVerb {
             RobotVerb::Reject => "reject",
             RobotVerb::Release => "release",
             RobotVerb::Progress => "progress",
+            RobotVerb::Desired => "desired",
         }
     }
 

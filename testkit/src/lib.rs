@@ -25,6 +25,7 @@
 //! - PostgreSQL: the admin URL `FLEET_TEST_DATABASE_URL`, default
 //!   `postgres://postgres@127.0.0.1:5432/postgres` (`.ci/run` makes sure it answers).
 
+pub mod callout;
 mod db;
 mod nats;
 mod process;

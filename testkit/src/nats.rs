@@ -3,8 +3,11 @@
 //! The server runs as a child process so a test can do to it what production will: kill it
 //! (SIGKILL, as a crash), stop it (SIGTERM), and start it again on the same port with the same
 //! store, which is how Fleet's "nothing is lost when NATS restarts" is tested. It is started
-//! with command-line flags only (`-a 127.0.0.1 -p PORT -js -sd DIR`), not with `nats/nats.conf`,
-//! because the port and store are per test.
+//! locked, as Fleet ships it: the configuration `fleet-orchestrator nats-setup` writes
+//! ([`fleet_nats_auth::setup`], into `auth/` of the temporary directory) with the port and store
+//! given on the command line (`-c auth/nats.conf -a 127.0.0.1 -p PORT -js -sd DIR`). Nothing
+//! connects without credentials: [`NatsServer::client`] connects as the orchestrator,
+//! [`NatsServer::client_as`] with any other credentials.
 //!
 //! Its log goes to `nats-server.log` in the temporary directory (appended across restarts).
 //! When a test panics, the directory is kept and its path and the log's last lines are printed.
@@ -17,6 +20,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use fleet_nats_auth::Credentials;
+use fleet_nats_auth::setup::{self, ConfOptions};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
@@ -40,6 +45,7 @@ const TAIL_LINES: usize = 40;
 
 const LOG_FILE: &str = "nats-server.log";
 const STORE_DIR: &str = "store";
+const AUTH_DIR: &str = "auth";
 
 /// A nats-server child process with JetStream, owned by one test. Dropping it kills the server.
 pub struct NatsServer {
@@ -62,6 +68,8 @@ impl NatsServer {
                 .prefix("fleet-nats-")
                 .tempdir()
                 .context("cannot create a temporary directory for nats-server")?;
+            fleet_nats_auth::setup::write(&dir.path().join(AUTH_DIR), &ConfOptions::default(), false)
+                .context("writing the locked nats-server configuration")?;
             let mut server =
                 NatsServer { binary: binary.clone(), port: free_port()?, dir: Some(dir), child: None };
             match server.spawn_and_wait().await {
@@ -112,9 +120,45 @@ impl NatsServer {
         }
     }
 
-    /// A client connected to this server (plain async-nats defaults: it reconnects).
+    /// The folder `nats-setup` wrote for this server: `nats.conf` and the service keys
+    /// (`FLEET_NATS_AUTH_DIR` of an orchestrator using it).
+    pub fn auth_dir(&self) -> PathBuf {
+        self.dir().join(AUTH_DIR)
+    }
+
+    /// The orchestrator's credentials (all rights in the FLEET account).
+    pub fn orchestrator_credentials(&self) -> Credentials {
+        Credentials::from_file(&self.auth_dir().join(setup::ORCHESTRATOR_FILE))
+            .expect("nats-setup wrote the orchestrator's seed")
+    }
+
+    /// The gateway's credentials file (`FLEET_NATS_CREDS` of a gateway using this server).
+    pub fn gateway_credentials_file(&self) -> PathBuf {
+        self.auth_dir().join(setup::GATEWAY_FILE)
+    }
+
+    /// The gateway's credentials.
+    pub fn gateway_credentials(&self) -> Credentials {
+        Credentials::gateway(&self.gateway_credentials_file()).expect("nats-setup wrote the gateway's seed")
+    }
+
+    /// The callout issuer (to mint observer creds or answer callouts in tests).
+    pub fn issuer(&self) -> fleet_nats_auth::Issuer {
+        setup::load(&self.auth_dir()).expect("nats-setup wrote the issuer key").issuer
+    }
+
+    /// A client connected as the orchestrator (async-nats defaults otherwise: it reconnects).
     pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
-        async_nats::connect(self.url()).await.with_context(|| format!("cannot connect to {}", self.url()))
+        self.client_as(&self.orchestrator_credentials()).await
+    }
+
+    /// A client connected with `credentials`.
+    pub async fn client_as(&self, credentials: &Credentials) -> anyhow::Result<async_nats::Client> {
+        credentials
+            .apply(async_nats::ConnectOptions::new())?
+            .connect(self.url())
+            .await
+            .with_context(|| format!("cannot connect to {} as {credentials:?}", self.url()))
     }
 
     /// Kills the server at once (SIGKILL, like a crash) and waits for it to exit. Its store is
@@ -187,6 +231,8 @@ impl NatsServer {
             .open(self.log_path())
             .with_context(|| format!("cannot open {}", self.log_path().display()))?;
         let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(self.auth_dir().join(setup::CONF_FILE))
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.store_dir())
             .stdin(Stdio::null())
@@ -224,8 +270,9 @@ impl NatsServer {
         // A bare TCP connect first: cheap, and it keeps async-nats from logging connection
         // errors while the port is still closed.
         tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).await?;
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(1))
+        let client = self
+            .orchestrator_credentials()
+            .apply(async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(1)))?
             .connect(self.url())
             .await?;
         let jetstream = async_nats::jetstream::new(client.clone());

@@ -377,6 +377,7 @@ async fn the_robot_binary_runs_jobs_and_drains_on_sigterm() {
         .arg("--state-dir")
         .arg(&state)
         .env("NATS_URL", stack.nats.url())
+        .env("FLEET_ROBOT_KEY", &stack.robot_key)
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()

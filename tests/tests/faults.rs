@@ -11,6 +11,8 @@
 //! `cargo build --bins -p fleet-robot -p fleet-orchestrator -p fleet-gateway` first
 //! (`cargo test --workspace` builds them).
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -92,6 +94,8 @@ struct Task {
 /// nats-server, database and an in-process gateway; orchestrators and robots are processes the
 /// test starts itself.
 struct Fleet {
+    /// A robot key of tenant `default` for every robot binary.
+    robot_key: String,
     timing: Timing,
     nats: NatsServer,
     db: TestDb,
@@ -118,17 +122,13 @@ impl Fleet {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("gateway port");
         let base = format!("http://{}", listener.local_addr().expect("gateway address"));
         let token = CancellationToken::new();
-        let config = fleet_gateway::GatewayConfig {
-            nats_url: nats.url(),
-            dev_mode: true,
-            request_timeout,
-            // The tests poll the API far more often than the default per-key limit allows, and
-            // rate limiting is not what they test.
-            rate_limit: None,
-            ..Default::default()
-        };
+        // The tests poll the API far more often than the default per-key limit allows, and rate
+        // limiting is not what they test (gateway_config sets no limit).
+        let config = fleet_gateway::GatewayConfig { request_timeout, ..common::gateway_config(&nats, true) };
         let task = tokio::spawn(fleet_gateway::run(config, listener, token.clone()));
+        let robot_key = common::robot_key(db.url(), "default", None, None).await;
         Fleet {
+            robot_key,
             timing,
             nats,
             db,
@@ -147,6 +147,7 @@ impl Fleet {
         let mut spec = ProcessSpec::fleet(name, "fleet-orchestrator")
             .expect("fleet-orchestrator binary")
             .env("NATS_URL", self.nats.url())
+            .env("FLEET_NATS_AUTH_DIR", self.nats.auth_dir())
             .env("DATABASE_URL", format!("{database_url}{sep}application_name={name}"))
             .env("FLEET_CONFIG", self.dirs.path().join("fleet.toml"))
             .env("RUST_LOG", "info,async_nats=warn,sqlx=warn");
@@ -169,6 +170,7 @@ impl Fleet {
             .arg("--state-dir")
             .arg(self.state_dir(state))
             .env("NATS_URL", self.nats.url())
+            .env("FLEET_ROBOT_KEY", &self.robot_key)
             .env("RUST_LOG", "info,async_nats=warn");
         if let Some(id) = id {
             spec = spec.args(["--id", id]);

@@ -34,6 +34,7 @@ fn robot(stack: &Stack, id: &str) -> Process {
         .arg("--state-dir")
         .arg(stack.dirs.path().join(id))
         .env("NATS_URL", stack.nats.url())
+        .env("FLEET_ROBOT_KEY", &stack.robot_key)
         .env("RUST_LOG", "info,async_nats=warn");
     Process::spawn(spec).expect("robot starts")
 }
@@ -272,6 +273,7 @@ async fn a_heartbeat_timeout_alone_starts_the_orchestrator_and_sets_the_beat() {
     let spec = ProcessSpec::fleet("orchestrator", "fleet-orchestrator")
         .expect("fleet-orchestrator binary")
         .env("NATS_URL", nats.url())
+        .env("FLEET_NATS_AUTH_DIR", nats.auth_dir())
         .env("DATABASE_URL", db.url())
         .env("FLEET_CONFIG", dirs.path().join("fleet.toml"))
         .env("FLEET_HEARTBEAT_TIMEOUT", "5s")
@@ -281,6 +283,8 @@ async fn a_heartbeat_timeout_alone_starts_the_orchestrator_and_sets_the_beat() {
 
     let mut config = fleet_robot::RobotConfig::new(TenantId::default_tenant());
     config.nats_url = nats.url();
+    let key = common::robot_key(db.url(), "default", None, None).await;
+    config.key = Some(fleet_robot::RobotKey::new(&key).unwrap());
     config.id = Some(RobotId::new("beater").unwrap());
     config.capabilities = vec![Capability::new("gpu").unwrap()];
     config.state_dir = dirs.path().join("beater");

@@ -42,6 +42,7 @@ fn config(nats: &NatsServer, db: &TestDb) -> fleet_orchestrator::Config {
         sweep_interval: Duration::from_millis(100),
         offer_check_after: Duration::from_secs(2),
         db_pool_size: 4,
+        nats_auth_dir: Some(nats.auth_dir()),
         ..Default::default()
     }
 }

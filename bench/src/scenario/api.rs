@@ -95,7 +95,7 @@ pub async fn run(p: &ApiParams) -> anyhow::Result<Report> {
             refused[0]
         ));
     }
-    fleet.start_heartbeats(&stack.nats.url(), p.connections, p.interval, p.interval * 3).await?;
+    fleet.start_heartbeats(&stack.nats, p.connections, p.interval, p.interval * 3).await?;
 
     let heartbeat = Recorder::default();
     let measuring = Arc::new(AtomicBool::new(true));

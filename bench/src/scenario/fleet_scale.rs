@@ -109,7 +109,7 @@ pub async fn run(p: &FleetScaleParams) -> anyhow::Result<Report> {
     let lag = Recorder::default();
     let measuring = Arc::new(AtomicBool::new(false));
     let watcher = fleet.watch_lag(&stack.client, lag.clone(), measuring.clone()).await?;
-    fleet.start_heartbeats(&stack.nats.url(), p.connections, p.interval, p.ttl).await?;
+    fleet.start_heartbeats(&stack.nats, p.connections, p.interval, p.ttl).await?;
     // Warm-up: one whole interval, so every robot has beaten once and the orchestrator has
     // caught up with the registrations' after-effects before the idle window is measured.
     tokio::time::sleep(p.interval).await;

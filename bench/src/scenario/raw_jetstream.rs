@@ -104,7 +104,7 @@ pub async fn run(p: &RawParams) -> anyhow::Result<Report> {
     let errors = Arc::new(AtomicU64::new(0));
     let mut pullers = Vec::new();
     for _ in 0..p.consumers {
-        let c = async_nats::connect(nats.url()).await?;
+        let c = nats.client().await?;
         let consumer: consumer::PullConsumer = jetstream::new(c.clone())
             .get_stream(STREAM)
             .await?

@@ -40,8 +40,7 @@ pub fn tenant() -> TenantId {
 }
 
 /// What the orchestrator owns on JetStream: the offer stream, the robot's consumers, the
-/// heartbeat bucket. The commands bucket is made by [`Fabric::put_desired`] when a test needs it,
-/// so the other tests run without one (a robot must treat a missing bucket as "online").
+/// heartbeat bucket. Desired states are kept by the fake orchestrator ([`Fabric::put_desired`]).
 async fn setup_jetstream(js: &jetstream::Context, robot: &RobotId, class: &Class) {
     js.create_stream(stream::Config {
         name: subjects::JOBS_STREAM.into(),
@@ -121,6 +120,7 @@ async fn fake_orchestrator(
     robot: RobotId,
     class: Class,
     script: Script,
+    desired: Arc<Mutex<Option<DesiredState>>>,
 ) -> mpsc::UnboundedReceiver<Seen> {
     let (tx, rx) = mpsc::unbounded_channel();
     let mut sub = client.subscribe(subjects::ROBOT_REQUESTS).await.unwrap();
@@ -164,6 +164,14 @@ async fn fake_orchestrator(
                     codec::encode(&RobotReply::Accepted(Ack {})),
                 ),
                 RobotVerb::Progress => (Seen::Progress(codec::decode("progress", p).unwrap()), Vec::new()),
+                RobotVerb::Desired => {
+                    let current = desired.lock().unwrap().clone();
+                    let reply = RobotReply::Accepted(DesiredReply { v: 1, desired: current });
+                    if let Some(reply_to) = msg.reply {
+                        client.publish(reply_to, codec::encode(&reply).into()).await.unwrap();
+                    }
+                    continue;
+                }
             };
             if let Some(reply_to) = msg.reply {
                 client.publish(reply_to, reply.into()).await.unwrap();
@@ -186,6 +194,10 @@ pub struct Fabric {
     pub class: Class,
     pub config: RobotConfig,
     pub state: tempfile::TempDir,
+    /// What the fake orchestrator answers the robot's `desired` request with.
+    pub desired: Arc<Mutex<Option<DesiredState>>>,
+    /// The auth callout stand-in (admits the robot as one of tenant acme).
+    pub callout: tokio::task::JoinHandle<()>,
 }
 
 /// A running robot and its fabric.
@@ -226,14 +238,18 @@ pub async fn prepare(claim: RobotReply<ClaimGrant>) -> Fabric {
         renew: Arc::new(Mutex::new(RobotReply::Accepted(RenewGrant { lease_ms: LEASE_MS, cancel: false }))),
         complete: Arc::new(Mutex::new(RobotReply::Accepted(Ack {}))),
     };
-    let seen = fake_orchestrator(client.clone(), robot_id.clone(), class.clone(), script.clone()).await;
+    let desired = Arc::new(Mutex::new(None));
+    let seen =
+        fake_orchestrator(client.clone(), robot_id.clone(), class.clone(), script.clone(), desired.clone()).await;
+    let callout = fleet_testkit::callout::admit_robots(&server, tenant(), Some(class.clone())).await.unwrap();
     let state = tempfile::tempdir().unwrap();
     let mut config = RobotConfig::new(tenant());
     config.nats_url = server.url();
+    config.key = Some(fleet_robot::RobotKey::new(&fleet_testkit::callout::any_robot_key()).unwrap());
     config.id = Some(robot_id.clone());
     config.state_dir = state.path().to_owned();
     config.shutdown_grace = Duration::from_secs(1);
-    Fabric { server, client, js, seen, script, robot_id, class, config, state }
+    Fabric { server, client, js, seen, script, robot_id, class, config, state, desired, callout }
 }
 
 impl Fabric {
@@ -286,24 +302,23 @@ impl Fabric {
         (info.num_pending, info.num_ack_pending)
     }
 
-    /// Write the robot's desired state as the orchestrator does (creating the commands bucket
-    /// the way the orchestrator does when it is missing).
+    /// Set the robot's desired state as the orchestrator does: kept (answered to the robot's
+    /// `desired` requests) and pushed on its command subject.
     pub async fn put_desired(&self, desired: &DesiredState) {
-        let kv = match self.js.get_key_value(subjects::COMMANDS_BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => self
-                .js
-                .create_key_value(kv::Config {
-                    bucket: subjects::COMMANDS_BUCKET.into(),
-                    history: 1,
-                    ..Default::default()
-                })
-                .await
-                .unwrap(),
-        };
-        kv.put(subjects::command_key(&tenant(), &self.robot_id), codec::encode(desired).into())
-            .await
-            .unwrap();
+        *self.desired.lock().unwrap() = Some(desired.clone());
+        let push = RobotPush::Desired { v: 1, desired: desired.clone() };
+        let subject = subjects::robot_command(&tenant(), &self.robot_id);
+        self.client.publish(subject, codec::encode(&push).into()).await.unwrap();
+        self.client.flush().await.unwrap();
+    }
+
+    /// Forget the robot's desired state and nudge it (an empty push), as an orchestrator that
+    /// lost it would; the robot reads "none" and goes online.
+    pub async fn forget_desired(&self) {
+        *self.desired.lock().unwrap() = None;
+        let subject = subjects::robot_command(&tenant(), &self.robot_id);
+        self.client.publish(subject, Vec::new().into()).await.unwrap();
+        self.client.flush().await.unwrap();
     }
 
     /// Wait (bounded) for a heartbeat satisfying `pred`, watching the robot's heartbeat key.

@@ -109,6 +109,9 @@ pub async fn send(
 }
 
 pub struct Stack {
+    /// A robot key of tenant `default`, unbound, granting whatever a robot offers: what
+    /// [`Stack::robot_config`] gives every robot.
+    pub robot_key: String,
     pub nats: NatsServer,
     pub db: TestDb,
     pub orchestrator: Option<Part>,
@@ -130,8 +133,49 @@ pub fn orchestrator_config(nats: &NatsServer, db: &TestDb) -> fleet_orchestrator
         sweep_interval: Duration::from_millis(100),
         offer_check_after: Duration::from_secs(3),
         db_pool_size: 4,
+        nats_auth_dir: Some(nats.auth_dir()),
         ..Default::default()
     }
+}
+
+/// A gateway configuration on `nats` with the gateway's credentials.
+pub fn gateway_config(nats: &NatsServer, dev_mode: bool) -> fleet_gateway::GatewayConfig {
+    fleet_gateway::GatewayConfig {
+        nats_url: nats.url(),
+        nats_credentials: nats.gateway_credentials(),
+        dev_mode,
+        request_timeout: Duration::from_secs(5),
+        // Tests poll the API far faster than a person would.
+        rate_limit: None,
+        ..Default::default()
+    }
+}
+
+/// A robot key of `tenant` (role robot) written straight into the database at `db_url` (its
+/// migrations applied first), bound to `robot` when given, granting `caps` when given (else
+/// whatever the robot offers). Returns the raw key.
+pub async fn robot_key(db_url: &str, tenant: &str, robot: Option<&str>, caps: Option<&[&str]>) -> String {
+    let config = fleet_orchestrator::Config {
+        database_url: fleet_orchestrator::config::Secret(db_url.to_owned()),
+        db_pool_size: 1,
+        ..Default::default()
+    };
+    let pool = fleet_orchestrator::cli_pool(&config).await.expect("test database for a robot key");
+    let (key_id, secret, full) = fleet_schemas::keys::new_key();
+    sqlx::query(
+        "INSERT INTO api_keys (key_id, tenant, name, role, secret_sha256, robot_id, capabilities)
+         VALUES ($1, $2, 'test robot key', 'robot', $3, $4, $5)",
+    )
+    .bind(&key_id)
+    .bind(tenant)
+    .bind(fleet_schemas::keys::secret_hash(&secret))
+    .bind(robot)
+    .bind(caps.map(|c| c.iter().map(|s| s.to_string()).collect::<Vec<_>>()))
+    .execute(&pool)
+    .await
+    .expect("inserting a robot key");
+    pool.close().await;
+    full
 }
 
 impl Stack {
@@ -150,19 +194,14 @@ impl Stack {
         let token = CancellationToken::new();
         let task = tokio::spawn(fleet_orchestrator::run(config, token.clone()));
         let orchestrator = Some(Part { token, task });
+        let robot_key = robot_key(db.url(), "default", None, None).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let token = CancellationToken::new();
-        let config = fleet_gateway::GatewayConfig {
-            nats_url: nats.url(),
-            dev_mode: true,
-            request_timeout: Duration::from_secs(5),
-            // Tests poll the API far faster than a person would.
-            rate_limit: None,
-            ..Default::default()
-        };
+        let config = gateway_config(&nats, true);
         let task = tokio::spawn(fleet_gateway::run(config, listener, token.clone()));
         let stack = Stack {
+            robot_key,
             nats,
             db,
             orchestrator,
@@ -191,13 +230,7 @@ impl Stack {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let token = CancellationToken::new();
-        let mut config = fleet_gateway::GatewayConfig {
-            nats_url: self.nats.url(),
-            dev_mode: false,
-            request_timeout: Duration::from_secs(5),
-            rate_limit: None,
-            ..Default::default()
-        };
+        let mut config = gateway_config(&self.nats, false);
         adjust(&mut config);
         tokio::spawn(fleet_gateway::run(config, listener, token.clone()));
         wait_for("the secure gateway", WAIT, || async {
@@ -236,6 +269,7 @@ impl Stack {
     pub fn robot_config(&self, name: &str, caps: &[&str]) -> fleet_robot::RobotConfig {
         let mut c = fleet_robot::RobotConfig::new(TenantId::default_tenant());
         c.nats_url = self.nats.url();
+        c.key = Some(fleet_robot::RobotKey::new(&self.robot_key).unwrap());
         c.id = Some(RobotId::new(name).unwrap());
         c.name = Some(name.to_owned());
         c.capabilities = caps.iter().map(|s| Capability::new(*s).unwrap()).collect();

@@ -1,0 +1,72 @@
+//! NATS credentials for people and tools: `fleet-orchestrator nats-creds`.
+//!
+//! An observer's `.creds` file holds a user JWT signed by the callout issuer (named
+//! `observer:<id>`) and the user's seed. The auth callout admits its holder while the
+//! `nats_credentials` row `<id>` is live, with read rights on one tenant's events
+//! ([`fleet_nats_auth::permissions::observer`]); revoking the row locks the file out and
+//! disconnects its connections.
+
+use std::path::Path;
+
+use anyhow::Context;
+use fleet_nats_auth::{permissions, setup};
+use fleet_schemas::TenantId;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+
+use crate::callout;
+
+/// A credential written to a file.
+#[derive(Debug)]
+pub struct IssuedCreds {
+    pub id: String,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// Create observer credentials for `tenant` with the issuer in `auth_dir` and write them to
+/// `out` (mode 0600; an existing file is refused).
+pub async fn create_observer(
+    pool: &PgPool,
+    auth_dir: &Path,
+    tenant: &TenantId,
+    name: &str,
+    expires_at: Option<OffsetDateTime>,
+    out: &Path,
+) -> anyhow::Result<IssuedCreds> {
+    anyhow::ensure!(!out.exists(), "{} exists; choose another --out or remove it first", out.display());
+    let keys = setup::load(auth_dir)?;
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let (text, public_key) = keys
+        .issuer
+        .creds(&callout::observer_user(&id), &permissions::observer(tenant), expires_at)
+        .context("signing the credentials")?;
+    sqlx::query(
+        "INSERT INTO nats_credentials (id, tenant, role, name, public_key, expires_at)
+         VALUES ($1, $2, 'observer', $3, $4, $5)",
+    )
+    .bind(&id)
+    .bind(tenant.as_str())
+    .bind(name)
+    .bind(&public_key)
+    .bind(expires_at)
+    .execute(pool)
+    .await
+    .context("recording the credentials")?;
+    setup::write_secret(out, &text)?;
+    Ok(IssuedCreds { id, expires_at })
+}
+
+/// Revoke credentials by id; returns whether a live one was revoked. Running orchestrators
+/// disconnect what it admitted ([`crate::callout::announce_revoked`]).
+pub async fn revoke(pool: &PgPool, id: &str) -> anyhow::Result<bool> {
+    let n = sqlx::query("UPDATE nats_credentials SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
+        .bind(id)
+        .execute(pool)
+        .await
+        .context("revoking the credentials")?
+        .rows_affected();
+    if n > 0 {
+        callout::announce_revoked(pool, &callout::observer_user(id)).await;
+    }
+    Ok(n > 0)
+}
