@@ -190,7 +190,7 @@ pub async fn list(core: &Core, req: ApiRequest<ListKeys>) -> ApiResult<KeyList> 
     let q = &req.body;
     let rows = sqlx::query(&format!(
         "{SELECT} WHERE k.tenant = $1 AND ($2::text IS NULL OR k.robot_id = $2)
-           AND (NOT $3 OR k.robot_id IS NOT NULL)
+           AND (NOT $3 OR k.robot_id IS NOT NULL OR k.role = 'robot')
          ORDER BY k.created_at DESC, k.key_id"
     ))
     .bind(req.tenant.as_str())
