@@ -280,7 +280,14 @@ async fn capabilities_are_what_the_key_grants() {
     let (status, none) = r1.claim().await;
     assert_eq!((status, &none), (200, &Value::Null), "gpu and shell jobs are never offered to r1");
 
-    // The same robot over NATS (its binding is the key's): a claim of the gpu job is refused.
+    // The same robot over NATS (its binding is the key's), once the HTTP one said goodbye (a live
+    // robot's id is not taken over): a claim of the gpu job is refused.
+    let (status, answer) =
+        r1.send(Method::PUT, "/api/v1/robots/r1/status", Some(json!({"status": "offline"}))).await;
+    assert_eq!(status, 200, "a robot key says its goodbye: {answer}");
+    wait_for("r1 offline", WAIT, || async { (admin.robot("r1").await["status"] == "offline").then_some(()) })
+        .await
+        .unwrap();
     let client = stack.nats.client().await.unwrap();
     let reg = register_request(&["browser", "gpu"], "dir-nats");
     let session = reg.session_id;
