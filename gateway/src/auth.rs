@@ -48,7 +48,7 @@ const KEY_CACHE_MAX: usize = 10_000;
 pub const ROBOT_ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/robots/register"),
     ("POST", "/api/v1/robots/{robot_id}/heartbeat"),
-    // Only its goodbye (`offline`); the handler refuses the rest.
+    // Its own status, as the seed's agent reports it (another robot's is 404 to it).
     ("PUT", "/api/v1/robots/{robot_id}/status"),
     ("POST", "/api/v1/jobs/claim"),
     ("POST", "/api/v1/jobs/{job_id}/extend-lease"),

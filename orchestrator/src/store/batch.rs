@@ -458,7 +458,10 @@ impl Store {
              FROM unnest($1::text[], $2::text[], $3::text[], $4::real[], $5::float8[], $6::timestamptz[],
                  $7::int[], $8::text[])
                  AS u(tenant, robot_id, run_state, cpu_percent, memory_mb, sent_at, max_jobs, capabilities)
-             WHERE robots.tenant = u.tenant AND robots.robot_id = u.robot_id",
+             WHERE robots.tenant = u.tenant AND robots.robot_id = u.robot_id
+               -- A beat queued before its robot's key was revoked must not bring it back online.
+               AND NOT EXISTS (SELECT 1 FROM robot_bindings b WHERE b.tenant = u.tenant
+                                 AND b.robot_id = u.robot_id AND b.revoked_at IS NOT NULL)",
         )
         .bind(beats.iter().map(|b| b.tenant.as_str()).collect::<Vec<_>>())
         .bind(beats.iter().map(|b| b.robot_id.as_str()).collect::<Vec<_>>())
