@@ -70,7 +70,11 @@ struct Registered {
     name: String,
     hostname: String,
     environment: String,
+    /// The effective capabilities (what routing uses).
     capabilities: Vec<String>,
+    /// What the robot offers: its binding's record when it is bound to a key (the registration
+    /// then holds only the effective part), else its registration.
+    offered: Vec<String>,
     tags: Vec<String>,
     max_jobs: u32,
     session: Option<Uuid>,
@@ -106,20 +110,22 @@ fn lease(lease_s: u32, field: &str) -> ApiResult<Duration> {
 
 /// The robot's registration; 404 when it is not registered in the tenant.
 async fn registered(core: &Core, tenant: &TenantId, robot: &RobotId) -> ApiResult<Registered> {
-    type Row = (String, String, String, Vec<String>, Vec<String>, i32, Option<Uuid>);
+    type Row = (String, String, String, Vec<String>, Vec<String>, Vec<String>, i32, Option<Uuid>);
     let row: Option<Row> = sqlx::query_as(
-        "SELECT name, hostname, environment, capabilities, tags, max_jobs, session_id
-         FROM robots WHERE tenant = $1 AND robot_id = $2",
+        "SELECT r.name, r.hostname, r.environment, r.capabilities, coalesce(b.offered, r.capabilities),
+                r.tags, r.max_jobs, r.session_id
+         FROM robots r LEFT JOIN robot_bindings b ON b.tenant = r.tenant AND b.robot_id = r.robot_id
+         WHERE r.tenant = $1 AND r.robot_id = $2",
     )
     .bind(tenant.as_str())
     .bind(robot.as_str())
     .fetch_optional(&core.store.pool)
     .await
     .map_err(StoreError::from)?;
-    let (name, hostname, environment, capabilities, tags, max_jobs, session) =
+    let (name, hostname, environment, capabilities, offered, tags, max_jobs, session) =
         row.ok_or_else(robot_not_found)?;
     let max_jobs = u32::try_from(max_jobs).unwrap_or(1).max(1);
-    Ok(Registered { name, hostname, environment, capabilities, tags, max_jobs, session })
+    Ok(Registered { name, hostname, environment, capabilities, offered, tags, max_jobs, session })
 }
 
 /// The jobs running on the robot in `session`.
@@ -211,7 +217,7 @@ async fn register(
     // The robot key calling is the robot's binding: it gets what it offers that the key grants.
     if let Some(key_id) = key_id {
         let offered: Vec<fleet_schemas::Capability> =
-            reg.capabilities.iter().filter_map(|c| fleet_schemas::Capability::new(c.as_str()).ok()).collect();
+            reg.offered.iter().filter_map(|c| fleet_schemas::Capability::new(c.as_str()).ok()).collect();
         core.store.bind_robot_key(tenant, robot, key_id, &offered).await.map_err(bind_error)?;
     }
     let session = SessionId::new();
@@ -220,7 +226,7 @@ async fn register(
         session_id: session,
         name: reg.name.clone(),
         hostname: reg.hostname.clone(),
-        capabilities: reg.capabilities.clone(),
+        capabilities: reg.offered.clone(),
         max_jobs: reg.max_jobs,
         version: AGENT_VERSION.into(),
         environment: reg.environment.clone(),

@@ -279,6 +279,9 @@ async fn capabilities_are_what_the_key_grants() {
     assert_eq!(status, 200, "{done}");
     let (status, none) = r1.claim().await;
     assert_eq!((status, &none), (200, &Value::Null), "gpu and shell jobs are never offered to r1");
+    let view = admin.robot("r1").await;
+    assert_eq!(view["offered_capabilities"], json!(["browser", "gpu", "shell"]), "its session keeps the offer: {view}");
+    assert_eq!(view["capabilities"], json!(["browser"]), "{view}");
 
     // The same robot over NATS (its binding is the key's), once the HTTP one said goodbye (a live
     // robot's id is not taken over): a claim of the gpu job is refused.
