@@ -182,7 +182,9 @@ pub(crate) async fn take_offline(
                         tracing::info!(%robot, jobs = n, "re-offering the jobs of a robot whose key was revoked");
                         core.admission.reset();
                     }
-                    Err(e) => tracing::warn!(error = %e, %robot, "could not take back the jobs of a revoked robot"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, %robot, "could not take back the jobs of a revoked robot")
+                    }
                 }
             } else {
                 reoffer_orphans(core, tenant, robot).await;

@@ -528,7 +528,8 @@ pub async fn report(core: &Core, req: ApiRequest<AgentJobReport>) -> ApiResult<A
                     // frees now rather than when the lease lapses.
                     // Refused only if the attempt ended meanwhile, which also frees the slot.
                     let cancelled = RunOutcome::Cancelled;
-                    let _ = end(core, tenant, robot, session, job_id, attempt, cancelled, &Value::Null, None).await?;
+                    let _ = end(core, tenant, robot, session, job_id, attempt, cancelled, &Value::Null, None)
+                        .await?;
                     Err(conflict(format!("job {job_id} was cancelled; stop running it")))
                 }
                 Verdict::Refused(reason) => Err(superseded(reason)),
@@ -550,7 +551,10 @@ pub async fn report(core: &Core, req: ApiRequest<AgentJobReport>) -> ApiResult<A
         AgentReport::Release => {
             let max = core.config.max_rejections;
             let reason = "released by the robot";
-            match core.store.give_back(tenant, robot, session, job_id, None, Some(attempt), reason, false, max).await?
+            match core
+                .store
+                .give_back(tenant, robot, session, job_id, None, Some(attempt), reason, false, max)
+                .await?
             {
                 Verdict::Accepted(back) => {
                     crate::robots::given_back(core, tenant, robot, job_id, &back);

@@ -321,8 +321,8 @@ pub async fn reload_grants(core: &Core) {
         let grant = if revoked {
             crate::fleet::Grant::Revoked
         } else {
-            let granted: Option<Vec<fleet_schemas::Capability>> =
-                granted.map(|g| g.into_iter().filter_map(|c| fleet_schemas::Capability::new(c).ok()).collect());
+            let granted: Option<Vec<fleet_schemas::Capability>> = granted
+                .map(|g| g.into_iter().filter_map(|c| fleet_schemas::Capability::new(c).ok()).collect());
             crate::fleet::Grant::of(granted.as_deref())
         };
         all.insert((tenant, robot), grant);
@@ -332,7 +332,11 @@ pub async fn reload_grants(core: &Core) {
 
 /// For `fleet-orchestrator api-key create`: connect, migrate, create, return the raw key.
 /// `req` says what the key is (role, its own rate limit, for a robot key its robot and grant).
-pub async fn create_with_config(config: &crate::Config, tenant: &TenantId, req: &CreateKey) -> anyhow::Result<String> {
+pub async fn create_with_config(
+    config: &crate::Config,
+    tenant: &TenantId,
+    req: &CreateKey,
+) -> anyhow::Result<String> {
     use anyhow::Context;
     // Same connection rules as the orchestrator (a missing database is created), but give up
     // after a while instead of waiting for PostgreSQL forever.

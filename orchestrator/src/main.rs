@@ -140,7 +140,8 @@ fn usage_error(message: String) -> std::process::ExitCode {
 
 /// The key's request from the command line; a bad flag is named.
 fn key_request(create: &ApiKeyCommand) -> Result<(fleet_schemas::TenantId, CreateKey), String> {
-    let ApiKeyCommand::Create { tenant, role, name, rate_limit, robot_id, capabilities, expires_in, .. } = create;
+    let ApiKeyCommand::Create { tenant, role, name, rate_limit, robot_id, capabilities, expires_in, .. } =
+        create;
     let tenant = fleet_schemas::TenantId::new(tenant.as_str()).map_err(|e| format!("--tenant: {e}"))?;
     let role = Role::parse(role).ok_or("--role must be admin, operator, viewer or robot")?;
     if role != Role::Robot && (robot_id.is_some() || !capabilities.is_empty()) {
@@ -209,7 +210,10 @@ async fn create_key(config: fleet_orchestrator::Config, create: ApiKeyCommand) -
                 println!("{key}");
             }
             let limit = req.rate_limit.map_or_else(|| "the gateway's default".to_owned(), |r| r.to_string());
-            let place = out.map_or_else(|| "it is shown only this once".to_owned(), |p| format!("written to {}", p.display()));
+            let place = out.map_or_else(
+                || "it is shown only this once".to_owned(),
+                |p| format!("written to {}", p.display()),
+            );
             eprintln!(
                 "API key for tenant {tenant} with role {} and rate limit {limit} created; {place}.",
                 req.role

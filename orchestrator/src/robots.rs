@@ -89,8 +89,9 @@ pub(crate) async fn register(
     // could take over a live robot's id and expire its running job.
     if req.state_dir_id.trim().is_empty() {
         return RobotReply::Refused {
-            reason: "state_dir_id must not be empty: it tells this robot process from another with the same id"
-                .into(),
+            reason:
+                "state_dir_id must not be empty: it tells this robot process from another with the same id"
+                    .into(),
         };
     }
     // A robot bound to a key gets what it offers that the key grants, nothing more.
@@ -294,7 +295,10 @@ pub(crate) fn given_back(
 async fn reject(core: &Core, tenant: &TenantId, robot: &RobotId, req: RejectRequest) -> RobotReply<Ack> {
     let max = core.config.max_rejections;
     let (job, offer, attempt) = (req.job_id, Some(req.offer_no), req.attempt);
-    let result = core.store.give_back(tenant, robot, req.session_id, job, offer, attempt, &req.reason, true, max).await;
+    let result = core
+        .store
+        .give_back(tenant, robot, req.session_id, job, offer, attempt, &req.reason, true, max)
+        .await;
     if let Ok(Verdict::Accepted(back)) = &result {
         tracing::info!(%robot, job_id = %job, reason = %req.reason, failed = back.failed, "offer rejected");
         given_back(core, tenant, robot, job, back);
@@ -305,7 +309,10 @@ async fn reject(core: &Core, tenant: &TenantId, robot: &RobotId, req: RejectRequ
 async fn release(core: &Core, tenant: &TenantId, robot: &RobotId, req: ReleaseRequest) -> RobotReply<Ack> {
     let max = core.config.max_rejections;
     let (job, attempt) = (req.job_id, Some(req.attempt));
-    let result = core.store.give_back(tenant, robot, req.session_id, job, None, attempt, &req.reason, false, max).await;
+    let result = core
+        .store
+        .give_back(tenant, robot, req.session_id, job, None, attempt, &req.reason, false, max)
+        .await;
     if let Ok(Verdict::Accepted(back)) = &result {
         given_back(core, tenant, robot, job, back);
     }

@@ -308,7 +308,11 @@ mod tests {
         let caps = |names: &[&str]| names.iter().map(|n| Capability::new(*n).unwrap()).collect::<Vec<_>>();
         let offered = caps(&["shell", "gpu", "browser", "gpu"]);
         assert_eq!(attest(&offered, &caps(&["browser", "shell", "secure"])), caps(&["browser", "shell"]));
-        assert_eq!(attest(&offered, &caps(&["browser"])), caps(&["browser"]), "shell is grantable like any other");
+        assert_eq!(
+            attest(&offered, &caps(&["browser"])),
+            caps(&["browser"]),
+            "shell is grantable like any other"
+        );
         assert!(attest(&offered, &[]).is_empty());
         assert!(attest(&[], &caps(&["gpu"])).is_empty());
     }

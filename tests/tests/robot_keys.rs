@@ -13,8 +13,8 @@ use common::{Secure, Stack, WAIT};
 use fleet_schemas::codec::{decode, encode};
 use fleet_schemas::keys::Role;
 use fleet_schemas::robot::{
-    Ack, ClaimGrant, ClaimRequest, CompleteRequest, ProgressReport, RegisterGrant, RegisterRequest, RobotReply,
-    RunOutcome,
+    Ack, ClaimGrant, ClaimRequest, CompleteRequest, ProgressReport, RegisterGrant, RegisterRequest,
+    RobotReply, RunOutcome,
 };
 use fleet_schemas::subjects::{self, RobotVerb};
 use fleet_schemas::{JobId, RobotId, SessionId, TenantId};
@@ -197,7 +197,8 @@ async fn robot_keys_do_only_what_a_robot_does() {
     assert_eq!(status, 200);
     let (status, list) = admin.send(Method::GET, "/api/v1/robot-api-keys", None).await;
     assert_eq!(status, 200, "{list}");
-    let names: Vec<&str> = list["keys"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        list["keys"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"zone a") && names.contains(&"unbound"), "{list}");
 
     // The robot's own calls work with its key.
@@ -235,7 +236,8 @@ async fn robot_keys_do_only_what_a_robot_does() {
         assert!(message.contains("robot key may only do what a robot does"), "{method} {path}: {answer}");
     }
     // It reports its own status only.
-    let (status, answer) = r1.send(Method::PUT, "/api/v1/robots/r2/status", Some(json!({"status": "paused"}))).await;
+    let (status, answer) =
+        r1.send(Method::PUT, "/api/v1/robots/r2/status", Some(json!({"status": "paused"}))).await;
     assert_eq!(status, 404, "{answer}");
     assert_eq!(admin.job(&job).await["status"], "pending", "the job was not touched");
 
@@ -280,7 +282,11 @@ async fn capabilities_are_what_the_key_grants() {
     let (status, none) = r1.claim().await;
     assert_eq!((status, &none), (200, &Value::Null), "gpu and shell jobs are never offered to r1");
     let view = admin.robot("r1").await;
-    assert_eq!(view["offered_capabilities"], json!(["browser", "gpu", "shell"]), "its session keeps the offer: {view}");
+    assert_eq!(
+        view["offered_capabilities"],
+        json!(["browser", "gpu", "shell"]),
+        "its session keeps the offer: {view}"
+    );
     assert_eq!(view["capabilities"], json!(["browser"]), "{view}");
 
     // The same robot over NATS (its binding is the key's), once the HTTP one said goodbye (a live
@@ -327,9 +333,19 @@ async fn reports_are_fenced_on_the_session() {
     // An impostor on r1's subjects with a session of its own.
     let client = stack.nats.client().await.unwrap();
     let forged = SessionId::new();
-    let progress =
-        ProgressReport { v: 1, session_id: forged, job_id: job_id(&job), attempt, progress: 77, current_node: None };
-    let subject = subjects::robot_request(&TenantId::new(TENANT).unwrap(), &RobotId::new("r1").unwrap(), RobotVerb::Progress);
+    let progress = ProgressReport {
+        v: 1,
+        session_id: forged,
+        job_id: job_id(&job),
+        attempt,
+        progress: 77,
+        current_node: None,
+    };
+    let subject = subjects::robot_request(
+        &TenantId::new(TENANT).unwrap(),
+        &RobotId::new("r1").unwrap(),
+        RobotVerb::Progress,
+    );
     client.publish(subject, encode(&progress).into()).await.unwrap();
     client.flush().await.unwrap();
     let release = fleet_schemas::robot::ReleaseRequest {
@@ -398,13 +414,18 @@ async fn revocation_reoffers_the_running_job() {
     assert_eq!(status, 200, "{keys}");
     let key_id = keys["keys"][0]["id"].as_str().unwrap().to_owned();
     let revoked_at = std::time::Instant::now();
-    let (status, answer) = admin.send(Method::POST, &format!("/api/v1/robot-api-keys/{key_id}/revoke"), None).await;
+    let (status, answer) =
+        admin.send(Method::POST, &format!("/api/v1/robot-api-keys/{key_id}/revoke"), None).await;
     assert_eq!(status, 200, "{answer}");
 
     // Re-offered at once (well inside its 30 s lease): r2 gets it.
     let moved = r2.claim_next().await;
     assert_eq!(moved["job_id"], job.as_str());
-    assert!(revoked_at.elapsed() < Duration::from_secs(10), "re-offered promptly: {:?}", revoked_at.elapsed());
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(10),
+        "re-offered promptly: {:?}",
+        revoked_at.elapsed()
+    );
     assert_eq!(admin.robot("r1").await["status"], "offline");
     let (status, done) = r2.complete(&job).await;
     assert_eq!(status, 200, "{done}");
@@ -438,8 +459,18 @@ async fn cli_makes_robot_keys() {
     };
     let out = stack.dirs.path().join("r7.key");
     let made = cli(&[
-        "--role", "robot", "--robot-id", "r7", "--capability", "browser", "--capability", "shell",
-        "--expires-in", "30d", "--out", out.to_str().unwrap(),
+        "--role",
+        "robot",
+        "--robot-id",
+        "r7",
+        "--capability",
+        "browser",
+        "--capability",
+        "shell",
+        "--expires-in",
+        "30d",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     assert!(made.stdout.is_empty(), "the key goes to the file only");

@@ -90,7 +90,14 @@ impl Store {
         key_id: &str,
         offered: &[Capability],
     ) -> Result<Attested, BindError> {
-        type Row = (String, String, Option<String>, Option<Vec<String>>, Option<OffsetDateTime>, Option<OffsetDateTime>);
+        type Row = (
+            String,
+            String,
+            Option<String>,
+            Option<Vec<String>>,
+            Option<OffsetDateTime>,
+            Option<OffsetDateTime>,
+        );
         let row: Option<Row> = sqlx::query_as(
             "SELECT tenant, role, robot_id, capabilities, revoked_at, expires_at FROM api_keys WHERE key_id = $1",
         )
@@ -98,7 +105,8 @@ impl Store {
         .fetch_optional(&self.pool)
         .await
         .map_err(StoreError::from)?;
-        let (key_tenant, role, bound_to, granted, revoked_at, expires_at) = row.ok_or(BindError::UnknownKey)?;
+        let (key_tenant, role, bound_to, granted, revoked_at, expires_at) =
+            row.ok_or(BindError::UnknownKey)?;
         if key_tenant != tenant.as_str() {
             return Err(BindError::OtherTenant);
         }
@@ -151,14 +159,21 @@ impl Store {
     }
 
     /// Record what a bound robot offers at registration, with the effective set that follows.
-    pub async fn record_offer(&self, tenant: &TenantId, robot: &RobotId, attested: &Attested) -> StoreResult<()> {
-        sqlx::query("UPDATE robot_bindings SET offered = $3, effective = $4 WHERE tenant = $1 AND robot_id = $2")
-            .bind(tenant.as_str())
-            .bind(robot.as_str())
-            .bind(names(&attested.offered))
-            .bind(names(&attested.effective))
-            .execute(&self.pool)
-            .await?;
+    pub async fn record_offer(
+        &self,
+        tenant: &TenantId,
+        robot: &RobotId,
+        attested: &Attested,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE robot_bindings SET offered = $3, effective = $4 WHERE tenant = $1 AND robot_id = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(robot.as_str())
+        .bind(names(&attested.offered))
+        .bind(names(&attested.effective))
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -250,7 +250,9 @@ impl Store {
             }))
         } else {
             self.check_fence(epoch).await?;
-            Ok(Verdict::Refused("the job is no longer held by this offer or by this session's attempt".into()))
+            Ok(Verdict::Refused(
+                "the job is no longer held by this offer or by this session's attempt".into(),
+            ))
         }
     }
 

@@ -33,9 +33,9 @@ mod jobs;
 mod leases;
 mod robots;
 
+pub use bindings::{Attested, BindError, Binding};
 pub(crate) use jobs::{JOB_SELECT, job_view};
 use leases::claimed;
-pub use bindings::{Attested, BindError, Binding};
 pub use leases::{CancelOutcome, StoppedAttempt};
 pub use robots::run_state_str;
 
