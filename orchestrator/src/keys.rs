@@ -5,6 +5,12 @@
 //! (`fleet-orchestrator api-key create` runs without NATS), and a revocation is a plain update.
 //! Verification is one indexed lookup that also records when the key was last used; the gateway
 //! caches the answer for a few seconds, which bounds how late a revocation takes effect.
+//!
+//! Robot keys (role `robot`) may be bound to a robot id and grant capabilities; a robot bound to
+//! one ([`crate::store::Store::bind_robot_key`]) claims only what it offers that the key grants.
+//! A revocation (or deletion, or expiry, found by the leader's sweep) must also reach robots
+//! already running with the key, which a key check at the gateway alone would not do:
+//! [`on_revoked`] takes them offline and offers their running jobs again at once.
 
 use fleet_schemas::TenantId;
 use fleet_schemas::api::{

@@ -4,6 +4,12 @@
 //! permissions (one robot may only publish on its own subjects) are all the isolation needed.
 //! Every answer is `Accepted`, `Refused` (stop retrying) or `Unavailable` (retry): a store
 //! failure is never reported as a refusal, since a robot stops a job only when refused.
+//!
+//! Subject permissions do not tell two sessions of one robot id apart, so every report of a
+//! running attempt (complete, release, reject after a claim, progress; renewals already were) is
+//! fenced on the session holding it, and a registration must carry its state directory id, without
+//! which the duplicate-identity guard could not refuse a second process taking over the id. A
+//! robot bound to a key registers with, and claims within, its attested capabilities.
 
 use std::sync::Arc;
 
