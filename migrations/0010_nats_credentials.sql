@@ -12,8 +12,3 @@ CREATE TABLE nats_credentials (
     revoked_at  timestamptz
 );
 CREATE INDEX nats_credentials_tenant ON nats_credentials (tenant, created_at DESC);
-
--- Robot keys (until the robot-role migration lands these may already exist).
-ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS capabilities text[];
-ALTER TABLE api_keys DROP CONSTRAINT IF EXISTS api_keys_role_check;
-ALTER TABLE api_keys ADD CONSTRAINT api_keys_role_check CHECK (role IN ('viewer', 'operator', 'admin', 'robot'));

@@ -42,6 +42,43 @@ pub const KEY_CACHE_TTL: Duration = Duration::from_secs(4);
 /// not grow memory).
 const KEY_CACHE_MAX: usize = 10_000;
 
+/// The only routes a robot key may call, as (method, path template): a robot key does only what
+/// a robot does. Everything else (submit, cancel, job and robot lists, robot commands, keys) is
+/// 403 for it, whatever the handler would check.
+pub const ROBOT_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/api/v1/robots/register"),
+    ("POST", "/api/v1/robots/{robot_id}/heartbeat"),
+    // Its own status, as the seed's agent reports it (another robot's is 404 to it).
+    ("PUT", "/api/v1/robots/{robot_id}/status"),
+    ("POST", "/api/v1/jobs/claim"),
+    ("POST", "/api/v1/jobs/{job_id}/extend-lease"),
+    ("POST", "/api/v1/jobs/{job_id}/complete"),
+    ("POST", "/api/v1/jobs/{job_id}/fail"),
+    ("POST", "/api/v1/jobs/{job_id}/release"),
+];
+
+/// 403 for a robot key on a route outside [`ROBOT_ROUTES`]. A path no route matches is left to
+/// the fallback (404).
+fn robot_gate(caller: &Caller, parts: &Parts) -> Result<(), HttpError> {
+    if caller.role != Role::Robot {
+        return Ok(());
+    }
+    let Some(path) = parts.extensions.get::<axum::extract::MatchedPath>() else { return Ok(()) };
+    let method = parts.method.as_str();
+    if ROBOT_ROUTES.iter().any(|(m, p)| *m == method && *p == path.as_str()) {
+        return Ok(());
+    }
+    Err(HttpError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!(
+            "a robot key may only do what a robot does (register itself, heartbeat, claim and report its \
+             jobs), not {method} {}",
+            path.as_str()
+        ),
+    ))
+}
+
 /// The message a request without a key gets.
 pub const NO_KEY_MESSAGE: &str =
     "an API key is required: send it as `Authorization: Bearer <key>` or `X-Api-Key: <key>`";
@@ -232,6 +269,7 @@ impl FromRequestParts<AppState> for Caller {
         };
         // A malformed header is a 401 too, so it does not lock a developer out in development mode.
         let caller = with_dev_mode(state, verified)?;
+        robot_gate(&caller, parts)?;
         tracing::Span::current().record("tenant", caller.tenant.as_str());
         Ok(caller)
     }

@@ -480,6 +480,8 @@ mod tests {
             desired_state: String::new(),
             environment: String::new(),
             capabilities: vec![],
+            offered_capabilities: vec![],
+            granted_capabilities: None,
             tags: vec![],
             max_concurrent_jobs: 1,
             current_job_ids: vec![],
@@ -632,6 +634,7 @@ mod tests {
             last_used_at: None,
             last_used_ip: None,
             rate_limit: None,
+            capabilities: None,
         };
         assert_eq!(keys("Key"), keys_of(key.clone()));
         let created = api::CreatedKey { api_key: String::new(), key: key.clone() };

@@ -77,6 +77,8 @@ fn robot_view(id: &str) -> RobotView {
         desired_state: "online".into(),
         environment: "default".into(),
         capabilities: vec!["shell".into()],
+        offered_capabilities: vec![],
+        granted_capabilities: None,
         tags: vec![],
         max_concurrent_jobs: 2,
         current_job_ids: vec!["j1".into()],

@@ -148,24 +148,16 @@ async fn decide(core: &Core, auth: &Auth, req: &AuthorizationRequest) -> Result<
         .1;
     let offered: Vec<Capability> =
         offered.into_iter().map(Capability::new).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
-    let effective = effective(&offered, key.granted.as_deref());
-    let class = Class::new(effective).map_err(|e| e.to_string())?;
+    // Recorded on the robot (both sets visible in the robot API); register, claims and
+    // heartbeats hold it to the effective set.
+    let attested = core
+        .store
+        .bind_robot_key(&key.tenant, &robot, &key.key_id, &offered)
+        .await
+        .map_err(|e| format!("cannot bind robot {robot} to this key: {e}"))?;
+    let class = Class::new(attested.effective).map_err(|e| e.to_string())?;
     let scope = RobotScope { tenant: key.tenant.clone(), robot, key_id: key.key_id.clone(), class };
     sign(robot_user(&key.key_id), &permissions::robot(&scope), key.expires_at)
-}
-
-/// What a robot may claim: what it offers, within what its key grants (all when the key
-/// grants no list).
-pub fn effective(offered: &[Capability], granted: Option<&[Capability]>) -> Vec<Capability> {
-    match granted {
-        Some(granted) => fleet_schemas::robot::attest(offered, granted),
-        None => {
-            let mut all = offered.to_vec();
-            all.sort();
-            all.dedup();
-            all
-        }
-    }
 }
 
 /// The user name robot connections admitted with `key_id` carry.

@@ -132,6 +132,32 @@ pub struct Placing<'a> {
 pub struct FleetView {
     prefetch: u32,
     tenants: RwLock<HashMap<TenantId, TenantView>>,
+    /// What the keys of bound robots grant (absent: not bound). A heartbeat says what the robot
+    /// offers; only the granted part of it counts (attested capabilities).
+    grants: RwLock<HashMap<(TenantId, RobotId), Grant>>,
+}
+
+/// What a robot's key lets it claim, as the fleet view applies it to its heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    /// Not bound to a key: what it offers.
+    Unbound,
+    /// Bound to a key that does not restrict: what it offers (claims are still checked).
+    Any,
+    /// Bound to a key granting these.
+    Only(Class),
+    /// Its key was revoked: its heartbeats are ignored, it stays offline.
+    Revoked,
+}
+
+impl Grant {
+    /// The grant of a live key (`None`: not restricted).
+    pub fn of(granted: Option<&[fleet_schemas::Capability]>) -> Grant {
+        match granted {
+            None => Grant::Any,
+            Some(g) => Grant::Only(Class::new(g.iter().cloned()).unwrap_or_default()),
+        }
+    }
 }
 
 /// What the database says is in flight, to rebuild the bookkeeping from.
@@ -147,7 +173,42 @@ pub struct Snapshot {
 
 impl FleetView {
     pub fn new(prefetch: u32) -> Self {
-        Self { prefetch, tenants: RwLock::new(HashMap::new()) }
+        Self { prefetch, tenants: RwLock::new(HashMap::new()), grants: RwLock::new(HashMap::new()) }
+    }
+
+    /// Record what a robot's key grants (at registration, at revocation, at a reload).
+    pub fn set_grant(&self, tenant: &TenantId, robot: &RobotId, grant: Grant) {
+        let mut grants = self.grants.write().expect("not poisoned");
+        let key = (tenant.clone(), robot.clone());
+        if grant == Grant::Unbound {
+            grants.remove(&key);
+        } else {
+            grants.insert(key, grant);
+        }
+    }
+
+    /// Replace every grant with what the database says (a reload).
+    pub fn replace_grants(&self, all: HashMap<(TenantId, RobotId), Grant>) {
+        *self.grants.write().expect("not poisoned") = all;
+    }
+
+    /// Is the robot bound to a key (so its claims are checked against its effective set)?
+    pub fn is_bound(&self, tenant: &TenantId, robot: &RobotId) -> bool {
+        self.grants.read().expect("not poisoned").contains_key(&(tenant.clone(), robot.clone()))
+    }
+
+    /// Cut a heartbeat's capabilities to what the robot's key grants. `false`: the robot's key
+    /// was revoked and the heartbeat must be ignored.
+    pub fn attest_heartbeat(&self, hb: &mut Heartbeat) -> bool {
+        let grants = self.grants.read().expect("not poisoned");
+        match grants.get(&(hb.tenant.clone(), hb.robot_id.clone())) {
+            None | Some(Grant::Unbound) | Some(Grant::Any) => true,
+            Some(Grant::Revoked) => false,
+            Some(Grant::Only(granted)) => {
+                hb.capabilities.retain(|c| granted.contains(c));
+                true
+            }
+        }
     }
 
     pub fn clear(&self) {

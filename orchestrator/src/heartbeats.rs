@@ -105,7 +105,7 @@ async fn on_entry(core: &Core, entry: async_nats::jetstream::kv::Entry) {
     };
     match entry.operation {
         Operation::Put => {
-            let hb: Heartbeat = match decode("heartbeat", &entry.value) {
+            let mut hb: Heartbeat = match decode("heartbeat", &entry.value) {
                 Ok(hb) => hb,
                 Err(e) => {
                     tracing::warn!(key = %entry.key, error = %e, "ignoring malformed heartbeat");
@@ -114,6 +114,10 @@ async fn on_entry(core: &Core, entry: async_nats::jetstream::kv::Entry) {
             };
             if hb.tenant != tenant || hb.robot_id != robot {
                 tracing::warn!(key = %entry.key, "ignoring heartbeat whose body names another robot");
+                return;
+            }
+            if !core.fleet.attest_heartbeat(&mut hb) {
+                tracing::debug!(%tenant, %robot, "ignoring the heartbeat of a robot whose key was revoked");
                 return;
             }
             let change = core.fleet.heartbeat(&hb);
@@ -155,15 +159,40 @@ pub(crate) async fn mark_offline(
     robot: &fleet_schemas::RobotId,
     reason: &str,
 ) {
+    take_offline(core, tenant, robot, reason, false).await
+}
+
+/// Declare a robot offline and take back its running attempts. With `now`, at once whatever the
+/// leader's own health (its key was revoked: it is not coming back); otherwise as for a lapsed
+/// heartbeat ([`reoffer_orphans`]).
+pub(crate) async fn take_offline(
+    core: &Core,
+    tenant: &fleet_schemas::TenantId,
+    robot: &fleet_schemas::RobotId,
+    reason: &str,
+    now: bool,
+) {
     core.fleet.offline(tenant, robot);
     match core.store.robot_offline(tenant, robot, reason).await {
-        Ok(true) => {
+        Ok(offline) if offline || now => {
             tracing::info!(%tenant, %robot, reason, "robot offline");
-            reoffer_orphans(core, tenant, robot).await;
+            if now {
+                match core.store.expire_offline(tenant, robot).await {
+                    Ok(n) => {
+                        tracing::info!(%robot, jobs = n, "re-offering the jobs of a robot whose key was revoked");
+                        core.admission.reset();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, %robot, "could not take back the jobs of a revoked robot")
+                    }
+                }
+            } else {
+                reoffer_orphans(core, tenant, robot).await;
+            }
             core.wake_relay.notify_one();
             core.wake_admission.notify_one();
         }
-        Ok(false) => {}
+        Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, %robot, "could not record robot offline"),
     }
 }

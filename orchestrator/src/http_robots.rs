@@ -70,10 +70,23 @@ struct Registered {
     name: String,
     hostname: String,
     environment: String,
+    /// The effective capabilities (what routing uses).
     capabilities: Vec<String>,
+    /// What the robot offers: its binding's record when it is bound to a key (the registration
+    /// then holds only the effective part), else its registration.
+    offered: Vec<String>,
     tags: Vec<String>,
     max_jobs: u32,
     session: Option<Uuid>,
+}
+
+/// A binding refused, as the API answers it.
+pub(crate) fn bind_error(e: crate::store::BindError) -> ApiError {
+    match e {
+        crate::store::BindError::Store(e) => e.into(),
+        // `Conflict` is what the gateway answers 409 with the message: the key cannot act here.
+        other => conflict(format!("robot key: {other}")),
+    }
 }
 
 fn robot_not_found() -> ApiError {
@@ -97,20 +110,22 @@ fn lease(lease_s: u32, field: &str) -> ApiResult<Duration> {
 
 /// The robot's registration; 404 when it is not registered in the tenant.
 async fn registered(core: &Core, tenant: &TenantId, robot: &RobotId) -> ApiResult<Registered> {
-    type Row = (String, String, String, Vec<String>, Vec<String>, i32, Option<Uuid>);
+    type Row = (String, String, String, Vec<String>, Vec<String>, Vec<String>, i32, Option<Uuid>);
     let row: Option<Row> = sqlx::query_as(
-        "SELECT name, hostname, environment, capabilities, tags, max_jobs, session_id
-         FROM robots WHERE tenant = $1 AND robot_id = $2",
+        "SELECT r.name, r.hostname, r.environment, r.capabilities, coalesce(b.offered, r.capabilities),
+                r.tags, r.max_jobs, r.session_id
+         FROM robots r LEFT JOIN robot_bindings b ON b.tenant = r.tenant AND b.robot_id = r.robot_id
+         WHERE r.tenant = $1 AND r.robot_id = $2",
     )
     .bind(tenant.as_str())
     .bind(robot.as_str())
     .fetch_optional(&core.store.pool)
     .await
     .map_err(StoreError::from)?;
-    let (name, hostname, environment, capabilities, tags, max_jobs, session) =
+    let (name, hostname, environment, capabilities, offered, tags, max_jobs, session) =
         row.ok_or_else(robot_not_found)?;
     let max_jobs = u32::try_from(max_jobs).unwrap_or(1).max(1);
-    Ok(Registered { name, hostname, environment, capabilities, tags, max_jobs, session })
+    Ok(Registered { name, hostname, environment, capabilities, offered, tags, max_jobs, session })
 }
 
 /// The jobs running on the robot in `session`.
@@ -171,6 +186,7 @@ async fn session(
     core: &Core,
     tenant: &TenantId,
     robot: &RobotId,
+    key_id: Option<&str>,
     reg: &Registered,
     metrics: Option<(Option<f32>, Option<f64>)>,
 ) -> ApiResult<SessionId> {
@@ -179,7 +195,7 @@ async fn session(
     let recorded = registered(core, tenant, robot).await?.session;
     let session = match (live, recorded) {
         (Some(live), Some(recorded)) if live.0 == recorded => live,
-        _ => register(core, tenant, robot, reg).await?,
+        _ => register(core, tenant, robot, key_id, reg).await?,
     };
     if metrics.is_some() || live != Some(session) {
         beat(core, tenant, robot, reg, session, metrics.unwrap_or_default()).await?;
@@ -187,19 +203,35 @@ async fn session(
     Ok(session)
 }
 
-async fn register(core: &Core, tenant: &TenantId, robot: &RobotId, reg: &Registered) -> ApiResult<SessionId> {
+/// The state directory an HTTP robot registers with: it has none of ours, and one that is not
+/// empty keeps the duplicate-identity guard on (a NATS robot process cannot take its id).
+const HTTP_STATE_DIR: &str = "http-agent";
+
+async fn register(
+    core: &Core,
+    tenant: &TenantId,
+    robot: &RobotId,
+    key_id: Option<&str>,
+    reg: &Registered,
+) -> ApiResult<SessionId> {
+    // The robot key calling is the robot's binding: it gets what it offers that the key grants.
+    if let Some(key_id) = key_id {
+        let offered: Vec<fleet_schemas::Capability> =
+            reg.offered.iter().filter_map(|c| fleet_schemas::Capability::new(c.as_str()).ok()).collect();
+        core.store.bind_robot_key(tenant, robot, key_id, &offered).await.map_err(bind_error)?;
+    }
     let session = SessionId::new();
     let req = RegisterRequest {
         v: fleet_schemas::robot::ROBOT_PROTOCOL_VERSION,
         session_id: session,
         name: reg.name.clone(),
         hostname: reg.hostname.clone(),
-        capabilities: reg.capabilities.clone(),
+        capabilities: reg.offered.clone(),
         max_jobs: reg.max_jobs,
         version: AGENT_VERSION.into(),
         environment: reg.environment.clone(),
         tags: reg.tags.clone(),
-        state_dir_id: String::new(),
+        state_dir_id: HTTP_STATE_DIR.into(),
     };
     match crate::robots::register(core, tenant, robot, req).await {
         RobotReply::Accepted(_) => Ok(session),
@@ -293,7 +325,8 @@ pub async fn heartbeat(core: &Core, req: ApiRequest<AgentHeartbeat>) -> ApiResul
     } else {
         let lock = core.http_sessions.of(tenant, robot);
         let _held = lock.lock().await;
-        session(core, tenant, robot, &reg, Some((body.cpu_percent, body.memory_mb))).await?;
+        let key = body.key_id.as_deref();
+        session(core, tenant, robot, key, &reg, Some((body.cpu_percent, body.memory_mb))).await?;
     }
     Ok(AgentBeat { timestamp: OffsetDateTime::now_utc() })
 }
@@ -307,7 +340,7 @@ pub async fn claim(core: &Core, req: ApiRequest<AgentClaim>) -> ApiResult<Option
     // free slot and together overfill it.
     let lock = core.http_sessions.of(tenant, robot);
     let _held = lock.lock().await;
-    let session = session(core, tenant, robot, &reg, None).await?;
+    let session = session(core, tenant, robot, req.body.key_id.as_deref(), &reg, None).await?;
     if desired_mode(core, tenant, robot).await? != RobotMode::Online {
         return Ok(None);
     }
@@ -390,6 +423,14 @@ async fn take(
     if crate::api::past_deadline(req) {
         settle(&msg, AckKind::Nak(Some(NAK_DELAY))).await;
         return Err(crate::api::deadline_error());
+    }
+    // A robot bound to a key claims only jobs within its effective capabilities.
+    if core.fleet.is_bound(tenant, robot)
+        && let Some(reason) = core.store.claim_refusal(tenant, robot, offer.job_id).await?
+    {
+        tracing::info!(job_id = %offer.job_id, %reason, "offer outside the robot's grant; giving it back");
+        settle(&msg, AckKind::Nak(Some(NAK_DELAY))).await;
+        return Ok(None);
     }
     let claimed = match core.store.claim(tenant, robot, session, offer.job_id, offer.offer_no, lease).await {
         Ok(Verdict::Accepted(c)) => c,
@@ -486,23 +527,23 @@ pub async fn report(core: &Core, req: ApiRequest<AgentJobReport>) -> ApiResult<A
                     // The robot learns of a cancel only here: end the job for it, so the slot
                     // frees now rather than when the lease lapses.
                     // Refused only if the attempt ended meanwhile, which also frees the slot.
-                    let _ =
-                        end(core, tenant, robot, job_id, attempt, RunOutcome::Cancelled, &Value::Null, None)
-                            .await?;
+                    let cancelled = RunOutcome::Cancelled;
+                    let _ = end(core, tenant, robot, session, job_id, attempt, cancelled, &Value::Null, None)
+                        .await?;
                     Err(conflict(format!("job {job_id} was cancelled; stop running it")))
                 }
                 Verdict::Refused(reason) => Err(superseded(reason)),
             }
         }
         AgentReport::Complete { result } => {
-            end(core, tenant, robot, job_id, attempt, RunOutcome::Completed, result, None)
+            end(core, tenant, robot, session, job_id, attempt, RunOutcome::Completed, result, None)
                 .await?
                 .map_err(superseded)?;
             reported(JobStatus::Completed)
         }
         AgentReport::Fail { error_message } => {
             let error = Some(error_message.as_str());
-            end(core, tenant, robot, job_id, attempt, RunOutcome::Failed, &Value::Null, error)
+            end(core, tenant, robot, session, job_id, attempt, RunOutcome::Failed, &Value::Null, error)
                 .await?
                 .map_err(superseded)?;
             reported(JobStatus::Failed)
@@ -510,7 +551,10 @@ pub async fn report(core: &Core, req: ApiRequest<AgentJobReport>) -> ApiResult<A
         AgentReport::Release => {
             let max = core.config.max_rejections;
             let reason = "released by the robot";
-            match core.store.give_back(tenant, robot, job_id, None, Some(attempt), reason, false, max).await?
+            match core
+                .store
+                .give_back(tenant, robot, session, job_id, None, Some(attempt), reason, false, max)
+                .await?
             {
                 Verdict::Accepted(back) => {
                     crate::robots::given_back(core, tenant, robot, job_id, &back);
@@ -528,13 +572,14 @@ async fn end(
     core: &Core,
     tenant: &TenantId,
     robot: &RobotId,
+    session: SessionId,
     job_id: JobId,
     attempt: i32,
     outcome: RunOutcome,
     output: &Value,
     error: Option<&str>,
 ) -> ApiResult<Result<(), String>> {
-    match core.store.complete(tenant, robot, job_id, attempt, outcome, output, error, None).await? {
+    match core.store.complete(tenant, robot, session, job_id, attempt, outcome, output, error, None).await? {
         Verdict::Accepted(()) => {
             core.fleet.ended(tenant, robot, job_id);
             core.wake_relay.notify_one();

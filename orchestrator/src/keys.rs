@@ -5,6 +5,12 @@
 //! (`fleet-orchestrator api-key create` runs without NATS), and a revocation is a plain update.
 //! Verification is one indexed lookup that also records when the key was last used; the gateway
 //! caches the answer for a few seconds, which bounds how late a revocation takes effect.
+//!
+//! Robot keys (role `robot`) may be bound to a robot id and grant capabilities; a robot bound to
+//! one ([`crate::store::Store::bind_robot_key`]) claims only what it offers that the key grants.
+//! A revocation (or deletion, or expiry, found by the leader's sweep) must also reach robots
+//! already running with the key, which a key check at the gateway alone would not do:
+//! [`on_revoked`] takes them offline and offers their running jobs again at once.
 
 use fleet_schemas::TenantId;
 use fleet_schemas::api::{
@@ -54,6 +60,7 @@ fn view(row: &PgRow) -> KeyView {
     let name: String = row.get("name");
     let role: String = row.get("role");
     KeyView {
+        capabilities: row.get("capabilities"),
         id: row.get("key_id"),
         key_name: name.clone(),
         name,
@@ -93,12 +100,24 @@ pub async fn create(pool: &PgPool, tenant: &TenantId, req: &CreateKey) -> Result
             message: format!("must be {}", Rate::RULE),
         });
     }
+    if req.role != Role::Robot && (req.capabilities.is_some() || req.robot_id.is_some()) {
+        return Err(ApiError::Invalid {
+            field: if req.robot_id.is_some() { "robot_id" } else { "capabilities" }.into(),
+            message: "only a robot key is bound to a robot or grants capabilities".into(),
+        });
+    }
     let (rate_requests, rate_period_s) = rate_columns(req.rate_limit);
     let (key_id, secret, full) = keys::new_key();
+    let granted: Option<Vec<String>> = req.capabilities.as_ref().map(|caps| {
+        let mut names: Vec<String> = caps.iter().map(|c| c.as_str().to_owned()).collect();
+        names.sort();
+        names.dedup();
+        names
+    });
     sqlx::query(
         "INSERT INTO api_keys (key_id, tenant, name, description, role, secret_sha256, robot_id, expires_at,
-                               rate_limit_requests, rate_limit_period_s)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                               rate_limit_requests, rate_limit_period_s, capabilities)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(&key_id)
     .bind(tenant.as_str())
@@ -110,6 +129,7 @@ pub async fn create(pool: &PgPool, tenant: &TenantId, req: &CreateKey) -> Result
     .bind(req.expires_at)
     .bind(rate_requests)
     .bind(rate_period_s)
+    .bind(granted)
     .execute(pool)
     .await
     .map_err(StoreError::from)?;
@@ -130,19 +150,19 @@ async fn get(pool: &PgPool, tenant: &TenantId, key_id: &str) -> Result<Option<Ke
 }
 
 pub async fn verify(core: &Core, req: ApiRequest<VerifyKey>) -> ApiResult<KeyIdentity> {
-    type Row = (String, String, Option<i32>, Option<i32>, Option<String>);
+    type Row = (String, String, Option<i32>, Option<i32>, Option<String>, Option<Vec<String>>);
     let row: Option<Row> = sqlx::query_as(
         "UPDATE api_keys SET last_used_at = now()
          WHERE key_id = $1 AND secret_sha256 = $2 AND revoked_at IS NULL
            AND (expires_at IS NULL OR expires_at > now())
-         RETURNING tenant, role, rate_limit_requests, rate_limit_period_s, robot_id",
+         RETURNING tenant, role, rate_limit_requests, rate_limit_period_s, robot_id, capabilities",
     )
     .bind(&req.body.key_id)
     .bind(&req.body.secret_sha256)
     .fetch_optional(&core.store.pool)
     .await
     .map_err(StoreError::from)?;
-    let (tenant, role, rate_requests, rate_period_s, robot_id) =
+    let (tenant, role, rate_requests, rate_period_s, robot_id, capabilities) =
         row.ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
     Ok(KeyIdentity {
         key_id: req.body.key_id,
@@ -151,11 +171,17 @@ pub async fn verify(core: &Core, req: ApiRequest<VerifyKey>) -> ApiResult<KeyIde
         rate_limit: stored_rate(rate_requests, rate_period_s),
         // Stored through `RobotId`, so it parses; a key whose robot id does not is a user key.
         robot_id: robot_id.and_then(|r| fleet_schemas::RobotId::new(r).ok()),
+        // Stored through `Capability`, so they parse.
+        capabilities: capabilities
+            .map(|caps| caps.into_iter().filter_map(|c| fleet_schemas::Capability::new(c).ok()).collect()),
     })
 }
 
 pub async fn create_api(core: &Core, req: ApiRequest<CreateKey>) -> ApiResult<CreatedKey> {
+    // A robot key may be made before its robot exists (it enrols with it); a user key bound to
+    // a robot (older Canvas robot keys) names one that does.
     if let Some(robot) = &req.body.robot_id
+        && req.body.role != Role::Robot
         && !core.store.robot_exists(&req.tenant, robot).await?
     {
         return Err(ApiError::Invalid {
@@ -170,7 +196,7 @@ pub async fn list(core: &Core, req: ApiRequest<ListKeys>) -> ApiResult<KeyList> 
     let q = &req.body;
     let rows = sqlx::query(&format!(
         "{SELECT} WHERE k.tenant = $1 AND ($2::text IS NULL OR k.robot_id = $2)
-           AND (NOT $3 OR k.robot_id IS NOT NULL)
+           AND (NOT $3 OR k.robot_id IS NOT NULL OR k.role = 'robot')
          ORDER BY k.created_at DESC, k.key_id"
     ))
     .bind(req.tenant.as_str())
@@ -202,6 +228,7 @@ pub async fn revoke(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyVie
         return Err(ApiError::NotFound { what: "key".into() });
     }
     crate::callout::announce_revoked(&core.store.pool, &crate::callout::robot_user(&req.body.id)).await;
+    revoke_lapsed(core).await;
     get(&core.store.pool, &req.tenant, &req.body.id)
         .await?
         .ok_or_else(|| ApiError::NotFound { what: "key".into() })
@@ -241,17 +268,83 @@ pub async fn delete(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyVie
         .await
         .map_err(StoreError::from)?;
     crate::callout::announce_revoked(&core.store.pool, &crate::callout::robot_user(&req.body.id)).await;
+    revoke_lapsed(core).await;
     Ok(key)
 }
 
+/// Robot keys stopped working (revoked, deleted or expired): the robots bound to them go offline
+/// now and their running jobs are offered again at once; their bindings are marked revoked, so
+/// they can neither register, claim nor beat again with these keys. This is the one place a
+/// revocation takes effect on robots: the NATS side (kicking the robot's connection) belongs here
+/// too.
+pub async fn on_revoked(core: &Core, key_ids: &[String]) {
+    if key_ids.is_empty() {
+        return;
+    }
+    let robots = match core.store.revoke_bindings(key_ids).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not mark the bindings of revoked robot keys");
+            return;
+        }
+    };
+    for (tenant, robot) in robots {
+        let (Ok(tenant), Ok(robot)) = (TenantId::new(tenant), fleet_schemas::RobotId::new(robot)) else {
+            continue;
+        };
+        core.fleet.set_grant(&tenant, &robot, crate::fleet::Grant::Revoked);
+        crate::heartbeats::take_offline(core, &tenant, &robot, "robot key revoked", true).await;
+        tracing::info!(%tenant, %robot, "robot key revoked: robot taken offline");
+    }
+    core.wake_relay.notify_one();
+    core.wake_admission.notify_one();
+}
+
+/// Find bound robot keys that stopped working and apply [`on_revoked`] to them. Only the leader
+/// does (taking jobs back is fenced); another instance's revocation is picked up by the leader's
+/// next sweep.
+pub async fn revoke_lapsed(core: &Core) {
+    if !core.leadership.is_leader() {
+        return;
+    }
+    match core.store.lapsed_binding_keys().await {
+        Ok(keys) => on_revoked(core, &keys).await,
+        Err(e) => tracing::warn!(error = %e, "could not look for revoked robot keys"),
+    }
+}
+
+/// Load every robot's grant into the fleet view (at a reload, e.g. when this instance leads).
+pub async fn reload_grants(core: &Core) {
+    let rows = match core.store.robot_grants().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not load the robots' key grants");
+            return;
+        }
+    };
+    let mut all = std::collections::HashMap::with_capacity(rows.len());
+    for (tenant, robot, granted, revoked) in rows {
+        let (Ok(tenant), Ok(robot)) = (TenantId::new(tenant), fleet_schemas::RobotId::new(robot)) else {
+            continue;
+        };
+        let grant = if revoked {
+            crate::fleet::Grant::Revoked
+        } else {
+            let granted: Option<Vec<fleet_schemas::Capability>> = granted
+                .map(|g| g.into_iter().filter_map(|c| fleet_schemas::Capability::new(c).ok()).collect());
+            crate::fleet::Grant::of(granted.as_deref())
+        };
+        all.insert((tenant, robot), grant);
+    }
+    core.fleet.replace_grants(all);
+}
+
 /// For `fleet-orchestrator api-key create`: connect, migrate, create, return the raw key.
-/// `rate_limit` is the key's own rate limit (`None`: the gateway's default).
+/// `req` says what the key is (role, its own rate limit, for a robot key its robot and grant).
 pub async fn create_with_config(
     config: &crate::Config,
     tenant: &TenantId,
-    role: Role,
-    name: &str,
-    rate_limit: Option<Rate>,
+    req: &CreateKey,
 ) -> anyhow::Result<String> {
     use anyhow::Context;
     // Same connection rules as the orchestrator (a missing database is created), but give up
@@ -266,15 +359,7 @@ pub async fn create_with_config(
         .await?
         .context("PostgreSQL did not answer within 30 s (DATABASE_URL)")?;
     sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
-    let req = CreateKey {
-        name: name.to_owned(),
-        role,
-        description: None,
-        expires_at: None,
-        robot_id: None,
-        rate_limit,
-    };
-    let created = create(&pool, tenant, &req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let created = create(&pool, tenant, req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     pool.close().await;
     Ok(created.api_key)
 }

@@ -1,6 +1,8 @@
 //! `fleet-orchestrator`: loads configuration, sets up logging, runs until SIGTERM or Ctrl-C.
 
 use clap::Parser;
+use fleet_schemas::api::CreateKey;
+use fleet_schemas::keys::Role;
 use tokio_util::sync::CancellationToken;
 
 /// Fleet's orchestrator: admits jobs, routes offers to robots, records every state change.
@@ -79,9 +81,24 @@ enum ApiKeyCommand {
         /// The tenant the key belongs to ([a-z0-9-]{1,63}).
         #[arg(long)]
         tenant: String,
-        /// admin (keys, robots), operator (submit, cancel, retry, robot commands) or viewer (read only).
+        /// admin (keys, robots), operator (submit, cancel, retry, robot commands), viewer (read
+        /// only) or robot (a robot's own key: only what a robot does).
         #[arg(long, default_value = "admin")]
         role: String,
+        /// For a robot key: the only robot id it may act as (without it, any robot id of the tenant
+        /// it is first used for).
+        #[arg(long)]
+        robot_id: Option<String>,
+        /// For a robot key: a capability its robot may claim (repeat it; `shell` and the runner
+        /// formats too). Without any, the key does not restrict what the robot offers.
+        #[arg(long = "capability", value_name = "C")]
+        capabilities: Vec<String>,
+        /// The key stops working after this long, e.g. 30d, 12h or 90m; without it, never.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<std::time::Duration>,
+        /// Write the key to this file (created with mode 0600) instead of printing it.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
         /// A name to recognise the key by.
         #[arg(long, default_value = "cli")]
         name: String,
@@ -117,9 +134,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match cli.command {
-        Some(Command::ApiKey(ApiKeyCommand::Create { tenant, role, name, rate_limit })) => {
-            return runtime.block_on(create_key(config, tenant, role, name, rate_limit));
-        }
+        Some(Command::ApiKey(create)) => return runtime.block_on(create_key(config, create)),
         Some(Command::NatsSetup { dir, listen, monitor_port, store_dir, rotate }) => {
             return nats_setup(&dir, listen, monitor_port, store_dir, rotate);
         }
@@ -170,31 +185,90 @@ fn parse_rate(s: &str) -> Result<fleet_schemas::keys::Rate, String> {
     fleet_schemas::keys::Rate::parse(s)
 }
 
-async fn create_key(
-    config: fleet_orchestrator::Config,
-    tenant: String,
-    role: String,
-    name: String,
-    rate_limit: Option<fleet_schemas::keys::Rate>,
-) -> std::process::ExitCode {
-    let tenant = match fleet_schemas::TenantId::new(tenant) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("fleet-orchestrator: --tenant: {e}");
-            return std::process::ExitCode::from(2);
-        }
+fn usage_error(message: String) -> std::process::ExitCode {
+    eprintln!("fleet-orchestrator: {message}");
+    std::process::ExitCode::from(2)
+}
+
+/// The key's request from the command line; a bad flag is named.
+fn key_request(create: &ApiKeyCommand) -> Result<(fleet_schemas::TenantId, CreateKey), String> {
+    let ApiKeyCommand::Create { tenant, role, name, rate_limit, robot_id, capabilities, expires_in, .. } =
+        create;
+    let tenant = fleet_schemas::TenantId::new(tenant.as_str()).map_err(|e| format!("--tenant: {e}"))?;
+    let role = Role::parse(role).ok_or("--role must be admin, operator, viewer or robot")?;
+    if role != Role::Robot && (robot_id.is_some() || !capabilities.is_empty()) {
+        return Err("--robot-id and --capability are for --role robot only".into());
+    }
+    let robot_id = robot_id
+        .as_deref()
+        .map(|r| fleet_schemas::RobotId::new(r).map_err(|e| format!("--robot-id: {e}")))
+        .transpose()?;
+    let capabilities = (!capabilities.is_empty())
+        .then(|| {
+            capabilities
+                .iter()
+                .map(|c| fleet_schemas::Capability::new(c.trim()).map_err(|e| format!("--capability: {e}")))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    let expires_at = expires_in
+        .map(|d| {
+            time::Duration::try_from(d)
+                .ok()
+                .and_then(|d| time::OffsetDateTime::now_utc().checked_add(d))
+                .ok_or("--expires-in is too long")
+        })
+        .transpose()?;
+    let req = CreateKey {
+        name: name.clone(),
+        role,
+        description: None,
+        expires_at,
+        robot_id,
+        rate_limit: *rate_limit,
+        capabilities,
     };
-    let Some(role) = fleet_schemas::keys::Role::parse(&role) else {
-        eprintln!("fleet-orchestrator: --role must be admin, operator or viewer");
-        return std::process::ExitCode::from(2);
+    Ok((tenant, req))
+}
+
+/// Write the key to `path`, readable by its owner only.
+fn write_key(path: &std::path::Path, key: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    // An existing file keeps its mode on open: make it 0600 in any case.
+    #[cfg(unix)]
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    writeln!(file, "{key}")
+}
+
+async fn create_key(config: fleet_orchestrator::Config, create: ApiKeyCommand) -> std::process::ExitCode {
+    let (tenant, req) = match key_request(&create) {
+        Ok(r) => r,
+        Err(e) => return usage_error(e),
     };
-    match fleet_orchestrator::keys::create_with_config(&config, &tenant, role, &name, rate_limit).await {
+    let ApiKeyCommand::Create { out, .. } = create;
+    match fleet_orchestrator::keys::create_with_config(&config, &tenant, &req).await {
         Ok(key) => {
-            println!("{key}");
-            let limit = rate_limit.map_or_else(|| "the gateway's default".to_owned(), |r| r.to_string());
+            if let Some(path) = &out {
+                if let Err(e) = write_key(path, &key) {
+                    eprintln!("fleet-orchestrator: --out {}: {e}", path.display());
+                    return std::process::ExitCode::FAILURE;
+                }
+            } else {
+                println!("{key}");
+            }
+            let limit = req.rate_limit.map_or_else(|| "the gateway's default".to_owned(), |r| r.to_string());
+            let place = out.map_or_else(
+                || "it is shown only this once".to_owned(),
+                |p| format!("written to {}", p.display()),
+            );
             eprintln!(
-                "API key for tenant {tenant} with role {role} and rate limit {limit} created; \
-                 it is shown only this once."
+                "API key for tenant {tenant} with role {} and rate limit {limit} created; {place}.",
+                req.role
             );
             std::process::ExitCode::SUCCESS
         }

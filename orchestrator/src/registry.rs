@@ -17,7 +17,7 @@ use fleet_schemas::api::{
     ApiError, ApiRequest, ApiResult, CommandTarget, GetById, RegisterRobot, RobotCommand,
     RobotCommandRequest, RobotDeleted, RobotSaved, UpdateRobot,
 };
-use fleet_schemas::{Class, RobotId};
+use fleet_schemas::{Capability, Class, RobotId};
 use serde_json::json;
 use sqlx::types::Json;
 
@@ -90,13 +90,25 @@ pub async fn register(core: &Core, req: ApiRequest<RegisterRobot>) -> ApiResult<
     let name = text("name", &b.name, MAX_NAME, true)?;
     let hostname = text("hostname", &b.hostname, MAX_HOSTNAME, true)?;
     let environment = text("environment", &b.environment, MAX_ENVIRONMENT, false)?;
-    let caps = capabilities(&b.capabilities)?;
+    let mut caps = capabilities(&b.capabilities)?;
     let tags = tags(&b.tags)?;
     let slots = slots(b.max_concurrent_jobs)?;
     if crate::api::past_deadline(&req) {
         return Err(crate::api::deadline_error());
     }
     let epoch = epoch(core)?;
+    // A robot key registering its own robot binds it: it is recorded with what it offers that
+    // the key grants.
+    if let Some(key_id) = &b.key_id {
+        let offered: Vec<Capability> = caps.iter().filter_map(|c| Capability::new(c.as_str()).ok()).collect();
+        let attested = core
+            .store
+            .bind_robot_key(&req.tenant, &b.robot_id, key_id, &offered)
+            .await
+            .map_err(crate::http_robots::bind_error)?;
+        caps = attested.effective_strings();
+        core.fleet.set_grant(&req.tenant, &b.robot_id, crate::fleet::Grant::of(attested.granted.as_deref()));
+    }
     // `xmax = 0` tells an inserted row from an updated one.
     let sql = format!(
         "WITH up AS (

@@ -4,6 +4,12 @@
 //! permissions (one robot may only publish on its own subjects) are all the isolation needed.
 //! Every answer is `Accepted`, `Refused` (stop retrying) or `Unavailable` (retry): a store
 //! failure is never reported as a refusal, since a robot stops a job only when refused.
+//!
+//! Subject permissions do not tell two sessions of one robot id apart, so every report of a
+//! running attempt (complete, release, reject after a claim, progress; renewals already were) is
+//! fenced on the session holding it, and a registration must carry its state directory id, without
+//! which the duplicate-identity guard could not refuse a second process taking over the id. A
+//! robot bound to a key registers with, and claims within, its attested capabilities.
 
 use std::sync::Arc;
 
@@ -15,11 +21,11 @@ use fleet_schemas::robot::{
 };
 use fleet_schemas::subjects::{self, RobotVerb};
 use fleet_schemas::workflow::WorkflowFormat;
-use fleet_schemas::{Class, RobotId, TenantId};
+use fleet_schemas::{Capability, Class, RobotId, TenantId};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::{GivenBack, StoreError, Verdict};
+use crate::store::{Attested, GivenBack, StoreError, Verdict};
 use crate::{Core, reply};
 
 pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
@@ -37,7 +43,7 @@ pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
         RobotVerb::Reject => call(&msg.payload, "reject", |q| reject(c, t, r, q)).await,
         RobotVerb::Release => call(&msg.payload, "release", |q| release(c, t, r, q)).await,
         RobotVerb::Progress => {
-            progress(c, t, &msg.payload).await;
+            progress(c, t, r, &msg.payload).await;
             return;
         }
         RobotVerb::Desired => call(&msg.payload, "desired", |_: DesiredRequest| desired(c, t, r)).await,
@@ -94,19 +100,33 @@ pub(crate) async fn register(
     robot: &RobotId,
     req: RegisterRequest,
 ) -> RobotReply<RegisterGrant> {
-    let class = match Class::parse(&req.capabilities) {
+    let offered = match Class::parse(&req.capabilities) {
         Ok(c) => c,
         Err(e) => return RobotReply::Refused { reason: format!("capabilities: {e}") },
     };
     if req.max_jobs == 0 {
         return RobotReply::Refused { reason: "max_jobs must be at least 1".into() };
     }
+    // Without it the duplicate-identity guard below cannot tell two processes apart, and anyone
+    // could take over a live robot's id and expire its running job.
+    if req.state_dir_id.trim().is_empty() {
+        return RobotReply::Refused {
+            reason:
+                "state_dir_id must not be empty: it tells this robot process from another with the same id"
+                    .into(),
+        };
+    }
+    // A robot bound to a key gets what it offers that the key grants, nothing more.
+    let class = match attested_class(core, tenant, robot, offered).await {
+        Ok(Ok(class)) => class,
+        Ok(Err(reason)) => return RobotReply::Refused { reason },
+        Err(e) => return unavailable(e),
+    };
     // A second process with the same id but another state directory while the first is alive:
     // refuse it, leaving the live robot undisturbed.
     match core.store.robot_identity(tenant, robot).await {
         Ok(Some((state_dir_id, Some(session))))
             if !state_dir_id.is_empty()
-                && !req.state_dir_id.is_empty()
                 && state_dir_id != req.state_dir_id
                 && session != req.session_id.0
                 && core.fleet.is_online(tenant, robot) =>
@@ -163,8 +183,40 @@ pub(crate) async fn register(
     })
 }
 
+/// The class a registering robot gets: what it offers, cut to its key's grant when it is bound
+/// to a key (the binding then records the offer). `Ok(Err(reason))`: refused (its key was revoked).
+pub(crate) async fn attested_class(
+    core: &Core,
+    tenant: &TenantId,
+    robot: &RobotId,
+    offered: Class,
+) -> Result<Result<Class, String>, StoreError> {
+    let Some(binding) = core.store.binding_of(tenant, robot).await? else {
+        core.fleet.set_grant(tenant, robot, crate::fleet::Grant::Unbound);
+        return Ok(Ok(offered));
+    };
+    if binding.revoked {
+        core.fleet.set_grant(tenant, robot, crate::fleet::Grant::Revoked);
+        return Ok(Err(format!("robot {robot}'s key {} was revoked or has expired", binding.key_id)));
+    }
+    let granted = binding.granted.map(|g| g.iter().filter_map(|c| Capability::new(c).ok()).collect());
+    let attested = Attested::new(offered.iter().cloned().collect(), granted);
+    core.store.record_offer(tenant, robot, &attested).await?;
+    let class = Class::new(attested.effective.iter().cloned()).unwrap_or_default();
+    core.fleet.set_grant(tenant, robot, crate::fleet::Grant::of(attested.granted.as_deref()));
+    Ok(Ok(class))
+}
+
 async fn claim(core: &Core, tenant: &TenantId, robot: &RobotId, req: ClaimRequest) -> RobotReply<ClaimGrant> {
     let lease = core.config.job_lease;
+    // A robot bound to a key claims only jobs within its effective capabilities.
+    if core.fleet.is_bound(tenant, robot) {
+        match core.store.claim_refusal(tenant, robot, req.job_id).await {
+            Ok(Some(reason)) => return RobotReply::Refused { reason },
+            Ok(None) => {}
+            Err(e) => return unavailable(e),
+        }
+    }
     let result = core.store.claim(tenant, robot, req.session_id, req.job_id, req.offer_no, lease).await;
     if let Ok(Verdict::Accepted(claimed)) = &result {
         if let Some(subject) = &claimed.offer_subject {
@@ -213,6 +265,7 @@ async fn complete(core: &Core, tenant: &TenantId, robot: &RobotId, req: Complete
         .complete(
             tenant,
             robot,
+            req.session_id,
             req.job_id,
             req.attempt,
             req.outcome,
@@ -264,7 +317,10 @@ pub(crate) fn given_back(
 async fn reject(core: &Core, tenant: &TenantId, robot: &RobotId, req: RejectRequest) -> RobotReply<Ack> {
     let max = core.config.max_rejections;
     let (job, offer, attempt) = (req.job_id, Some(req.offer_no), req.attempt);
-    let result = core.store.give_back(tenant, robot, job, offer, attempt, &req.reason, true, max).await;
+    let result = core
+        .store
+        .give_back(tenant, robot, req.session_id, job, offer, attempt, &req.reason, true, max)
+        .await;
     if let Ok(Verdict::Accepted(back)) = &result {
         tracing::info!(%robot, job_id = %job, reason = %req.reason, failed = back.failed, "offer rejected");
         given_back(core, tenant, robot, job, back);
@@ -275,14 +331,17 @@ async fn reject(core: &Core, tenant: &TenantId, robot: &RobotId, req: RejectRequ
 async fn release(core: &Core, tenant: &TenantId, robot: &RobotId, req: ReleaseRequest) -> RobotReply<Ack> {
     let max = core.config.max_rejections;
     let (job, attempt) = (req.job_id, Some(req.attempt));
-    let result = core.store.give_back(tenant, robot, job, None, attempt, &req.reason, false, max).await;
+    let result = core
+        .store
+        .give_back(tenant, robot, req.session_id, job, None, attempt, &req.reason, false, max)
+        .await;
     if let Ok(Verdict::Accepted(back)) = &result {
         given_back(core, tenant, robot, job, back);
     }
     verdict(result, |_| Ack {})
 }
 
-async fn progress(core: &Core, tenant: &TenantId, payload: &[u8]) {
+async fn progress(core: &Core, tenant: &TenantId, robot: &RobotId, payload: &[u8]) {
     let report: ProgressReport = match decode("progress", payload) {
         Ok(r) => r,
         Err(e) => {
@@ -291,7 +350,8 @@ async fn progress(core: &Core, tenant: &TenantId, payload: &[u8]) {
         }
     };
     let node = report.current_node.as_deref();
-    core.store.record_progress(tenant, report.job_id, report.attempt, i16::from(report.progress), node);
+    let (session, job, attempt) = (report.session_id, report.job_id, report.attempt);
+    core.store.record_progress(tenant, robot, session, job, attempt, i16::from(report.progress), node);
     let live = serde_json::json!({
         "type": "job.progress",
         "tenant": tenant,

@@ -208,6 +208,8 @@ async fn sweep(core: &Core) {
     for (tenant, robot) in core.fleet.stale(grace) {
         crate::heartbeats::mark_offline(core, &tenant, &robot, "no heartbeat within the timeout").await;
     }
+    // Robot keys that expired (or were revoked through another instance) since the last sweep.
+    crate::keys::revoke_lapsed(core).await;
 }
 
 /// Offer pending jobs, highest priority first, where a robot can take them; record why the
@@ -427,6 +429,7 @@ pub(crate) async fn reload(core: &Core) {
         Ok(snap) => core.fleet.reload(&snap),
         Err(e) => tracing::warn!(error = %e, "cannot reload the fleet bookkeeping"),
     }
+    crate::keys::reload_grants(core).await;
 }
 
 /// Check offers queued for long: one whose message vanished (terminated by mistake, lost with

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use crate::ids::{JobId, RequestId, RobotId, TenantId};
+use crate::ids::{Capability, JobId, RequestId, RobotId, TenantId};
 
 /// Schema version of the messages in this module.
 pub const API_VERSION: u32 = 1;
@@ -363,7 +363,15 @@ pub struct RobotView {
     /// What it was told to do: `online`, `paused` or `maintenance`.
     pub desired_state: String,
     pub environment: String,
+    /// The effective capabilities, the only ones routing uses: what the robot offers that its
+    /// key grants (what it offers, for a robot not bound to a key).
     pub capabilities: Vec<String>,
+    /// What the robot says it can do.
+    #[serde(default)]
+    pub offered_capabilities: Vec<String>,
+    /// What its key grants (`None`: not bound to a key, or the key does not restrict).
+    #[serde(default)]
+    pub granted_capabilities: Option<Vec<String>>,
     pub tags: Vec<String>,
     pub max_concurrent_jobs: u32,
     pub current_job_ids: Vec<String>,
@@ -465,6 +473,9 @@ pub struct KeyIdentity {
     /// agent holding this key may act as.
     #[serde(default)]
     pub robot_id: Option<RobotId>,
+    /// What a robot key grants (`None`: not restricted by the key).
+    #[serde(default)]
+    pub capabilities: Option<Vec<Capability>>,
 }
 
 /// Create a key in the caller's tenant.
@@ -480,6 +491,9 @@ pub struct CreateKey {
     /// The key's own rate limit; `None`: the gateway's default.
     #[serde(default)]
     pub rate_limit: Option<crate::keys::Rate>,
+    /// For a robot key: the capabilities its robot may claim (`None`: whatever it offers).
+    #[serde(default)]
+    pub capabilities: Option<Vec<Capability>>,
 }
 
 /// A key as listed (never its secret).
@@ -509,6 +523,9 @@ pub struct KeyView {
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "1000/min"))]
     #[serde(default)]
     pub rate_limit: Option<crate::keys::Rate>,
+    /// A robot key's grant: the capabilities its robot may claim (`None`: not restricted).
+    #[serde(default)]
+    pub capabilities: Option<Vec<String>>,
 }
 
 impl KeyView {
@@ -658,6 +675,10 @@ pub struct RegisterRobot {
     pub environment: String,
     pub max_concurrent_jobs: u32,
     pub tags: Vec<String>,
+    /// The robot key registering its own robot (`None`: a user registering it): the robot is
+    /// bound to that key and gets the capabilities it offers that the key grants.
+    #[serde(default)]
+    pub key_id: Option<String>,
 }
 
 /// Change some fields of a robot's record (`Endpoint::UpdateRobot`); `None` keeps a field.
@@ -809,6 +830,9 @@ pub struct ActivityEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentHeartbeat {
     pub key_robot: RobotId,
+    /// The robot key's id: a new session binds the robot to it (attested capabilities).
+    #[serde(default)]
+    pub key_id: Option<String>,
     /// The robot of the path; anything but `key_robot` is answered 404.
     pub robot_id: RobotId,
     pub cpu_percent: Option<f32>,
@@ -829,6 +853,9 @@ pub struct AgentBeat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentClaim {
     pub key_robot: RobotId,
+    /// The robot key's id: a new session binds the robot to it (attested capabilities).
+    #[serde(default)]
+    pub key_id: Option<String>,
     /// The lease the claim gets, in seconds.
     pub lease_s: u32,
 }

@@ -29,16 +29,20 @@ pub enum Role {
     Operator,
     /// Keys and robots too.
     Admin,
+    /// A robot's own key: only what a robot does (register itself, heartbeat, claim, report
+    /// its jobs), nothing of the users' roles. Outside the viewer ⊂ operator ⊂ admin chain.
+    Robot,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Admin];
+    pub const ALL: [Role; 4] = [Role::Viewer, Role::Operator, Role::Admin, Role::Robot];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Viewer => "viewer",
             Role::Operator => "operator",
             Role::Admin => "admin",
+            Role::Robot => "robot",
         }
     }
 
@@ -46,9 +50,14 @@ impl Role {
         Self::ALL.into_iter().find(|r| r.as_str() == s)
     }
 
-    /// Does this role include `needed`?
+    /// Does this role include `needed`? The user roles nest; `robot` allows only itself and is
+    /// allowed by no user role (an admin key is not a robot's identity).
     pub fn allows(self, needed: Role) -> bool {
-        self >= needed
+        match (self, needed) {
+            (Role::Robot, Role::Robot) => true,
+            (Role::Robot, _) | (_, Role::Robot) => false,
+            _ => self >= needed,
+        }
     }
 }
 
@@ -269,5 +278,11 @@ mod tests {
         assert!(Role::Operator.allows(Role::Viewer));
         assert!(!Role::Viewer.allows(Role::Operator));
         assert_eq!(Role::parse("operator"), Some(Role::Operator));
+        assert_eq!(Role::parse("robot"), Some(Role::Robot));
+        for user in [Role::Viewer, Role::Operator, Role::Admin] {
+            assert!(!Role::Robot.allows(user), "a robot key is no {user}");
+            assert!(!user.allows(Role::Robot), "a {user} key is no robot");
+        }
+        assert!(Role::Robot.allows(Role::Robot));
     }
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ids::{JobId, RobotId, SessionId, TenantId};
+use crate::ids::{Capability, JobId, RobotId, SessionId, TenantId};
 use crate::workflow::WorkflowFormat;
 
 /// Schema version of the messages in this module.
@@ -65,6 +65,16 @@ pub struct RegisterRequest {
     /// another state directory is refused while the first is alive.
     #[serde(default)]
     pub state_dir_id: String,
+}
+
+/// A robot's effective capabilities: what it offers that its key grants (sorted, deduplicated).
+/// Built-in capabilities (`shell`, the runner formats) are grantable like any other, so a key
+/// without `shell` keeps shell jobs off the robot whatever it says of itself.
+pub fn attest(offered: &[Capability], granted: &[Capability]) -> Vec<Capability> {
+    let granted: std::collections::BTreeSet<&Capability> = granted.iter().collect();
+    let effective: std::collections::BTreeSet<&Capability> =
+        offered.iter().filter(|c| granted.contains(c)).collect();
+    effective.into_iter().cloned().collect()
 }
 
 /// What the fabric tells a robot at registration.
@@ -309,6 +319,20 @@ mod tests {
     use crate::codec::{decode, encode};
 
     #[test]
+    fn attest_is_the_sorted_intersection() {
+        let caps = |names: &[&str]| names.iter().map(|n| Capability::new(*n).unwrap()).collect::<Vec<_>>();
+        let offered = caps(&["shell", "gpu", "browser", "gpu"]);
+        assert_eq!(attest(&offered, &caps(&["browser", "shell", "secure"])), caps(&["browser", "shell"]));
+        assert_eq!(
+            attest(&offered, &caps(&["browser"])),
+            caps(&["browser"]),
+            "shell is grantable like any other"
+        );
+        assert!(attest(&offered, &[]).is_empty());
+        assert!(attest(&[], &caps(&["gpu"])).is_empty());
+    }
+
+    #[test]
     fn reply_roundtrip() {
         let r: RobotReply<RenewGrant> = RobotReply::Accepted(RenewGrant { lease_ms: 30_000, cancel: true });
         let back: RobotReply<RenewGrant> = decode("renew reply", &encode(&r)).unwrap();
@@ -367,15 +391,6 @@ mod tests {
         let back: Heartbeat = decode("heartbeat", &encode(&hb)).unwrap();
         assert_eq!(back, hb);
     }
-}
-
-/// A robot's effective capabilities: those it offers that its key grants (sorted, each once).
-/// Built-in ones (`shell`, runner formats) are granted like any other.
-pub fn attest(offered: &[crate::ids::Capability], granted: &[crate::ids::Capability]) -> Vec<crate::ids::Capability> {
-    let mut effective: Vec<_> = offered.iter().filter(|c| granted.contains(c)).cloned().collect();
-    effective.sort();
-    effective.dedup();
-    effective
 }
 
 /// What a robot key says about the robot that holds it (`fleet.whoami.<key id>`): a robot

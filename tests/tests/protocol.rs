@@ -681,6 +681,7 @@ async fn api_keys_verify_until_revoked_or_rotated() {
         expires_at: None,
         robot_id: None,
         rate_limit: Some(own_rate),
+        capabilities: None,
     };
     let created: CreatedKey = fabric.api(Endpoint::CreateKey, create).await.unwrap();
     assert_eq!(created.key.rate_limit, Some(own_rate));

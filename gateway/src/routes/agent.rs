@@ -128,6 +128,7 @@ pub(crate) async fn beat(
     let number = |name: &str| metrics.get(name).and_then(Value::as_f64);
     let req = AgentHeartbeat {
         key_robot,
+        key_id: caller.key_id.clone(),
         robot_id,
         cpu_percent: number("cpu_percent").map(|v| v as f32),
         memory_mb: number("memory_mb"),
@@ -213,7 +214,8 @@ pub async fn claim(
     }
     // Routing is by the robot's registered capabilities; the environment is only shown.
     let _ = body.environment;
-    let req = AgentClaim { key_robot, lease_s: body.visibility_timeout_seconds.unwrap_or(DEFAULT_LEASE_S) };
+    let lease_s = body.visibility_timeout_seconds.unwrap_or(DEFAULT_LEASE_S);
+    let req = AgentClaim { key_robot, key_id: caller.key_id.clone(), lease_s };
     let job: Option<AgentJob> =
         call(&state, Endpoint::AgentClaim, request_id, &caller, req, CallKind::Retryable).await?;
     Ok(Json(job.map(|job| ClaimedJob {

@@ -11,7 +11,7 @@ use axum::extract::{Path, State, rejection::PathRejection};
 use axum::http::Uri;
 use fleet_schemas::api::{CreateKey, CreatedKey, Endpoint, KeyAction, KeyList, KeyView, ListKeys};
 use fleet_schemas::keys::{self, Rate, Role};
-use fleet_schemas::{RequestId, RobotId};
+use fleet_schemas::{Capability, RequestId, RobotId};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -46,8 +46,15 @@ pub struct NewKey {
 /// Body of `POST /api/v1/robot-api-keys` (the Canvas's robot keys).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct NewRobotKey {
-    #[schema(value_type = crate::openapi::RobotId)]
-    robot_id: String,
+    /// The only robot the key may act as; without it, the robot it first enrols.
+    #[serde(default)]
+    #[schema(value_type = Option<crate::openapi::RobotId>)]
+    robot_id: Option<String>,
+    /// The capabilities its robot may claim (`shell` and the runner formats too): the robot gets
+    /// what it offers of these. Without it, the key does not restrict what the robot offers.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<crate::openapi::Capability>>)]
+    capabilities: Option<Vec<String>>,
     /// Not blank; at most 200 characters once trimmed.
     #[schema(pattern = r"\S")]
     name: String,
@@ -85,6 +92,9 @@ fn known_shape(key_id: String) -> Result<String, HttpError> {
 fn role(field: &str, text: Option<&str>) -> Result<Role, HttpError> {
     match text {
         None => Ok(Role::Operator),
+        Some("robot") => {
+            Err(HttpError::invalid(field, "robot keys are made with POST /api/v1/robot-api-keys"))
+        }
         Some(r) => {
             Role::parse(r).ok_or_else(|| HttpError::invalid(field, "must be admin, operator or viewer"))
         }
@@ -112,6 +122,7 @@ pub async fn create(
         expires_at: parse_time("expires_at", body.expires_at.as_deref())?,
         robot_id: None,
         rate_limit: rate_limit("rate_limit", body.rate_limit.as_deref())?,
+        capabilities: None,
     };
     call(&state, Endpoint::CreateKey, request_id, &caller, req, CallKind::Submit).await.map(Json)
 }
@@ -130,14 +141,30 @@ pub async fn create_robot_key(
     JsonBody(body): JsonBody<NewRobotKey>,
 ) -> Result<Json<CreatedKey>, HttpError> {
     caller.require(Role::Admin)?;
-    let robot = RobotId::new(body.robot_id).map_err(|e| HttpError::invalid("robot_id", e.to_string()))?;
+    let robot = body
+        .robot_id
+        .map(|r| RobotId::new(r).map_err(|e| HttpError::invalid("robot_id", e.to_string())))
+        .transpose()?;
+    let capabilities = body
+        .capabilities
+        .map(|caps| {
+            caps.iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    Capability::new(c.trim())
+                        .map_err(|e| HttpError::invalid(format!("capabilities[{i}]"), e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
     let req = CreateKey {
         name: body.name,
-        role: Role::Operator,
+        role: Role::Robot,
         description: body.description,
         expires_at: parse_time("expires_at", body.expires_at.as_deref())?,
-        robot_id: Some(robot),
+        robot_id: robot,
         rate_limit: None,
+        capabilities,
     };
     call(&state, Endpoint::CreateKey, request_id, &caller, req, CallKind::Submit).await.map(Json)
 }

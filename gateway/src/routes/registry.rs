@@ -116,9 +116,23 @@ pub async fn register(
     Extension(request_id): Extension<RequestId>,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> Result<Json<RobotDetail>, HttpError> {
-    caller.require(Role::Admin)?;
     let robot_id =
         RobotId::new(body.robot_id.trim()).map_err(|_| HttpError::invalid("robot_id", RobotId::RULE))?;
+    // An admin registers any robot; a robot key only its own, which it is then bound to.
+    let key_id = if caller.role == Role::Robot {
+        let own = super::agent::robot_of(&caller)?;
+        if own != robot_id {
+            return Err(HttpError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this robot key is bound to robot {own}, not {robot_id}"),
+            ));
+        }
+        caller.key_id.clone()
+    } else {
+        caller.require(Role::Admin)?;
+        None
+    };
     check_text("name", &body.name)?;
     check_text("hostname", &body.hostname)?;
     check_capabilities(&body.capabilities)?;
@@ -130,6 +144,7 @@ pub async fn register(
         environment: body.environment.unwrap_or_default(),
         max_concurrent_jobs: body.max_concurrent_jobs.unwrap_or(DEFAULT_SLOTS),
         tags: body.tags,
+        key_id,
     };
     // An upsert of a description: repeating it is harmless, so a lost answer is retryable.
     let _: RobotSaved =

@@ -56,6 +56,8 @@ pub(super) struct ClaimRequest {
 pub(super) struct CompleteRequest {
     pub tenant: TenantId,
     pub robot: RobotId,
+    /// The session reporting: only the one that holds the attempt may end it.
+    pub session: SessionId,
     pub job_id: JobId,
     pub attempt: i32,
     pub outcome: RunOutcome,
@@ -68,6 +70,9 @@ pub(super) struct CompleteRequest {
 #[derive(Debug, Clone)]
 pub(super) struct ProgressRecord {
     pub tenant: TenantId,
+    pub robot: RobotId,
+    /// Only the session holding the attempt records its progress.
+    pub session: SessionId,
     pub job_id: JobId,
     pub attempt: i32,
     pub progress: i16,
@@ -392,8 +397,9 @@ impl Store {
         let sql = format!(
             "WITH u AS (
                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[],
-                    $7::text[], $8::text[], $9::text[], $10::text[])
-                    AS u(job_id, tenant, attempt, status, output, error, error_type, robot_id, kind, failed_step)
+                    $7::text[], $8::text[], $9::text[], $10::text[], $12::uuid[])
+                    AS u(job_id, tenant, attempt, status, output, error, error_type, robot_id, kind, failed_step,
+                         session_id)
             ), {}, j AS (
                 UPDATE jobs SET status = u.status, output = u.output::jsonb, error_message = u.error,
                     error_type = u.error_type, completed_at = now(), lease_until = NULL,
@@ -401,7 +407,8 @@ impl Store {
                     history_seq = jobs.history_seq + 1
                 FROM u, l
                 WHERE l.job_id = u.job_id AND jobs.job_id = l.job_id AND l.tenant = u.tenant
-                  AND l.status = 'running' AND l.attempt = u.attempt AND l.robot_id = u.robot_id AND {}
+                  AND l.status = 'running' AND l.attempt = u.attempt AND l.robot_id = u.robot_id
+                  AND l.session_id = u.session_id AND {}
                 RETURNING jobs.*, u.kind AS h_kind, u.failed_step AS h_failed_step
             ), h AS (
                 INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
@@ -426,6 +433,7 @@ impl Store {
             .bind(kind)
             .bind(reqs.iter().map(|r| r.failed_step.as_deref()).collect::<Vec<_>>())
             .bind(epoch)
+            .bind(reqs.iter().map(|r| r.session.0).collect::<Vec<_>>())
             .fetch_all(&self.writer)
             .await?;
         Ok(rows.into_iter().map(|(id, attempt, robot)| (JobId(id), (attempt, robot))).collect())
@@ -450,7 +458,10 @@ impl Store {
              FROM unnest($1::text[], $2::text[], $3::text[], $4::real[], $5::float8[], $6::timestamptz[],
                  $7::int[], $8::text[])
                  AS u(tenant, robot_id, run_state, cpu_percent, memory_mb, sent_at, max_jobs, capabilities)
-             WHERE robots.tenant = u.tenant AND robots.robot_id = u.robot_id",
+             WHERE robots.tenant = u.tenant AND robots.robot_id = u.robot_id
+               -- A beat queued before its robot's key was revoked must not bring it back online.
+               AND NOT EXISTS (SELECT 1 FROM robot_bindings b WHERE b.tenant = u.tenant
+                                 AND b.robot_id = u.robot_id AND b.revoked_at IS NOT NULL)",
         )
         .bind(beats.iter().map(|b| b.tenant.as_str()).collect::<Vec<_>>())
         .bind(beats.iter().map(|b| b.robot_id.as_str()).collect::<Vec<_>>())
@@ -474,19 +485,20 @@ impl Store {
     /// on. A cancelled, timed-out (its robot may still be running) or superseded attempt records
     /// nothing.
     async fn progress_many(&self, records: Vec<ProgressRecord>) -> StoreResult<()> {
-        let mut latest: HashMap<(JobId, i32), ProgressRecord> = HashMap::with_capacity(records.len());
+        let mut latest: HashMap<(JobId, i32, Uuid), ProgressRecord> = HashMap::with_capacity(records.len());
         for r in records {
-            latest.insert((r.job_id, r.attempt), r);
+            latest.insert((r.job_id, r.attempt, r.session.0), r);
         }
         let records: Vec<ProgressRecord> = latest.into_values().collect();
         let sql = format!(
             "WITH {}
             UPDATE jobs SET progress = CASE WHEN l.status = 'running' THEN u.progress ELSE jobs.progress END,
                 current_node = u.node
-            FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int2[], $5::text[])
-                AS u(job_id, tenant, attempt, progress, node), l
+            FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int2[], $5::text[], $6::text[], $7::uuid[])
+                AS u(job_id, tenant, attempt, progress, node, robot_id, session_id), l
             WHERE l.job_id = u.job_id AND jobs.job_id = l.job_id AND l.tenant = u.tenant
-              AND l.attempt = u.attempt AND l.status IN ('running', 'completed', 'failed')",
+              AND l.attempt = u.attempt AND l.status IN ('running', 'completed', 'failed')
+              AND l.robot_id = u.robot_id AND l.session_id = u.session_id",
             lock_in_order(1)
         );
         sqlx::query(&sql)
@@ -495,6 +507,8 @@ impl Store {
             .bind(records.iter().map(|r| r.attempt).collect::<Vec<_>>())
             .bind(records.iter().map(|r| r.progress.clamp(0, 100)).collect::<Vec<_>>())
             .bind(records.iter().map(|r| r.node.as_deref()).collect::<Vec<_>>())
+            .bind(records.iter().map(|r| r.robot.as_str()).collect::<Vec<_>>())
+            .bind(records.iter().map(|r| r.session.0).collect::<Vec<_>>())
             .execute(&self.writer)
             .await?;
         Ok(())

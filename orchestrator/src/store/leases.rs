@@ -110,13 +110,15 @@ impl Store {
         }
     }
 
-    /// `running` (attempt `$a`) → a terminal status. Idempotent for the same attempt.
-    /// Concurrent completions share one statement.
+    /// `running` (attempt `$a`) → a terminal status, reported by the robot session holding the
+    /// attempt (any other session is refused). Idempotent for the same attempt. Concurrent
+    /// completions share one statement.
     #[allow(clippy::too_many_arguments)]
     pub async fn complete(
         &self,
         tenant: &TenantId,
         robot: &RobotId,
+        session: SessionId,
         job_id: JobId,
         attempt: i32,
         outcome: RunOutcome,
@@ -127,6 +129,7 @@ impl Store {
         let request = batch::CompleteRequest {
             tenant: tenant.clone(),
             robot: robot.clone(),
+            session,
             job_id,
             attempt,
             outcome,
@@ -140,21 +143,30 @@ impl Store {
     /// A completion the batch statement did not apply: a repeat of one applied, or refused.
     pub(super) async fn complete_settle(&self, req: &batch::CompleteRequest) -> StoreResult<Verdict<()>> {
         let epoch = self.epoch()?;
-        let batch::CompleteRequest { tenant, robot, job_id, attempt, outcome, .. } = req;
+        let batch::CompleteRequest { tenant, robot, session, job_id, attempt, outcome, .. } = req;
         let (job_id, attempt) = (*job_id, *attempt);
         let (status, _, _) = batch::outcome_columns(*outcome);
-        let row: Option<(String, i32, Option<String>)> =
-            sqlx::query_as("SELECT status, attempt, robot_id FROM jobs WHERE job_id = $1 AND tenant = $2")
-                .bind(uuid(job_id))
-                .bind(tenant.as_str())
-                .fetch_optional(&self.pool)
-                .await?;
+        let row: Option<(String, i32, Option<String>, Option<Uuid>)> = sqlx::query_as(
+            "SELECT status, attempt, robot_id, session_id FROM jobs WHERE job_id = $1 AND tenant = $2",
+        )
+        .bind(uuid(job_id))
+        .bind(tenant.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let holder = |r: &Option<String>, s: &Option<Uuid>| {
+            r.as_deref() == Some(robot.as_str()) && *s == Some(session.0)
+        };
         match row {
             None => Ok(Verdict::Refused("no such job".into())),
-            Some((s, a, r)) if s == status && a == attempt && r.as_deref() == Some(robot.as_str()) => {
-                Ok(Verdict::Accepted(()))
+            Some((s, a, r, h)) if s == status && a == attempt && holder(&r, &h) => Ok(Verdict::Accepted(())),
+            Some((s, a, r, h)) if s == "running" && a == attempt && !holder(&r, &h) => {
+                self.check_fence(epoch).await?;
+                Ok(Verdict::Refused(format!(
+                    "attempt {attempt} is held by another robot session, not session {}",
+                    session.0
+                )))
             }
-            Some((s, a, _)) => {
+            Some((s, a, _, _)) => {
                 self.check_fence(epoch).await?;
                 Ok(Verdict::Refused(format!("attempt {attempt} is superseded (job is {s}, attempt {a})")))
             }
@@ -169,6 +181,7 @@ impl Store {
         &self,
         tenant: &TenantId,
         robot: &RobotId,
+        session: SessionId,
         job_id: JobId,
         offer_no: Option<i32>,
         attempt: Option<i32>,
@@ -200,7 +213,8 @@ impl Store {
                 -- committed was answered as refused (seen with the planner scanning `j` first).
                 FROM prev
                 WHERE jobs.job_id = prev.job_id AND tenant = $2 AND ($3::int IS NULL OR offer_no = $3)
-                  AND ((status = 'queued' AND $4::int IS NULL) OR (status = 'running' AND attempt = $4 AND robot_id = $5))
+                  AND ((status = 'queued' AND $4::int IS NULL)
+                       OR (status = 'running' AND attempt = $4 AND robot_id = $5 AND session_id = $11))
                   AND {}
                 RETURNING jobs.*
             ), h AS (
@@ -226,6 +240,7 @@ impl Store {
             .bind(Json(rejection_entry))
             .bind(max_rejections)
             .bind(reason)
+            .bind(session.0)
             .fetch_optional(&self.pool)
             .await?;
         if let Some((status, prev_status, prev_subject)) = row {
@@ -235,15 +250,21 @@ impl Store {
             }))
         } else {
             self.check_fence(epoch).await?;
-            Ok(Verdict::Refused("the job is no longer held by this offer or attempt".into()))
+            Ok(Verdict::Refused(
+                "the job is no longer held by this offer or by this session's attempt".into(),
+            ))
         }
     }
 
     /// Record progress of a running attempt (not a state change), without waiting: reports
-    /// queued together are written in one statement, the latest of each attempt.
+    /// queued together are written in one statement, the latest of each attempt. Only the
+    /// robot session holding the attempt records anything.
+    #[allow(clippy::too_many_arguments)]
     pub fn record_progress(
         &self,
         tenant: &TenantId,
+        robot: &RobotId,
+        session: SessionId,
         job_id: JobId,
         attempt: i32,
         progress: i16,
@@ -252,6 +273,8 @@ impl Store {
         if let Ok(b) = self.batches() {
             let record = batch::ProgressRecord {
                 tenant: tenant.clone(),
+                robot: robot.clone(),
+                session,
                 job_id,
                 attempt,
                 progress,

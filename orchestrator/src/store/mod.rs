@@ -28,10 +28,12 @@ use uuid::Uuid;
 use crate::leader::{Leadership, fenced};
 
 mod batch;
+mod bindings;
 mod jobs;
 mod leases;
 mod robots;
 
+pub use bindings::{Attested, BindError, Binding};
 pub(crate) use jobs::{JOB_SELECT, job_view};
 use leases::claimed;
 pub use leases::{CancelOutcome, StoppedAttempt};
@@ -49,7 +51,7 @@ pub use robots::run_state_str;
 /// index entries read per job), where the primary key finds each row directly.
 fn lock_in_order(param: usize) -> String {
     format!(
-        "l AS MATERIALIZED (SELECT job_id, tenant, status, offer_no, attempt, robot_id FROM jobs \
+        "l AS MATERIALIZED (SELECT job_id, tenant, status, offer_no, attempt, robot_id, session_id FROM jobs \
          WHERE job_id = ANY(${param}::uuid[]) ORDER BY job_id FOR UPDATE)"
     )
 }

@@ -224,8 +224,10 @@ impl Store {
     ) -> StoreResult<Vec<RobotView>> {
         let rows = sqlx::query(
             "SELECT r.*, coalesce((SELECT array_agg(j.job_id::text ORDER BY j.started_at) FROM jobs j
-                 WHERE j.tenant = r.tenant AND j.robot_id = r.robot_id AND j.status = 'running'), '{}') AS running
-             FROM robots r WHERE r.tenant = $1 AND ($2::text IS NULL OR r.robot_id = $2)
+                 WHERE j.tenant = r.tenant AND j.robot_id = r.robot_id AND j.status = 'running'), '{}') AS running,
+                    b.offered AS offered_capabilities, b.granted AS granted_capabilities
+             FROM robots r LEFT JOIN robot_bindings b ON b.tenant = r.tenant AND b.robot_id = r.robot_id
+             WHERE r.tenant = $1 AND ($2::text IS NULL OR r.robot_id = $2)
              ORDER BY r.robot_id",
         )
         .bind(tenant.as_str())
@@ -323,6 +325,11 @@ fn robot_view(row: &PgRow) -> RobotView {
         state: run_state,
         desired_state: row.get("desired_mode"),
         environment: row.get("environment"),
+        // An unbound robot offers what it has.
+        offered_capabilities: row
+            .get::<Option<Vec<String>>, _>("offered_capabilities")
+            .unwrap_or_else(|| row.get("capabilities")),
+        granted_capabilities: row.get("granted_capabilities"),
         capabilities: row.get("capabilities"),
         tags: row.get("tags"),
         max_concurrent_jobs: max_jobs.max(0) as u32,

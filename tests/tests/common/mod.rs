@@ -245,9 +245,24 @@ impl Stack {
     /// A key of `tenant` made as `fleet-orchestrator api-key create` makes it, with its own rate
     /// limit if `rate` is given.
     pub async fn cli_key(&self, tenant: &str, role: Role, rate: Option<Rate>) -> String {
+        let req = fleet_schemas::api::CreateKey {
+            name: "cli".into(),
+            role,
+            description: None,
+            expires_at: None,
+            robot_id: None,
+            rate_limit: rate,
+            capabilities: None,
+        };
+        self.cli_key_with(tenant, &req).await
+    }
+
+    /// A key of `tenant` made as `fleet-orchestrator api-key create` makes it, exactly as `req`
+    /// says (a robot key with its robot and grant, say).
+    pub async fn cli_key_with(&self, tenant: &str, req: &fleet_schemas::api::CreateKey) -> String {
         let config = orchestrator_config(&self.nats, &self.db);
         let tenant = TenantId::new(tenant).unwrap();
-        fleet_orchestrator::keys::create_with_config(&config, &tenant, role, "cli", rate).await.unwrap()
+        fleet_orchestrator::keys::create_with_config(&config, &tenant, req).await.unwrap()
     }
 
     pub fn spawn_orchestrator(nats: &NatsServer, db: &TestDb) -> Part {
