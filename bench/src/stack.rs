@@ -190,7 +190,8 @@ impl Stack {
         let task = orch_rt.spawn(fleet_orchestrator::run(config, token.clone()));
         let orchestrator = Some(Part { token, task });
 
-        let client = async_nats::ConnectOptions::new()
+        let client = fleet_connect::NatsClient::plain(nats.url())
+            .options()?
             .name("fleet-bench")
             .request_timeout(Some(REQUEST_TIMEOUT))
             .connect(nats.url())

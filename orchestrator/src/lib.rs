@@ -74,7 +74,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let Some(pool) = pool else { return Ok(()) };
     sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
 
-    let client = async_nats::ConnectOptions::new()
+    let client = config
+        .nats_client()
+        .options()?
         .name("fleet-orchestrator")
         .retry_on_initial_connect()
         .connect(config.nats_url.as_str())

@@ -338,7 +338,8 @@ impl Robot {
 
         let (conn_tx, connections) = watch::channel(0u64);
         let conn_tx = Arc::new(conn_tx);
-        let client = async_nats::ConnectOptions::new()
+        let client = fleet_connect::NatsClient::new(config.nats_url.clone(), config.nats_tls.clone())
+            .options()?
             .retry_on_initial_connect()
             .name(format!("fleet-robot {}/{robot_id}", config.tenant))
             .event_callback(move |event| {

@@ -38,6 +38,9 @@ pub struct Cli {
     #[arg(long, env = "NATS_URL", default_value = crate::config::DEFAULT_NATS_URL)]
     pub nats_url: String,
 
+    #[command(flatten)]
+    pub nats_tls: fleet_connect::NatsTlsArgs,
+
     /// Tenant the robot works for.
     #[arg(long, env = "FLEET_ROBOT_TENANT", default_value = "default")]
     pub tenant: String,
@@ -142,6 +145,7 @@ impl Cli {
         let state_dir = self.state_dir.unwrap_or_else(|| default_state_dir(&tenant));
         let config = RobotConfig {
             nats_url: self.nats_url,
+            nats_tls: self.nats_tls.into(),
             tenant,
             id,
             name: self.name,

@@ -26,6 +26,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct RobotConfig {
     pub nats_url: String,
+    /// TLS of the NATS connection (`--nats-ca`, `--nats-cert`, `--nats-key`, `--nats-tls`).
+    pub nats_tls: fleet_connect::NatsTls,
     pub tenant: TenantId,
     /// `None`: read `state_dir/robot-id`, else make one ([`RobotId::random`]) and store it.
     pub id: Option<RobotId>,
@@ -61,6 +63,7 @@ impl RobotConfig {
         let state_dir = default_state_dir(&tenant);
         Self {
             nats_url: DEFAULT_NATS_URL.to_owned(),
+            nats_tls: fleet_connect::NatsTls::default(),
             tenant,
             id: None,
             name: None,
