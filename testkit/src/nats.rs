@@ -6,6 +6,10 @@
 //! with command-line flags only (`-a 127.0.0.1 -p PORT -js -sd DIR`), not with `nats/nats.conf`,
 //! because the port and store are per test.
 //!
+//! [`NatsServer::start_with`] adds what a test asks for on top of those flags, through a small
+//! configuration file in the same directory (flags win over it): today a `tls { … }` block
+//! ([`NatsOptions::tls`]), written by `fleet_connect::server_tls_block` as a deployment's would be.
+//!
 //! Its log goes to `nats-server.log` in the temporary directory (appended across restarts).
 //! When a test panics, the directory is kept and its path and the log's last lines are printed.
 
@@ -40,6 +44,26 @@ const TAIL_LINES: usize = 40;
 
 const LOG_FILE: &str = "nats-server.log";
 const STORE_DIR: &str = "store";
+const OPTIONS_FILE: &str = "options.conf";
+
+/// What a test server has beyond the defaults of [`NatsServer::start`].
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// Require TLS from every client (see [`crate::TestPki::server_tls`]).
+    pub tls: Option<ServerTls>,
+}
+
+/// A server that requires TLS: its certificate and key, the CA client certificates must chain
+/// to, whether every client must present one, and what the harness's readiness probe (and
+/// [`NatsServer::nats_client`]) connects with.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: Option<PathBuf>,
+    pub verify_clients: bool,
+    pub probe: fleet_connect::NatsTls,
+}
 
 /// A nats-server child process with JetStream, owned by one test. Dropping it kills the server.
 pub struct NatsServer {
@@ -49,12 +73,18 @@ pub struct NatsServer {
     dir: Option<TempDir>,
     /// `None` while the server is not running (after `kill` or `stop`).
     child: Option<Child>,
+    options: NatsOptions,
 }
 
 impl NatsServer {
     /// Starts a nats-server on a free loopback port with a fresh store, and returns once it
     /// accepts clients and JetStream answers.
     pub async fn start() -> anyhow::Result<NatsServer> {
+        Self::start_with(NatsOptions::default()).await
+    }
+
+    /// Like [`NatsServer::start`], with `options` (e.g. TLS required); restarts keep them.
+    pub async fn start_with(options: NatsOptions) -> anyhow::Result<NatsServer> {
         let binary = nats_server_binary()?;
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
@@ -62,8 +92,14 @@ impl NatsServer {
                 .prefix("fleet-nats-")
                 .tempdir()
                 .context("cannot create a temporary directory for nats-server")?;
-            let mut server =
-                NatsServer { binary: binary.clone(), port: free_port()?, dir: Some(dir), child: None };
+            let mut server = NatsServer {
+                binary: binary.clone(),
+                port: free_port()?,
+                dir: Some(dir),
+                child: None,
+                options: options.clone(),
+            };
+            server.write_options()?;
             match server.spawn_and_wait().await {
                 Ok(()) => return Ok(server),
                 Err(error) if server.log_tail().contains("address already in use") => {
@@ -110,6 +146,13 @@ impl NatsServer {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
         }
+    }
+
+    /// How a Fleet program connects to this server: its URL and, for a TLS server, the probe's
+    /// TLS settings (the test CA and a client certificate).
+    pub fn nats_client(&self) -> fleet_connect::NatsClient {
+        let tls = self.options.tls.as_ref().map(|t| t.probe.clone()).unwrap_or_default();
+        fleet_connect::NatsClient::new(self.url(), tls)
     }
 
     /// A client connected to this server (plain async-nats defaults: it reconnects).
@@ -187,6 +230,7 @@ impl NatsServer {
             .open(self.log_path())
             .with_context(|| format!("cannot open {}", self.log_path().display()))?;
         let child = Command::new(&self.binary)
+            .args(self.options_args())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.store_dir())
             .stdin(Stdio::null())
@@ -196,6 +240,21 @@ impl NatsServer {
             .with_context(|| format!("cannot start {}", self.binary.display()))?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// The options file for [`NatsServer::start_with`]; nothing without options.
+    fn write_options(&self) -> anyhow::Result<()> {
+        let Some(tls) = &self.options.tls else { return Ok(()) };
+        let block = fleet_connect::server_tls_block(&tls.cert, &tls.key, tls.ca.as_deref(), tls.verify_clients);
+        let path = self.dir().join(OPTIONS_FILE);
+        std::fs::write(&path, block).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    fn options_args(&self) -> Vec<std::ffi::OsString> {
+        match &self.options.tls {
+            Some(_) => vec!["-c".into(), self.dir().join(OPTIONS_FILE).into()],
+            None => Vec::new(),
+        }
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
@@ -224,10 +283,7 @@ impl NatsServer {
         // A bare TCP connect first: cheap, and it keeps async-nats from logging connection
         // errors while the port is still closed.
         tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).await?;
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(1))
-            .connect(self.url())
-            .await?;
+        let client = self.nats_client().options()?.connection_timeout(Duration::from_secs(1)).connect(self.url()).await?;
         let jetstream = async_nats::jetstream::new(client.clone());
         let answer = tokio::time::timeout(Duration::from_secs(2), jetstream.query_account()).await;
         // The probe client has no further use; a failed drain only means it is already gone.
