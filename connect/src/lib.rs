@@ -24,6 +24,7 @@ pub mod pem;
 mod server;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -139,6 +140,36 @@ impl NatsClient {
             options = options.require_tls(true);
         }
         Ok(options)
+    }
+}
+
+/// What rustls says when a handshake is refused, by the client (the server's certificate does
+/// not chain to the trusted CA) or by the server (the client's certificate does not chain to its
+/// CA, or there is none): rustls's `InvalidCertificate` and `AlertReceived` errors.
+const TLS_REFUSALS: [&str; 2] = ["invalid peer certificate", "received fatal alert"];
+
+impl NatsClient {
+    /// One connection attempt (bounded by `timeout`), to tell a refused TLS handshake from a
+    /// server that is merely not up yet: `Some(reason)` only for the first. Programs that keep
+    /// retrying in the background (`retry_on_initial_connect`) call it at start, because
+    /// retrying never fixes a certificate and async-nats reports each failed attempt only as
+    /// "IO error". Without TLS settings it does nothing.
+    pub async fn tls_refusal(&self, timeout: Duration) -> Option<String> {
+        if !self.tls.is_set() && !self.url.contains("tls://") {
+            return None;
+        }
+        let options = self.options().ok()?.connection_timeout(timeout).max_reconnects(1);
+        match options.connect(self.url.as_str()).await {
+            Ok(client) => {
+                // Only a probe; closing it is all that is left to do.
+                let _ = client.drain().await;
+                None
+            }
+            Err(e) => {
+                let text = e.to_string();
+                TLS_REFUSALS.iter().any(|m| text.contains(m)).then_some(text)
+            }
+        }
     }
 }
 

@@ -190,5 +190,9 @@ async fn serve_https(
     });
     let config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
     let listener = listener.into_std().context("HTTPS listener")?;
-    axum_server::from_tcp_rustls(listener, config).handle(handle).serve(app).await.context("HTTPS server failed")
+    axum_server::from_tcp_rustls(listener, config)
+        .handle(handle)
+        .serve(app)
+        .await
+        .context("HTTPS server failed")
 }

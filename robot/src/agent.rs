@@ -319,6 +319,10 @@ fn machine_hostname() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// How long the start-up TLS check waits for the server; an unreachable server is not an
+/// error (the client retries in the background), so this only bounds the start's delay.
+const TLS_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Robot {
     /// Read the state directory, connect to NATS (in the background: the client keeps retrying
     /// and reconnects by itself later). Does not register.
@@ -338,8 +342,18 @@ impl Robot {
 
         let (conn_tx, connections) = watch::channel(0u64);
         let conn_tx = Arc::new(conn_tx);
-        let client = fleet_connect::NatsClient::new(config.nats_url.clone(), config.nats_tls.clone())
-            .options()?
+        let nats = fleet_connect::NatsClient::new(config.nats_url.clone(), config.nats_tls.clone());
+        let options = nats.options()?;
+        // A certificate the server refuses (or a server the CA did not sign) is an error now,
+        // with the reason: in the background the client would retry forever, saying "IO error".
+        if let Some(reason) = nats.tls_refusal(TLS_PROBE_TIMEOUT).await {
+            anyhow::bail!(
+                "the NATS server and this robot refused each other's TLS certificates ({reason}): \
+                 --nats-ca must be the CA that signed the server's certificate, and --nats-cert a \
+                 certificate signed by the CA the server trusts"
+            );
+        }
+        let client = options
             .retry_on_initial_connect()
             .name(format!("fleet-robot {}/{robot_id}", config.tenant))
             .event_callback(move |event| {
@@ -348,6 +362,11 @@ impl Robot {
                     match event {
                         async_nats::Event::Connected => conn_tx.send_modify(|n| *n += 1),
                         async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                        // A refused TLS handshake (wrong CA, no client certificate) or an
+                        // unreachable server: said at warn, since the robot keeps retrying.
+                        async_nats::Event::ClientError(e) => {
+                            tracing::warn!(error = %e, "cannot connect to NATS")
+                        }
                         other => tracing::debug!(event = %other, "NATS event"),
                     }
                 }

@@ -245,7 +245,8 @@ impl NatsServer {
     /// The options file for [`NatsServer::start_with`]; nothing without options.
     fn write_options(&self) -> anyhow::Result<()> {
         let Some(tls) = &self.options.tls else { return Ok(()) };
-        let block = fleet_connect::server_tls_block(&tls.cert, &tls.key, tls.ca.as_deref(), tls.verify_clients);
+        let block =
+            fleet_connect::server_tls_block(&tls.cert, &tls.key, tls.ca.as_deref(), tls.verify_clients);
         let path = self.dir().join(OPTIONS_FILE);
         std::fs::write(&path, block).with_context(|| format!("cannot write {}", path.display()))
     }
@@ -283,7 +284,12 @@ impl NatsServer {
         // A bare TCP connect first: cheap, and it keeps async-nats from logging connection
         // errors while the port is still closed.
         tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).await?;
-        let client = self.nats_client().options()?.connection_timeout(Duration::from_secs(1)).connect(self.url()).await?;
+        let client = self
+            .nats_client()
+            .options()?
+            .connection_timeout(Duration::from_secs(1))
+            .connect(self.url())
+            .await?;
         let jetstream = async_nats::jetstream::new(client.clone());
         let answer = tokio::time::timeout(Duration::from_secs(2), jetstream.query_account()).await;
         // The probe client has no further use; a failed drain only means it is already gone.

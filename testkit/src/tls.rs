@@ -53,7 +53,12 @@ impl TestPki {
             ca_cert,
             other_ca_cert,
         };
-        pki.server = pki.issue("server", &["127.0.0.1", "::1", "localhost"], ExtendedKeyUsagePurpose::ServerAuth, false)?;
+        pki.server = pki.issue(
+            "server",
+            &["127.0.0.1", "::1", "localhost"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            false,
+        )?;
         Ok(pki)
     }
 
@@ -76,7 +81,12 @@ impl TestPki {
     /// Client settings that trust the CA and present a new client certificate `name`.
     pub fn client_tls(&self, name: &str) -> anyhow::Result<NatsTls> {
         let files = self.client(name)?;
-        Ok(NatsTls { ca: Some(self.ca_cert.clone()), cert: Some(files.cert), key: Some(files.key), require: true })
+        Ok(NatsTls {
+            ca: Some(self.ca_cert.clone()),
+            cert: Some(files.cert),
+            key: Some(files.key),
+            require: true,
+        })
     }
 
     /// The nats-server TLS settings: the server certificate, client certificates verified
@@ -118,7 +128,8 @@ fn new_ca(name: &str) -> anyhow::Result<CertifiedIssuer<'static, KeyPair>> {
     let mut params = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let key = KeyPair::generate().context("CA key pair")?;
     CertifiedIssuer::self_signed(params, key).with_context(|| format!("self-signing {name}"))
 }

@@ -122,6 +122,8 @@ pub struct Stack {
 pub fn orchestrator_config(nats: &NatsServer, db: &TestDb) -> fleet_orchestrator::Config {
     fleet_orchestrator::Config {
         nats_url: nats.url(),
+        // The harness's client TLS when the server requires TLS; nothing otherwise.
+        nats_tls: nats.nats_client().tls,
         database_url: fleet_orchestrator::config::Secret(db.url().to_owned()),
         heartbeat_interval: Duration::from_millis(500),
         heartbeat_timeout: Duration::from_secs(3),
@@ -144,6 +146,13 @@ impl Stack {
     pub async fn start_with(adjust: impl FnOnce(&mut fleet_orchestrator::Config)) -> Stack {
         fleet_tests::init_tracing();
         let nats = NatsServer::start().await.expect("nats-server starts");
+        Self::start_on(nats, adjust).await
+    }
+
+    /// Like [`Stack::start_with`], on a server the test started itself (e.g. one requiring TLS,
+    /// which every part then connects with: see [`NatsServer::nats_client`]).
+    pub async fn start_on(nats: NatsServer, adjust: impl FnOnce(&mut fleet_orchestrator::Config)) -> Stack {
+        fleet_tests::init_tracing();
         let db = TestDb::create().await.expect("test database");
         let mut config = orchestrator_config(&nats, &db);
         adjust(&mut config);
@@ -155,6 +164,7 @@ impl Stack {
         let token = CancellationToken::new();
         let config = fleet_gateway::GatewayConfig {
             nats_url: nats.url(),
+            nats_tls: nats.nats_client().tls,
             dev_mode: true,
             request_timeout: Duration::from_secs(5),
             // Tests poll the API far faster than a person would.
@@ -193,6 +203,7 @@ impl Stack {
         let token = CancellationToken::new();
         let mut config = fleet_gateway::GatewayConfig {
             nats_url: self.nats.url(),
+            nats_tls: self.nats.nats_client().tls,
             dev_mode: false,
             request_timeout: Duration::from_secs(5),
             rate_limit: None,
@@ -236,6 +247,7 @@ impl Stack {
     pub fn robot_config(&self, name: &str, caps: &[&str]) -> fleet_robot::RobotConfig {
         let mut c = fleet_robot::RobotConfig::new(TenantId::default_tenant());
         c.nats_url = self.nats.url();
+        c.nats_tls = self.nats.nats_client().tls;
         c.id = Some(RobotId::new(name).unwrap());
         c.name = Some(name.to_owned());
         c.capabilities = caps.iter().map(|s| Capability::new(*s).unwrap()).collect();
