@@ -96,6 +96,7 @@ fn flags_make_the_settings() {
 }
 
 #[test]
+#[allow(clippy::result_large_err)] // figment's Jail closures return its large error type
 fn serde_form_for_figment() {
     #[derive(Deserialize)]
     struct Config {
