@@ -110,6 +110,12 @@ pub enum ConnectError {
     Incomplete(&'static str),
     #[error("TLS configuration: {0}")]
     Tls(String),
+    #[error(
+        "the NATS server and this program refused each other's TLS certificates ({0}): --nats-ca \
+         (FLEET_NATS_CA) must be the CA that signed the server's certificate, and --nats-cert \
+         (FLEET_NATS_CERT) a certificate signed by the CA the server trusts"
+    )]
+    Refused(String),
 }
 
 impl NatsClient {
@@ -148,26 +154,34 @@ impl NatsClient {
 /// CA, or there is none): rustls's `InvalidCertificate` and `AlertReceived` errors.
 const TLS_REFUSALS: [&str; 2] = ["invalid peer certificate", "received fatal alert"];
 
+/// How long [`NatsClient::check_tls`] waits for the server. An unreachable server is not its
+/// error (the programs retry in the background), so this only bounds the delay at start.
+pub const TLS_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl NatsClient {
-    /// One connection attempt (bounded by `timeout`), to tell a refused TLS handshake from a
-    /// server that is merely not up yet: `Some(reason)` only for the first. Programs that keep
-    /// retrying in the background (`retry_on_initial_connect`) call it at start, because
+    /// One connection attempt, to tell a refused TLS handshake from a server that is merely not
+    /// up yet: [`ConnectError::Refused`] with rustls's reason only for the first. Programs that
+    /// keep retrying in the background (`retry_on_initial_connect`) call it at start, because
     /// retrying never fixes a certificate and async-nats reports each failed attempt only as
     /// "IO error". Without TLS settings it does nothing.
-    pub async fn tls_refusal(&self, timeout: Duration) -> Option<String> {
+    pub async fn check_tls(&self) -> Result<(), ConnectError> {
         if !self.tls.is_set() && !self.url.contains("tls://") {
-            return None;
+            return Ok(());
         }
-        let options = self.options().ok()?.connection_timeout(timeout).max_reconnects(1);
+        let options = self.options()?.connection_timeout(TLS_CHECK_TIMEOUT);
         match options.connect(self.url.as_str()).await {
             Ok(client) => {
                 // Only a probe; closing it is all that is left to do.
                 let _ = client.drain().await;
-                None
+                Ok(())
             }
             Err(e) => {
                 let text = e.to_string();
-                TLS_REFUSALS.iter().any(|m| text.contains(m)).then_some(text)
+                if TLS_REFUSALS.iter().any(|m| text.contains(m)) {
+                    Err(ConnectError::Refused(text))
+                } else {
+                    Ok(())
+                }
             }
         }
     }

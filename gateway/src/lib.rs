@@ -84,8 +84,10 @@ impl AppState {
     /// client keeps trying in the background, and until it is connected requests get 503 (and
     /// `/health` says why), so the gateway can start before NATS does.
     pub async fn connect(config: GatewayConfig) -> anyhow::Result<Self> {
-        let client = config
-            .nats_client()
+        let nats = config.nats_client();
+        // A refused certificate is an error now, not a silent retry loop (see check_tls).
+        nats.check_tls().await?;
+        let client = nats
             .options()?
             .name("fleet-gateway")
             .retry_on_initial_connect()

@@ -74,8 +74,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let Some(pool) = pool else { return Ok(()) };
     sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
 
-    let client = config
-        .nats_client()
+    let nats = config.nats_client();
+    // A refused certificate is an error now, not a silent retry loop (see check_tls).
+    nats.check_tls().await?;
+    let client = nats
         .options()?
         .name("fleet-orchestrator")
         .retry_on_initial_connect()

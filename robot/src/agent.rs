@@ -319,10 +319,6 @@ fn machine_hostname() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// How long the start-up TLS check waits for the server; an unreachable server is not an
-/// error (the client retries in the background), so this only bounds the start's delay.
-const TLS_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
 impl Robot {
     /// Read the state directory, connect to NATS (in the background: the client keeps retrying
     /// and reconnects by itself later). Does not register.
@@ -346,13 +342,7 @@ impl Robot {
         let options = nats.options()?;
         // A certificate the server refuses (or a server the CA did not sign) is an error now,
         // with the reason: in the background the client would retry forever, saying "IO error".
-        if let Some(reason) = nats.tls_refusal(TLS_PROBE_TIMEOUT).await {
-            anyhow::bail!(
-                "the NATS server and this robot refused each other's TLS certificates ({reason}): \
-                 --nats-ca must be the CA that signed the server's certificate, and --nats-cert a \
-                 certificate signed by the CA the server trusts"
-            );
-        }
+        nats.check_tls().await?;
         let client = options
             .retry_on_initial_connect()
             .name(format!("fleet-robot {}/{robot_id}", config.tenant))

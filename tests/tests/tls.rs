@@ -231,13 +231,23 @@ async fn a_client_trusting_another_ca_refuses_the_server() {
         key: Some(mine.key),
         require: true,
     };
-    let options =
-        NatsClient::new(url.clone(), tls).options().unwrap().connection_timeout(Duration::from_secs(3));
+    let options = NatsClient::new(url.clone(), tls.clone())
+        .options()
+        .unwrap()
+        .connection_timeout(Duration::from_secs(3));
     let e = options.connect(&url).await.expect_err("the client accepted a server its CA did not sign");
     assert!(e.to_string().contains("invalid peer certificate: UnknownIssuer"), "{e}");
     // The same client with the right CA connects: the refusal above was the CA's doing.
     let options = NatsClient::new(url.clone(), pki.client_tls("r1").unwrap()).options().unwrap();
     connects(options, &url).await.unwrap();
+
+    // A gateway set up that way stops at start with the reason instead of retrying in silence.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = GatewayConfig { nats_url: url.clone(), nats_tls: tls, ..GatewayConfig::default() };
+    let run = fleet_gateway::run(config, listener, CancellationToken::new());
+    let e = tokio::time::timeout(WAIT, run).await.expect("run returns at once").unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("refused each other's TLS certificates") && e.contains("UnknownIssuer"), "{e}");
 }
 
 #[tokio::test]
