@@ -15,6 +15,7 @@ use common::{Stack, WAIT};
 use fleet_connect::{NatsClient, NatsTls};
 use fleet_gateway::GatewayConfig;
 use fleet_gateway::config::HttpsFiles;
+use fleet_tests::tls::CertFiles;
 use fleet_tests::{NatsOptions, NatsServer, TestPki, wait_for};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -160,13 +161,28 @@ async fn over_mutual_tls_a_job_runs_end_to_end_and_plain_clients_are_refused() {
     assert!(job["output"]["steps"]["run"]["stdout"].as_str().unwrap_or_default().contains("mutual"), "{job}");
 
     // No TLS at all: refused (the client requires nothing, the server requires TLS).
-    let plain = NatsClient::plain(url.clone()).options().unwrap().connection_timeout(Duration::from_secs(3));
+    let plain = probe(&url, NatsTls::default());
     assert!(plain.connect(&url).await.is_err(), "a plaintext client connected to a TLS-only server");
     // TLS with the right CA but no client certificate: refused by the server's verify.
     let anonymous = NatsTls { ca: Some(pki.ca_cert.clone()), require: true, ..NatsTls::default() };
-    let client =
-        NatsClient::new(url.clone(), anonymous).options().unwrap().connection_timeout(Duration::from_secs(3));
+    let client = probe(&url, anonymous);
     assert!(connects(client, &url).await.is_err(), "a client without a certificate was let in");
+}
+
+/// Client settings that trust `ca` and present `files`.
+fn trusting(ca: &Path, files: CertFiles) -> NatsTls {
+    NatsTls { ca: Some(ca.to_owned()), cert: Some(files.cert), key: Some(files.key), require: true }
+}
+
+/// Options for one bounded connection attempt with `tls`.
+fn probe(url: &str, tls: NatsTls) -> async_nats::ConnectOptions {
+    NatsClient::new(url, tls).options().unwrap().connection_timeout(Duration::from_secs(3))
+}
+
+/// The error a part's `run` stops with at start (bounded), with its causes.
+async fn start_error(run: impl std::future::Future<Output = anyhow::Result<()>>) -> String {
+    let e = tokio::time::timeout(WAIT, run).await.expect("run returns at once").unwrap_err();
+    format!("{e:#}")
 }
 
 /// Connect and make one round trip: with TLS 1.3 the server's refusal of a client certificate
@@ -187,27 +203,17 @@ async fn a_robot_with_a_certificate_from_another_ca_never_registers() {
     let url = nats.url();
     let stack = Stack::start_on(nats, |_| {}).await;
     let wrong = pki.wrong_client("intruder").unwrap();
-    let tls = NatsTls {
-        ca: Some(pki.ca_cert.clone()),
-        cert: Some(wrong.cert),
-        key: Some(wrong.key),
-        require: true,
-    };
+    let tls = trusting(&pki.ca_cert, wrong);
 
     // What the robot's connection meets, seen directly: an error, not a session.
-    let options = NatsClient::new(url.clone(), tls.clone())
-        .options()
-        .unwrap()
-        .connection_timeout(Duration::from_secs(3));
+    let options = probe(&url, tls.clone());
     let refused = connects(options, &url).await;
     assert!(refused.is_err(), "a certificate from another CA was accepted");
 
     // The robot itself stops at start with that reason, before it registers.
     let mut robot = stack.robot_config("intruder", &[]);
     robot.nats_tls = tls;
-    let run = fleet_robot::run(robot, CancellationToken::new());
-    let e = tokio::time::timeout(WAIT, run).await.expect("the robot gives up at start").unwrap_err();
-    let e = format!("{e:#}");
+    let e = start_error(fleet_robot::run(robot, CancellationToken::new())).await;
     assert!(e.contains("refused each other's TLS certificates") && e.contains("UnknownCA"), "{e}");
     assert!(
         stack.nats.log_tail().contains("certificate signed by unknown authority"),
@@ -225,16 +231,8 @@ async fn a_client_trusting_another_ca_refuses_the_server() {
     let nats = mutual_tls_server(&pki).await;
     let url = nats.url();
     let mine = pki.client("r1").unwrap();
-    let tls = NatsTls {
-        ca: Some(pki.other_ca_cert.clone()),
-        cert: Some(mine.cert),
-        key: Some(mine.key),
-        require: true,
-    };
-    let options = NatsClient::new(url.clone(), tls.clone())
-        .options()
-        .unwrap()
-        .connection_timeout(Duration::from_secs(3));
+    let tls = trusting(&pki.other_ca_cert, mine);
+    let options = probe(&url, tls.clone());
     let e = options.connect(&url).await.expect_err("the client accepted a server its CA did not sign");
     assert!(e.to_string().contains("invalid peer certificate: UnknownIssuer"), "{e}");
     // The same client with the right CA connects: the refusal above was the CA's doing.
@@ -244,9 +242,7 @@ async fn a_client_trusting_another_ca_refuses_the_server() {
     // A gateway set up that way stops at start with the reason instead of retrying in silence.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = GatewayConfig { nats_url: url.clone(), nats_tls: tls, ..GatewayConfig::default() };
-    let run = fleet_gateway::run(config, listener, CancellationToken::new());
-    let e = tokio::time::timeout(WAIT, run).await.expect("run returns at once").unwrap_err();
-    let e = format!("{e:#}");
+    let e = start_error(fleet_gateway::run(config, listener, CancellationToken::new())).await;
     assert!(e.contains("refused each other's TLS certificates") && e.contains("UnknownIssuer"), "{e}");
 }
 
@@ -280,9 +276,7 @@ async fn unusable_certificate_files_are_named_at_start() {
         https: Some(HttpsFiles { cert: pki.server.cert.clone(), key: missing.clone() }),
         ..GatewayConfig::default()
     };
-    let run = fleet_gateway::run(config, listener, CancellationToken::new());
-    let e = tokio::time::timeout(WAIT, run).await.expect("run returns at once").unwrap_err();
-    let e = format!("{e:#}");
+    let e = start_error(fleet_gateway::run(config, listener, CancellationToken::new())).await;
     assert!(e.contains(&missing.display().to_string()) && e.contains("TLS key"), "{e}");
 
     // Robot: a CA file that is not PEM; connect fails before any connection is tried.
@@ -292,8 +286,6 @@ async fn unusable_certificate_files_are_named_at_start() {
     let mut robot = fleet_robot::RobotConfig::new(fleet_schemas::TenantId::default_tenant());
     robot.state_dir = dirs.path().to_owned();
     robot.nats_tls = NatsTls { ca: Some(garbage.clone()), ..NatsTls::default() };
-    let run = fleet_robot::run(robot, CancellationToken::new());
-    let e = tokio::time::timeout(WAIT, run).await.expect("run returns at once").unwrap_err();
-    let e = format!("{e:#}");
+    let e = start_error(fleet_robot::run(robot, CancellationToken::new())).await;
     assert!(e.contains(&garbage.display().to_string()) && e.contains("--nats-ca"), "{e}");
 }
