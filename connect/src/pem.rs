@@ -22,13 +22,9 @@ use rustls::sign::CertifiedKey;
 /// A certificate, key or CA file that cannot be used; the message names the file and its role.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsFileError {
-    #[error("{what} {}: cannot read it: {source}", path.display())]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The I/O error is part of the message, not a `source`, so a cause chain does not say it twice.
+    #[error("{what} {}: cannot read it: {error}", path.display())]
+    Read { what: &'static str, path: PathBuf, error: std::io::Error },
     #[error("{what} {}: {reason}", path.display())]
     Invalid { what: &'static str, path: PathBuf, reason: String },
     #[error("{0}")]
@@ -47,7 +43,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsFileError> {
-    std::fs::read(path).map_err(|source| TlsFileError::Read { what, path: path.to_owned(), source })
+    std::fs::read(path).map_err(|error| TlsFileError::Read { what, path: path.to_owned(), error })
 }
 
 /// Every certificate in a PEM file (at least one).
