@@ -195,7 +195,7 @@ impl Stack {
 
         let client = nats
             .orchestrator_credentials()
-            .apply(async_nats::ConnectOptions::new().name("fleet-bench").request_timeout(Some(REQUEST_TIMEOUT)))?
+            .apply(nats.nats_client().options()?.name("fleet-bench").request_timeout(Some(REQUEST_TIMEOUT)))?
             .connect(nats.url())
             .await
             .context("bench connection to NATS")?;

@@ -7,6 +7,7 @@
 //! for the envelope and to answer an oversized workflow with a clear 413 at the edge instead of
 //! a NATS error after the fact.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fleet_schemas::keys::Rate;
@@ -60,6 +61,10 @@ pub struct GatewayConfig {
     /// How the gateway proves who it is to NATS (`FLEET_NATS_CREDS`: the `gateway.nk` that
     /// `fleet-orchestrator nats-setup` wrote).
     pub nats_credentials: fleet_nats_auth::Credentials,
+    /// TLS of the NATS connection (`--nats-ca`, `--nats-cert`, `--nats-key`, `--nats-tls`).
+    pub nats_tls: fleet_connect::NatsTls,
+    /// Serve HTTPS with this certificate and key (`--tls-cert`, `--tls-key`); `None`: plain HTTP.
+    pub https: Option<HttpsFiles>,
     /// `FLEET_DEV_MODE=true`: every request acts as tenant `default`, with or without a key.
     /// Only for local use; the gateway logs a loud warning at start.
     pub dev_mode: bool,
@@ -74,7 +79,41 @@ pub struct GatewayConfig {
     pub rate_limit: Option<RateLimit>,
 }
 
+/// The PEM certificate chain and private key the gateway serves HTTPS with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl HttpsFiles {
+    /// From the two flags, which go together: both (HTTPS), neither (HTTP), or an error naming
+    /// the one that is missing.
+    pub fn from_flags(cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<Self>, String> {
+        match (cert, key) {
+            (Some(cert), Some(key)) => Ok(Some(HttpsFiles { cert, key })),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err("--tls-cert (FLEET_GATEWAY_TLS_CERT) is given without --tls-key \
+                                    (FLEET_GATEWAY_TLS_KEY): HTTPS needs both"
+                .to_owned()),
+            (None, Some(_)) => Err("--tls-key (FLEET_GATEWAY_TLS_KEY) is given without --tls-cert \
+                                    (FLEET_GATEWAY_TLS_CERT): HTTPS needs both"
+                .to_owned()),
+        }
+    }
+
+    /// The rustls server configuration; the error names the file that cannot be used.
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, fleet_connect::TlsFileError> {
+        fleet_connect::pem::server_config(&self.cert, &self.key)
+    }
+}
+
 impl GatewayConfig {
+    /// Where and how to connect to NATS.
+    pub fn nats_client(&self) -> fleet_connect::NatsClient {
+        fleet_connect::NatsClient::new(self.nats_url.clone(), self.nats_tls.clone())
+    }
+
     /// The longest a handler may take before the gateway answers on its own. A handler makes at
     /// most two orchestrator calls in a row (a command, then a read of the robot), each bounded by
     /// the request timeout plus the reply grace, so this is longer than both together plus a
@@ -90,6 +129,8 @@ impl Default for GatewayConfig {
         Self {
             nats_url: DEFAULT_NATS_URL.to_owned(),
             nats_credentials: fleet_nats_auth::Credentials::None,
+            nats_tls: fleet_connect::NatsTls::default(),
+            https: None,
             dev_mode: false,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,
@@ -112,6 +153,18 @@ mod tests {
         assert!(c.body_limit_bytes < 1024 * 1024, "must stay under the NATS max payload");
         assert_eq!(c.rate_limit, Some(RateLimit { requests: 100, per: Duration::from_secs(60), burst: 100 }));
         assert!(c.handler_timeout() > c.request_timeout + crate::orchestrator::REPLY_GRACE);
+        assert_eq!(c.https, None, "plain HTTP unless a certificate is given");
+    }
+
+    #[test]
+    fn https_flags_go_together() {
+        assert_eq!(HttpsFiles::from_flags(None, None), Ok(None));
+        let both = HttpsFiles::from_flags(Some("c.pem".into()), Some("k.pem".into())).unwrap();
+        assert_eq!(both, Some(HttpsFiles { cert: "c.pem".into(), key: "k.pem".into() }));
+        let e = HttpsFiles::from_flags(Some("c.pem".into()), None).unwrap_err();
+        assert!(e.contains("--tls-cert") && e.contains("without --tls-key"), "{e}");
+        let e = HttpsFiles::from_flags(None, Some("k.pem".into())).unwrap_err();
+        assert!(e.contains("--tls-key") && e.contains("without --tls-cert"), "{e}");
     }
 
     #[test]

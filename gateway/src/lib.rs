@@ -84,7 +84,10 @@ impl AppState {
     /// client keeps trying in the background, and until it is connected requests get 503 (and
     /// `/health` says why), so the gateway can start before NATS does.
     pub async fn connect(config: GatewayConfig) -> anyhow::Result<Self> {
-        let options = async_nats::ConnectOptions::new().name("fleet-gateway").retry_on_initial_connect();
+        let nats = config.nats_client();
+        // A refused certificate is an error now, not a silent retry loop (see check_tls).
+        nats.check_tls().await?;
+        let options = nats.options()?.name("fleet-gateway").retry_on_initial_connect();
         let client = config
             .nats_credentials
             .apply(options)?
@@ -125,7 +128,8 @@ impl AppState {
     }
 }
 
-/// Serve the gateway on `listener` until `shutdown` is cancelled.
+/// Serve the gateway on `listener` until `shutdown` is cancelled: HTTPS when the configuration
+/// has a certificate ([`GatewayConfig::https`]), plain HTTP otherwise.
 ///
 /// Shutdown happens in three steps: stop accepting connections, let in-flight requests finish
 /// (each is bounded by the request timeout plus the reply grace), then drain the NATS
@@ -142,8 +146,13 @@ pub async fn run(
         );
     }
     let addr = listener.local_addr().context("listener has no local address")?;
+    // Read before connecting anything, so a bad certificate path is the error at start.
+    let tls = match &config.https {
+        Some(files) => Some(files.server_config().context("cannot serve HTTPS")?),
+        None => None,
+    };
     let state = AppState::connect(config).await?;
-    tracing::info!(%addr, "fleet-gateway listening");
+    tracing::info!(%addr, https = tls.is_some(), "fleet-gateway listening");
     // Live streams never end on their own: end them when shutdown starts, so that the server's
     // graceful shutdown (which waits for open connections) can finish.
     let streams = state.streams_token().clone();
@@ -154,11 +163,38 @@ pub async fn run(
     });
     // Peer addresses feed the per-IP rate limit of requests without a key.
     let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .context("HTTP server failed")?;
+    match tls {
+        None => axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .context("HTTP server failed")?,
+        Some(tls) => serve_https(listener, app, tls, shutdown).await?,
+    }
     tracing::info!("HTTP server stopped; draining the NATS connection");
     state.orchestrator().drain().await;
     Ok(())
+}
+
+/// The same router over rustls. axum-server stops accepting on `graceful_shutdown` and waits
+/// for open connections as `axum::serve` does; the live streams end with the streams token, so
+/// the wait is bounded by the longest in-flight request.
+async fn serve_https(
+    listener: TcpListener,
+    app: axum::extract::connect_info::IntoMakeServiceWithConnectInfo<axum::Router, SocketAddr>,
+    tls: rustls::ServerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let handle = axum_server::Handle::new();
+    let stop = handle.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        stop.graceful_shutdown(None);
+    });
+    let config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
+    let listener = listener.into_std().context("HTTPS listener")?;
+    axum_server::from_tcp_rustls(listener, config)
+        .handle(handle)
+        .serve(app)
+        .await
+        .context("HTTPS server failed")
 }

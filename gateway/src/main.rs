@@ -2,12 +2,13 @@
 //! signal handling, and calls [`fleet_gateway::run`]. Everything else lives in the library.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use fleet_gateway::GatewayConfig;
-use fleet_gateway::config::{DEFAULT_BODY_LIMIT_BYTES, DEFAULT_NATS_URL, RateLimit};
+use fleet_gateway::config::{DEFAULT_BODY_LIMIT_BYTES, DEFAULT_NATS_URL, HttpsFiles, RateLimit};
 use tokio_util::sync::CancellationToken;
 
 /// Fleet's HTTP edge: the Canvas API over NATS requests to the orchestrator.
@@ -26,6 +27,16 @@ struct Args {
     /// wrote (a locked server refuses a gateway without it).
     #[arg(long, env = "FLEET_NATS_CREDS")]
     nats_creds: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    nats_tls: fleet_connect::NatsTlsArgs,
+
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key); without both, plain HTTP.
+    #[arg(long, env = "FLEET_GATEWAY_TLS_CERT", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FLEET_GATEWAY_TLS_KEY", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
 
     /// Development mode: no API keys, every request acts as tenant "default". Local use only.
     #[arg(long, env = "FLEET_DEV_MODE", value_parser = clap::builder::BoolishValueParser::new())]
@@ -80,11 +91,20 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    // Checked before the port is taken: a half-configured HTTPS must not start as plain HTTP.
+    let https = match HttpsFiles::from_flags(args.tls_cert, args.tls_key) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("fleet-gateway: {e}");
+            std::process::exit(2);
+        }
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    println!("fleet-gateway listening on http://{addr}");
+    let scheme = if https.is_some() { "https" } else { "http" };
+    println!("fleet-gateway listening on {scheme}://{addr}");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -95,6 +115,8 @@ async fn main() -> anyhow::Result<()> {
     let config = GatewayConfig {
         nats_url: args.nats_url,
         nats_credentials,
+        nats_tls: args.nats_tls.into(),
+        https,
         dev_mode: args.dev_mode,
         request_timeout: args.request_timeout,
         body_limit_bytes: args.body_limit_bytes,

@@ -43,6 +43,11 @@ impl<'de> Deserialize<'de> for Secret {
 pub struct Config {
     /// NATS server URL (`NATS_URL`).
     pub nats_url: String,
+    /// TLS of the NATS connection: `[nats_tls]` with `ca`, `cert`, `key`, `require` in the file,
+    /// or `FLEET_NATS_CA`, `FLEET_NATS_CERT`, `FLEET_NATS_KEY`, `FLEET_NATS_TLS` (the names the
+    /// other programs' flags use).
+    #[serde(default)]
+    pub nats_tls: fleet_connect::NatsTls,
     /// PostgreSQL URL (`DATABASE_URL`).
     pub database_url: Secret,
     /// Connections in the PostgreSQL pool.
@@ -99,6 +104,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".to_owned(),
+            nats_tls: fleet_connect::NatsTls::default(),
             database_url: Secret("postgres://postgres@127.0.0.1:5432/fleet".to_owned()),
             db_pool_size: 16,
             heartbeat_interval: Duration::from_secs(10),
@@ -148,6 +154,7 @@ impl Config {
         let given = |base: Figment| {
             base.merge(Toml::file(&file))
                 .merge(Env::prefixed("FLEET_").only(&Self::KEYS))
+                .merge(Self::nats_tls_env())
                 .merge(Env::raw().only(&["NATS_URL", "DATABASE_URL"]))
         };
         // Whether the interval was set by the user, as opposed to filled in by the defaults.
@@ -175,6 +182,20 @@ impl Config {
         "nats_url",
         "nats_auth_dir",
     ];
+
+    /// `FLEET_NATS_CA`, `_CERT`, `_KEY` and `FLEET_NATS_TLS` as the `nats_tls` table.
+    fn nats_tls_env() -> Env {
+        // Keys arrive as the variable spelled them (upper case); compare without case.
+        Env::prefixed("FLEET_NATS_").only(&["ca", "cert", "key", "tls"]).map(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            if key == "tls" { "nats_tls.require".into() } else { format!("nats_tls.{key}").into() }
+        })
+    }
+
+    /// Where and how to connect to NATS.
+    pub fn nats_client(&self) -> fleet_connect::NatsClient {
+        fleet_connect::NatsClient::new(self.nats_url.clone(), self.nats_tls.clone())
+    }
 
     /// Extract and check a configuration; without `interval_given` the heartbeat interval is
     /// derived from the timeout (see [`derived_heartbeat_interval`]).
@@ -288,6 +309,12 @@ mod tests {
             assert_eq!(c.job_lease, Duration::from_secs(20));
             assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
             assert_eq!(c.nats_url, "nats://example:4333");
+            assert!(!c.nats_tls.is_set());
+            jail.set_env("FLEET_NATS_CA", "/etc/fleet/ca.pem");
+            jail.set_env("FLEET_NATS_TLS", "true");
+            let c = Config::load().map_err(|e| e.to_string())?;
+            assert_eq!(c.nats_tls.ca.as_deref(), Some(std::path::Path::new("/etc/fleet/ca.pem")));
+            assert!(c.nats_tls.require && c.nats_tls.cert.is_none());
             jail.set_env("FLEET_HEARTBEAT_TIMEOUT", "90");
             let c = Config::load().map_err(|e| e.to_string())?;
             assert_eq!(c.heartbeat_timeout, Duration::from_secs(90));

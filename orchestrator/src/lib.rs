@@ -86,10 +86,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Some(seed) => fleet_nats_auth::Credentials::Nkey { seed: seed.clone(), inbox_prefix: None },
         None => fleet_nats_auth::Credentials::None,
     };
+    let nats = config.nats_client();
+    // A refused certificate is an error now, not a silent retry loop (see check_tls).
+    nats.check_tls().await?;
     let connect = |name: &'static str, credentials: fleet_nats_auth::Credentials| {
         let url = config.nats_url.clone();
+        let options = nats.options();
         async move {
-            let options = async_nats::ConnectOptions::new().name(name).retry_on_initial_connect();
+            let options = options?.name(name).retry_on_initial_connect();
             credentials
                 .apply(options)?
                 .connect(url.as_str())

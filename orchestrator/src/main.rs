@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 /// variables (FLEET_HEARTBEAT_TIMEOUT=90s, FLEET_JOB_LEASE=30s, FLEET_LEADER_LEASE=10s, …).
 /// FLEET_HEARTBEAT_INTERVAL defaults to a third of FLEET_HEARTBEAT_TIMEOUT, at most 10s; set it
 /// only to override that (it must stay shorter than the timeout).
+/// TLS to NATS: FLEET_NATS_CA (the CA that signed the server), FLEET_NATS_CERT and FLEET_NATS_KEY
+/// (a client certificate, for a server that verifies clients), FLEET_NATS_TLS=true (refuse a
+/// server without TLS); or [nats_tls] with ca, cert, key, require in fleet.toml.
 /// Start as many as you like: one leads, the others stand by and take over within seconds.
 #[derive(Parser, Debug)]
 #[command(name = "fleet-orchestrator", version, about, long_about)]

@@ -344,7 +344,12 @@ impl Robot {
         };
         // The name carries the capabilities the robot offers: the auth callout reads them there
         // (the key decides which it may claim).
-        let options = async_nats::ConnectOptions::new()
+        let nats = fleet_connect::NatsClient::new(config.nats_url.clone(), config.nats_tls.clone());
+        // A certificate the server refuses (or a server the CA did not sign) is an error now,
+        // with the reason: in the background the client would retry forever, saying "IO error".
+        nats.check_tls().await?;
+        let options = nats
+            .options()?
             .retry_on_initial_connect()
             .name(fleet_nats_auth::permissions::robot_connection_name(&robot_id, &capabilities));
         let client = credentials
@@ -355,6 +360,11 @@ impl Robot {
                     match event {
                         async_nats::Event::Connected => conn_tx.send_modify(|n| *n += 1),
                         async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                        // A refused TLS handshake (wrong CA, no client certificate) or an
+                        // unreachable server: said at warn, since the robot keeps retrying.
+                        async_nats::Event::ClientError(e) => {
+                            tracing::warn!(error = %e, "cannot connect to NATS")
+                        }
                         other => tracing::debug!(event = %other, "NATS event"),
                     }
                 }

@@ -38,6 +38,9 @@ pub struct Cli {
     #[arg(long, env = "NATS_URL", default_value = crate::config::DEFAULT_NATS_URL)]
     pub nats_url: String,
 
+    #[command(flatten)]
+    pub nats_tls: fleet_connect::NatsTlsArgs,
+
     /// The robot's key (crpa_…, role robot; create one with POST /api/v1/robot-api-keys or
     /// `fleet-orchestrator api-key create --role robot`). Its tenant, bound robot id and the
     /// capabilities it may claim come from the key.
@@ -169,6 +172,7 @@ impl Cli {
         let config = RobotConfig {
             nats_url: self.nats_url,
             key,
+            nats_tls: self.nats_tls.into(),
             tenant,
             id,
             name: self.name,

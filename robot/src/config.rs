@@ -55,6 +55,8 @@ pub struct RobotConfig {
     pub nats_url: String,
     /// The robot's key; `None` connects without credentials (refused by a locked server).
     pub key: Option<RobotKey>,
+    /// TLS of the NATS connection (`--nats-ca`, `--nats-cert`, `--nats-key`, `--nats-tls`).
+    pub nats_tls: fleet_connect::NatsTls,
     pub tenant: TenantId,
     /// `None`: read `state_dir/robot-id`, else make one ([`RobotId::random`]) and store it.
     pub id: Option<RobotId>,
@@ -91,6 +93,7 @@ impl RobotConfig {
         Self {
             nats_url: DEFAULT_NATS_URL.to_owned(),
             key: None,
+            nats_tls: fleet_connect::NatsTls::default(),
             tenant,
             id: None,
             name: None,

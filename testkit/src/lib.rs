@@ -12,7 +12,10 @@
 //! [`TcpProxy`] stands between one part and a server (PostgreSQL) so the test can cut that link
 //! alone, without stopping the shared server.
 //!
-//! This crate depends on no Fleet crate, so that each part's own tests (robot/, gateway/) can
+//! [`TestPki`] makes a CA and certificates for TLS tests, and [`NatsServer::start_with`] starts a
+//! server that requires TLS with them.
+//!
+//! This crate depends on no Fleet crate but the leaf `fleet-connect`, so that each part's own tests (robot/, gateway/) can
 //! dev-depend on it, and so can `fleet-tests`, the end-to-end tests that depend on all parts.
 //!
 //! Where the dependencies come from:
@@ -31,15 +34,17 @@ mod nats;
 mod process;
 mod proxy;
 mod telemetry;
+pub mod tls;
 mod wait;
 
 use std::path::{Path, PathBuf};
 
 pub use db::{DEFAULT_ADMIN_URL, TestDb};
-pub use nats::{NatsServer, free_port, nats_server_binary};
+pub use nats::{NatsOptions, NatsServer, ServerTls, free_port, nats_server_binary};
 pub use process::{Process, ProcessSpec, fleet_binary};
 pub use proxy::TcpProxy;
 pub use telemetry::init_tracing;
+pub use tls::TestPki;
 pub use wait::{wait_for, wait_until};
 
 /// The workspace root (the folder holding the top-level `Cargo.toml`), found from this crate's

@@ -9,6 +9,10 @@
 //! connects without credentials: [`NatsServer::client`] connects as the orchestrator,
 //! [`NatsServer::client_as`] with any other credentials.
 //!
+//! [`NatsServer::start_with`] adds what a test asks for on top of those flags, through a small
+//! configuration file in the same directory (flags win over it): today a `tls { … }` block
+//! ([`NatsOptions::tls`]), written by `fleet_connect::server_tls_block` as a deployment's would be.
+//!
 //! Its log goes to `nats-server.log` in the temporary directory (appended across restarts).
 //! When a test panics, the directory is kept and its path and the log's last lines are printed.
 
@@ -46,6 +50,24 @@ const TAIL_LINES: usize = 40;
 const LOG_FILE: &str = "nats-server.log";
 const STORE_DIR: &str = "store";
 const AUTH_DIR: &str = "auth";
+/// What a test server has beyond the defaults of [`NatsServer::start`].
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// Require TLS from every client (see [`crate::TestPki::server_tls`]).
+    pub tls: Option<ServerTls>,
+}
+
+/// A server that requires TLS: its certificate and key, the CA client certificates must chain
+/// to, whether every client must present one, and what the harness's readiness probe (and
+/// [`NatsServer::nats_client`]) connects with.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: Option<PathBuf>,
+    pub verify_clients: bool,
+    pub probe: fleet_connect::NatsTls,
+}
 
 /// A nats-server child process with JetStream, owned by one test. Dropping it kills the server.
 pub struct NatsServer {
@@ -55,12 +77,18 @@ pub struct NatsServer {
     dir: Option<TempDir>,
     /// `None` while the server is not running (after `kill` or `stop`).
     child: Option<Child>,
+    options: NatsOptions,
 }
 
 impl NatsServer {
     /// Starts a nats-server on a free loopback port with a fresh store, and returns once it
     /// accepts clients and JetStream answers.
     pub async fn start() -> anyhow::Result<NatsServer> {
+        Self::start_with(NatsOptions::default()).await
+    }
+
+    /// Like [`NatsServer::start`], with `options` (e.g. TLS required); restarts keep them.
+    pub async fn start_with(options: NatsOptions) -> anyhow::Result<NatsServer> {
         let binary = nats_server_binary()?;
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
@@ -68,10 +96,14 @@ impl NatsServer {
                 .prefix("fleet-nats-")
                 .tempdir()
                 .context("cannot create a temporary directory for nats-server")?;
-            fleet_nats_auth::setup::write(&dir.path().join(AUTH_DIR), &ConfOptions::default(), false)
-                .context("writing the locked nats-server configuration")?;
-            let mut server =
-                NatsServer { binary: binary.clone(), port: free_port()?, dir: Some(dir), child: None };
+            let mut server = NatsServer {
+                binary: binary.clone(),
+                port: free_port()?,
+                dir: Some(dir),
+                child: None,
+                options: options.clone(),
+            };
+            server.write_options()?;
             match server.spawn_and_wait().await {
                 Ok(()) => return Ok(server),
                 Err(error) if server.log_tail().contains("address already in use") => {
@@ -118,6 +150,13 @@ impl NatsServer {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
         }
+    }
+
+    /// How a Fleet program connects to this server: its URL and, for a TLS server, the probe's
+    /// TLS settings (the test CA and a client certificate).
+    pub fn nats_client(&self) -> fleet_connect::NatsClient {
+        let tls = self.options.tls.as_ref().map(|t| t.probe.clone()).unwrap_or_default();
+        fleet_connect::NatsClient::new(self.url(), tls)
     }
 
     /// The folder `nats-setup` wrote for this server: `nats.conf` and the service keys
@@ -244,6 +283,19 @@ impl NatsServer {
         Ok(())
     }
 
+    /// The options file for [`NatsServer::start_with`]; nothing without options.
+    /// The locked configuration `nats-setup` writes, with the TLS block when the server
+    /// requires TLS.
+    fn write_options(&self) -> anyhow::Result<()> {
+        let tls_block = self.options.tls.as_ref().map(|tls| {
+            fleet_connect::server_tls_block(&tls.cert, &tls.key, tls.ca.as_deref(), tls.verify_clients)
+        });
+        let conf = ConfOptions { tls_block, ..ConfOptions::default() };
+        fleet_nats_auth::setup::write(&self.auth_dir(), &conf, false)
+            .context("writing the locked nats-server configuration")?;
+        Ok(())
+    }
+
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -272,7 +324,7 @@ impl NatsServer {
         tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).await?;
         let client = self
             .orchestrator_credentials()
-            .apply(async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(1)))?
+            .apply(self.nats_client().options()?.connection_timeout(Duration::from_secs(1)))?
             .connect(self.url())
             .await?;
         let jetstream = async_nats::jetstream::new(client.clone());

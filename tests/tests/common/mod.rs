@@ -125,6 +125,8 @@ pub struct Stack {
 pub fn orchestrator_config(nats: &NatsServer, db: &TestDb) -> fleet_orchestrator::Config {
     fleet_orchestrator::Config {
         nats_url: nats.url(),
+        // The harness's client TLS when the server requires TLS; nothing otherwise.
+        nats_tls: nats.nats_client().tls,
         database_url: fleet_orchestrator::config::Secret(db.url().to_owned()),
         heartbeat_interval: Duration::from_millis(500),
         heartbeat_timeout: Duration::from_secs(3),
@@ -143,6 +145,7 @@ pub fn gateway_config(nats: &NatsServer, dev_mode: bool) -> fleet_gateway::Gatew
     fleet_gateway::GatewayConfig {
         nats_url: nats.url(),
         nats_credentials: nats.gateway_credentials(),
+        nats_tls: nats.nats_client().tls,
         dev_mode,
         request_timeout: Duration::from_secs(5),
         // Tests poll the API far faster than a person would.
@@ -188,6 +191,13 @@ impl Stack {
     pub async fn start_with(adjust: impl FnOnce(&mut fleet_orchestrator::Config)) -> Stack {
         fleet_tests::init_tracing();
         let nats = NatsServer::start().await.expect("nats-server starts");
+        Self::start_on(nats, adjust).await
+    }
+
+    /// Like [`Stack::start_with`], on a server the test started itself (e.g. one requiring TLS,
+    /// which every part then connects with: see [`NatsServer::nats_client`]).
+    pub async fn start_on(nats: NatsServer, adjust: impl FnOnce(&mut fleet_orchestrator::Config)) -> Stack {
+        fleet_tests::init_tracing();
         let db = TestDb::create().await.expect("test database");
         let mut config = orchestrator_config(&nats, &db);
         adjust(&mut config);
@@ -285,6 +295,7 @@ impl Stack {
         let mut c = fleet_robot::RobotConfig::new(TenantId::default_tenant());
         c.nats_url = self.nats.url();
         c.key = Some(fleet_robot::RobotKey::new(&self.robot_key).unwrap());
+        c.nats_tls = self.nats.nats_client().tls;
         c.id = Some(RobotId::new(name).unwrap());
         c.name = Some(name.to_owned());
         c.capabilities = caps.iter().map(|s| Capability::new(*s).unwrap()).collect();
