@@ -88,6 +88,10 @@ pub struct Config {
     /// recreates what is missing (a missing-object error triggers a check at once as well).
     #[serde(with = "duration")]
     pub fabric_check_interval: Duration,
+    /// File holding the secrets master key (32 bytes, hex or base64; `fleet-orchestrator
+    /// secrets-key create --out FILE` makes one). Unset: the secrets API answers 503.
+    #[serde(default)]
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -110,6 +114,7 @@ impl Default for Config {
             prefetch: 2,
             max_rejections: 5,
             fabric_check_interval: Duration::from_secs(5),
+            secrets_key_file: None,
         }
     }
 }
@@ -150,7 +155,7 @@ impl Config {
     }
 
     /// Keys settable with a `FLEET_` variable.
-    const KEYS: [&'static str; 16] = [
+    const KEYS: [&'static str; 17] = [
         "prefetch",
         "max_rejections",
         "db_pool_size",
@@ -167,6 +172,7 @@ impl Config {
         "sweep_interval",
         "fabric_check_interval",
         "nats_url",
+        "secrets_key_file",
     ];
 
     /// Extract and check a configuration; without `interval_given` the heartbeat interval is

@@ -22,6 +22,7 @@ pub mod registry;
 pub mod relay;
 pub mod retry;
 pub mod robots;
+pub mod secrets;
 pub mod store;
 pub mod sweeper;
 
@@ -65,11 +66,16 @@ pub struct Core {
     pub admission: sweeper::AdmissionCursor,
     /// One at a time per HTTP robot: the choice of its session.
     pub http_sessions: http_robots::SessionLocks,
+    /// The secrets master key; `None` when `secrets_key_file` is not set (see [`secrets`]).
+    pub secrets: Option<secrets::SecretsKey>,
 }
 
 /// Run an orchestrator until `shutdown`: connect, migrate, set up JetStream, then lead or stand
 /// by. Safe to start any number of times against the same database and NATS.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // A key file that is set but unreadable stops the start: running on would refuse every
+    // job that uses a secret, far from the cause.
+    let secrets_key = config.secrets_key_file.as_deref().map(secrets::SecretsKey::load).transpose()?;
     let pool = connect_db(&config, &shutdown).await?;
     let Some(pool) = pool else { return Ok(()) };
     sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
@@ -111,6 +117,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         health: sweeper::Health::default(),
         admission: sweeper::AdmissionCursor::default(),
         http_sessions: Default::default(),
+        secrets: secrets_key,
     });
 
     // Aborted if this future is dropped (a crash in tests): a lease kept alive by a detached

@@ -25,6 +25,21 @@ enum Command {
     /// Manage API keys directly in the database (for the first admin key of a tenant).
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
+    /// Manage the master key that encrypts job secrets at rest.
+    #[command(subcommand)]
+    SecretsKey(SecretsKeyCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum SecretsKeyCommand {
+    /// Write a new random key (32 bytes, hex) to a file readable only by its owner; point
+    /// secrets_key_file (FLEET_SECRETS_KEY_FILE) at it. An existing file is never overwritten:
+    /// the secrets encrypted under a key are lost with it.
+    Create {
+        /// The file to write.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -49,6 +64,23 @@ enum ApiKeyCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::SecretsKey(SecretsKeyCommand::Create { out })) = &cli.command {
+        return match fleet_orchestrator::secrets::SecretsKey::create_file(out) {
+            Ok(()) => {
+                eprintln!(
+                    "secrets key written to {}; set FLEET_SECRETS_KEY_FILE={} (keep a copy: secrets \
+                     cannot be read without it)",
+                    out.display(),
+                    out.display()
+                );
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fleet-orchestrator: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
