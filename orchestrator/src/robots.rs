@@ -160,10 +160,12 @@ async fn claim(core: &Core, tenant: &TenantId, robot: &RobotId, req: ClaimReques
     // Read after the claim committed: a failure answers `Unavailable`, and the robot's retried
     // claim (same session) is accepted again, so nothing is lost.
     let secrets = match &result {
-        Ok(Verdict::Accepted(claimed)) => match crate::secrets::for_claim(core, tenant, &claimed.workflow).await {
-            Ok(s) => s,
-            Err(e) => return unavailable(e),
-        },
+        Ok(Verdict::Accepted(claimed)) => {
+            match crate::secrets::for_claim(core, tenant, &claimed.workflow).await {
+                Ok(s) => s,
+                Err(e) => return unavailable(e),
+            }
+        }
         _ => Default::default(),
     };
     verdict(result, |c| ClaimGrant {

@@ -101,7 +101,8 @@ impl SecretsKey {
 
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: shown.clone(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: shown.clone(), source })?;
         Self::parse(&shown, &text)
     }
 
@@ -127,15 +128,19 @@ impl SecretsKey {
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
         let aad = aad(tenant, name);
         // Encryption fails only for plaintexts beyond 256 GiB; values are capped far below.
-        let sealed = self
-            .cipher
-            .encrypt(&nonce, Payload { msg: value.as_bytes(), aad: &aad })
-            .unwrap_or_default();
+        let sealed =
+            self.cipher.encrypt(&nonce, Payload { msg: value.as_bytes(), aad: &aad }).unwrap_or_default();
         (nonce.to_vec(), sealed)
     }
 
     /// Decrypt a stored value.
-    pub fn open(&self, tenant: &TenantId, name: &str, nonce: &[u8], sealed: &[u8]) -> Result<String, DecryptError> {
+    pub fn open(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        nonce: &[u8],
+        sealed: &[u8],
+    ) -> Result<String, DecryptError> {
         let fail = || DecryptError { name: name.to_owned() };
         if nonce.len() != 24 {
             return Err(fail());
@@ -239,12 +244,13 @@ pub async fn check_references(core: &Core, tenant: &TenantId, workflow: &serde_j
     }
     key(core)?;
     let names: Vec<String> = wanted.iter().cloned().collect();
-    let have: Vec<String> = sqlx::query_scalar("SELECT name FROM secrets WHERE tenant = $1 AND name = ANY($2)")
-        .bind(tenant.as_str())
-        .bind(&names)
-        .fetch_all(&core.store.pool)
-        .await
-        .map_err(StoreError::from)?;
+    let have: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM secrets WHERE tenant = $1 AND name = ANY($2)")
+            .bind(tenant.as_str())
+            .bind(&names)
+            .fetch_all(&core.store.pool)
+            .await
+            .map_err(StoreError::from)?;
     let have: BTreeSet<String> = have.into_iter().collect();
     let missing: Vec<&str> = wanted.iter().filter(|n| !have.contains(*n)).map(String::as_str).collect();
     if missing.is_empty() {

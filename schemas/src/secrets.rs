@@ -56,11 +56,9 @@ fn scan(s: &str, found: &mut BTreeSet<String>) {
         let start = from + at;
         let name_start = start + WORD.len();
         // `mysecrets.X` is another variable's field, not a reference.
-        let standalone = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
-        let len = bytes[name_start..]
-            .iter()
-            .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
-            .count();
+        let standalone =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let len = bytes[name_start..].iter().take_while(|b| b.is_ascii_alphanumeric() || **b == b'_').count();
         if standalone && len > 0 {
             found.insert(s[name_start..name_start + len].to_owned());
         }

@@ -25,8 +25,11 @@ async fn send(stack: &Stack, method: Method, path: &str, body: Option<Value>) ->
     (status, body)
 }
 
+/// Messages seen on the NATS server: (subject, payload).
+type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// Every message on the NATS server, as (subject, payload), from now on.
-fn sniff(client: async_nats::Client, subscriber: async_nats::Subscriber) -> Arc<Mutex<Vec<(String, Vec<u8>)>>> {
+fn sniff(client: async_nats::Client, subscriber: async_nats::Subscriber) -> Seen {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let into = seen.clone();
     tokio::spawn(async move {
@@ -62,7 +65,8 @@ async fn secrets_reach_only_the_jobs_that_use_them_and_never_show() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["name"], "DB_PASSWORD");
     assert!(!body.to_string().contains(VALUE), "{body}");
-    let (status, body) = send(&stack, Method::PUT, "/api/v1/secrets/lower", Some(json!({"value": "x"}))).await;
+    let (status, body) =
+        send(&stack, Method::PUT, "/api/v1/secrets/lower", Some(json!({"value": "x"}))).await;
     assert_eq!((status, body["error"]["field"].as_str()), (422, Some("name")), "{body}");
     let big = "x".repeat(fleet_schemas::secrets::MAX_VALUE + 1);
     let (status, body) = send(&stack, Method::PUT, "/api/v1/secrets/BIG", Some(json!({"value": big}))).await;
@@ -185,7 +189,10 @@ async fn secrets_reach_only_the_jobs_that_use_them_and_never_show() {
     // jobs that use it: never in an event, a log line, a completion or another reply.
     wait_for("the events of the three jobs", WAIT, || async {
         let seen = seen.lock().unwrap();
-        let done = seen.iter().filter(|(s, _)| s.starts_with("fleet.events.") && s.ends_with(".job.completed")).count();
+        let done = seen
+            .iter()
+            .filter(|(s, _)| s.starts_with("fleet.events.") && s.ends_with(".job.completed"))
+            .count();
         (done >= 2).then_some(())
     })
     .await

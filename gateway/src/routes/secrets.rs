@@ -115,8 +115,14 @@ pub async fn delete(
 ) -> Result<Json<SecretDeleted>, HttpError> {
     require_person(&caller)?;
     let Ok(name) = name_path(path) else { return Err(HttpError::not_found("secret")) };
-    let _: SecretView =
-        call(&state, Endpoint::DeleteSecret, request_id, &caller, SecretName { name: name.clone() }, CallKind::Retryable)
-            .await?;
+    let _: SecretView = call(
+        &state,
+        Endpoint::DeleteSecret,
+        request_id,
+        &caller,
+        SecretName { name: name.clone() },
+        CallKind::Retryable,
+    )
+    .await?;
     Ok(Json(SecretDeleted { deleted: true, name }))
 }

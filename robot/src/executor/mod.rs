@@ -89,7 +89,10 @@ impl Executors {
         let engine = steps::StepEngine::new(!config.no_shell).passing_env(config.step_env.clone());
         executors.insert(WorkflowFormat::Fleet, Arc::new(engine));
         for spec in &config.runners {
-            executors.insert(spec.format, Arc::new(runner::Runner::new(spec)?.passing_env(config.step_env.clone())));
+            executors.insert(
+                spec.format,
+                Arc::new(runner::Runner::new(spec)?.passing_env(config.step_env.clone())),
+            );
         }
         Ok(executors)
     }

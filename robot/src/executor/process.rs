@@ -34,8 +34,10 @@ const LINE_BUFFER: usize = 256;
 
 /// Variables of the robot's environment every step gets, when the robot has them: what
 /// programs need to find themselves, their home, their locale and a temporary directory.
-pub const BASE_ENV: &[&str] =
-    &["PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "TMPDIR", "TMP", "TEMP"];
+pub const BASE_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "TMPDIR", "TMP",
+    "TEMP",
+];
 
 /// `PATH` when the robot has none.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
