@@ -224,6 +224,19 @@ async fn secrets_reach_only_the_jobs_that_use_them_and_never_show() {
     let (status, body) = secure.send(Method::POST, "/api/v1/workflows", Some(&other), Some(wf)).await;
     assert_eq!((status, body["error"]["field"].as_str()), (422, Some("workflow_json")), "{body}");
     assert!(body.to_string().contains("DB_PASSWORD"), "{body}");
+    let admin = stack.cli_key("default", Role::Admin, None).await;
+    let (status, robot_key) = secure
+        .send(
+            Method::POST,
+            "/api/v1/robot-api-keys",
+            Some(&admin),
+            Some(json!({"robot_id": "vault-robot", "name": "robot"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{robot_key}");
+    let robot_key = robot_key["api_key"].as_str().unwrap().to_owned();
+    let (status, body) = secure.send(Method::GET, "/api/v1/secrets", Some(&robot_key), None).await;
+    assert_eq!(status, 403, "a robot key may not list secrets: {body}");
     let viewer = stack.cli_key("default", Role::Viewer, None).await;
     let (status, _) = secure.send(Method::GET, "/api/v1/secrets", Some(&viewer), None).await;
     assert_eq!(status, 403, "a viewer may not list secrets");

@@ -328,6 +328,17 @@ async fn read_lines(
 pub(crate) mod tests {
     use super::*;
 
+    #[test]
+    fn step_env_names_are_checked_and_the_base_is_scrubbed() {
+        assert!(check_pass_name("HTTPS_PROXY").is_ok());
+        for bad in ["NATS_URL", "FLEET_ROBOT_KEY", "", "1X", "A-B"] {
+            assert!(check_pass_name(bad).is_err(), "{bad:?} accepted");
+        }
+        let env = base_env(&[]);
+        assert!(env.contains_key("PATH"));
+        assert!(env.keys().all(|k| BASE_ENV.contains(&k.as_str())), "{env:?}");
+    }
+
     fn sh(script: &str, dir: &std::path::Path) -> Spawn {
         Spawn {
             program: "sh".into(),
