@@ -32,12 +32,14 @@ pub use crate::routes::health::Health;
 pub use crate::routes::keys::{KeyActionAnswer, KeyDeleted, KeyRevoked};
 pub use crate::routes::logs::{JobLogs, RobotLogs, RobotMetrics};
 pub use crate::routes::robots::{Robot, RobotDetail};
+pub use crate::routes::secrets::SecretDeleted;
 pub use fleet_schemas::api::{
     Activity, Analytics, Cancelled, CreatedKey, FleetSummary, JobStatus, JobView as Job, KeyList, KeyView,
     QueueView as Queue, Retried, RobotDeleted as RobotDeletedAnswer, RobotStatus, RobotView,
 };
 pub use fleet_schemas::event::Event;
 pub use fleet_schemas::robot::LogLine;
+pub use fleet_schemas::secrets::{SecretList, SecretView};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -86,6 +88,9 @@ pub use fleet_schemas::robot::LogLine;
         routes::agent::complete,
         routes::agent::fail,
         routes::agent::release,
+        routes::secrets::put,
+        routes::secrets::list,
+        routes::secrets::delete,
     ),
     // Named by no `body =` (a path word's enum, a query filter's, the answer of a shared
     // `IntoResponses`), so not collected on their own: listed here.
@@ -98,6 +103,7 @@ pub use fleet_schemas::robot::LogLine;
         (name = "events", description = "Live streams"),
         (name = "meta", description = "Health, metrics and this document"),
         (name = "keys", description = "API keys of the tenant (admin role)"),
+        (name = "secrets", description = "Secrets for jobs (write-only: listed by name, never read back)"),
         (name = "agent", description = "Robots that speak HTTP, with a robot key: heartbeat, claim, lease, report"),
     )
 )]

@@ -40,8 +40,6 @@ pub enum JwtError {
     Issuer(String),
     #[error("JWT signature does not verify against its issuer")]
     Signature,
-    #[error("JWT was issued by {found}, not by {expected}")]
-    WrongIssuer { expected: String, found: String },
     #[error("JWT has expired")]
     Expired,
     #[error("JWT is a {found:?}, not a {expected:?}")]
@@ -68,6 +66,8 @@ pub struct AuthorizationRequest {
 #[serde(default)]
 pub struct ConnectOpts {
     pub jwt: Option<String>,
+    /// The public nkey a client authenticating by nkey presents (it signs the nonce: `sig`).
+    pub nkey: Option<String>,
     pub sig: Option<String>,
     pub user: Option<String>,
     pub pass: Option<String>,
@@ -250,43 +250,14 @@ impl Issuer {
         encode(&claims, &self.key)
     }
 
-    /// A long-lived credentials file (`.creds`: user JWT and user seed) for a new user key,
-    /// signed by this issuer: what an observer hands to `nats sub --creds`. The callout accepts
-    /// it only while its id (the JWT's name) is live in the store. Returns the file's text and
-    /// the user's public key.
-    pub fn creds(
-        &self,
-        name: &str,
-        permissions: &Permissions,
-        expires: Option<OffsetDateTime>,
-    ) -> Result<(String, String), JwtError> {
-        let user = KeyPair::new_user();
-        let jwt = self.user_jwt(&user.public_key(), name, permissions, expires)?;
-        let seed = user.seed().map_err(|e| JwtError::Sign(e.to_string()))?;
-        let text = format!(
-            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
-             ************************* IMPORTANT *************************\n\
-             NKEY Seed printed below can be used to sign and prove identity.\n\
-             NKEYs are sensitive and should be treated as secrets.\n\n\
-             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n\
-             *************************************************************\n"
-        );
-        Ok((text, user.public_key()))
-    }
+}
 
-    /// Check a user JWT a client presented at connect time: signed by this issuer, not
-    /// expired, and the nonce signed by the JWT's subject key. Returns the JWT's `name`.
-    pub fn verify_presented(&self, jwt: &str, nonce: &str, sig: Option<&str>) -> Result<String, JwtError> {
-        let (iss, claims) = verified_claims(jwt)?;
-        if iss != self.key.public_key() {
-            return Err(JwtError::WrongIssuer { expected: self.key.public_key(), found: iss });
-        }
-        let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
-        let user = KeyPair::from_public_key(sub).map_err(|_| JwtError::Issuer(sub.to_owned()))?;
-        let sig = sig.and_then(decode_b64).ok_or(JwtError::Signature)?;
-        user.verify(nonce.as_bytes(), &sig).map_err(|_| JwtError::Signature)?;
-        Ok(claims.get("name").and_then(Value::as_str).unwrap_or_default().to_owned())
-    }
+/// Check that `sig` is the nonce signed by the private key of `nkey` (a client authenticating
+/// by nkey proves it holds the seed this way).
+pub fn verify_nkey(nkey: &str, nonce: &str, sig: Option<&str>) -> Result<(), JwtError> {
+    let user = KeyPair::from_public_key(nkey).map_err(|_| JwtError::Issuer(nkey.to_owned()))?;
+    let sig = sig.and_then(decode_b64).ok_or(JwtError::Signature)?;
+    user.verify(nonce.as_bytes(), &sig).map_err(|_| JwtError::Signature)
 }
 
 #[cfg(test)]
@@ -299,7 +270,6 @@ mod tests {
 
     #[test]
     fn a_user_jwt_verifies_and_carries_its_permissions() {
-        let stranger = issuer();
         let issuer = issuer();
         let user = KeyPair::new_user();
         let p = Permissions { publish: vec!["a.>".into()], subscribe: vec![], allow_responses: false };
@@ -311,11 +281,11 @@ mod tests {
         assert_eq!(claims["nats"]["sub"]["deny"][0], ">", "an empty allow list must deny everything");
         let nonce = "abc";
         let sig = URL_SAFE_NO_PAD.encode(user.sign(nonce.as_bytes()).unwrap());
-        assert_eq!(issuer.verify_presented(&jwt, nonce, Some(&sig)).unwrap(), "robot:k1");
+        assert!(verify_nkey(&user.public_key(), nonce, Some(&sig)).is_ok());
         let other = KeyPair::new_user();
         let forged = URL_SAFE_NO_PAD.encode(other.sign(nonce.as_bytes()).unwrap());
-        assert!(matches!(issuer.verify_presented(&jwt, nonce, Some(&forged)), Err(JwtError::Signature)));
-        assert!(matches!(stranger.verify_presented(&jwt, nonce, Some(&sig)), Err(JwtError::WrongIssuer { .. })));
+        assert!(matches!(verify_nkey(&user.public_key(), nonce, Some(&forged)), Err(JwtError::Signature)));
+        assert!(matches!(verify_nkey(&user.public_key(), nonce, None), Err(JwtError::Signature)));
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
         }
         Some(Endpoint::AgentClaim) => call(&msg.payload, |r| crate::http_robots::claim(&core, r)).await,
         Some(Endpoint::AgentReport) => call(&msg.payload, |r| crate::http_robots::report(&core, r)).await,
+        Some(Endpoint::PutSecret) => call(&msg.payload, |r| crate::secrets::put(&core, r)).await,
+        Some(Endpoint::ListSecrets) => call(&msg.payload, |r| crate::secrets::list(&core, r)).await,
+        Some(Endpoint::DeleteSecret) => call(&msg.payload, |r| crate::secrets::delete(&core, r)).await,
         Some(Endpoint::Ping) => {
             call(&msg.payload, |_: ApiRequest<Empty>| async {
                 Ok(Pong {
@@ -153,6 +156,7 @@ fn validate(body: &SubmitJob) -> ApiResult<(ParsedWorkflow, Class)> {
 async fn submit(core: &Arc<Core>, req: ApiRequest<SubmitJob>) -> ApiResult<Submitted> {
     let body = &req.body;
     let (parsed, requires) = validate(body)?;
+    crate::secrets::check_references(core, &req.tenant, &body.workflow).await?;
     if let Some(key) = &body.idempotency_key
         && (key.is_empty() || key.len() > 255)
     {

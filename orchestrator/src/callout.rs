@@ -10,9 +10,10 @@
 //!   pull from. Its JWT is named `robot:<key id>` and expires with the key.
 //! - **An enrolling robot**: user `_enrol`, password = its key: may only ask [`whoami`] which
 //!   tenant, robot id and capabilities the key carries.
-//! - **An observer**: a `.creds` file from `fleet-orchestrator nats-creds` (a user JWT signed by
-//!   the issuer and named `observer:<id>`); admitted while that id is live in
-//!   `nats_credentials`, with read rights on one tenant's events.
+//! - **An observer**: an nkey seed file from `fleet-orchestrator nats-creds` (`nats sub --nkey
+//!   FILE …`); admitted while its public key is live in `nats_credentials`, with read rights on
+//!   one tenant's events. (Not a `.creds` file: nats-server does not pass a presented user JWT
+//!   to the auth callout outside operator mode, so the nonce signed by an nkey is the proof.)
 //!
 //! Everything else is refused with a reason the server logs. Every orchestrator instance answers
 //! (leader or standby: it only reads), so robots can connect while the leader changes.
@@ -112,8 +113,8 @@ pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
 }
 
 async fn decide(core: &Core, auth: &Auth, req: &AuthorizationRequest) -> Result<String, String> {
-    if let Some(presented) = req.connect.jwt.as_deref() {
-        return observer(core, auth, req, presented).await;
+    if let Some(nkey) = req.connect.nkey.as_deref() {
+        return observer(core, auth, req, nkey).await;
     }
     let (Some(user), Some(pass)) = (req.connect.user.as_deref(), req.connect.pass.as_deref()) else {
         return Err("credentials required: a robot connects with its robot id and key, an observer \
@@ -170,25 +171,22 @@ pub fn observer_user(id: &str) -> String {
     format!("observer:{id}")
 }
 
-async fn observer(core: &Core, auth: &Auth, req: &AuthorizationRequest, presented: &str) -> Result<String, String> {
-    let name = auth
-        .issuer
-        .verify_presented(presented, &req.nonce, req.connect.sig.as_deref())
-        .map_err(|e| format!("credentials not accepted: {e}"))?;
-    let id = name.strip_prefix("observer:").ok_or("these credentials are not an observer's")?;
-    type Row = (String, Option<OffsetDateTime>);
+async fn observer(core: &Core, auth: &Auth, req: &AuthorizationRequest, nkey: &str) -> Result<String, String> {
+    jwt::verify_nkey(nkey, &req.nonce, req.connect.sig.as_deref())
+        .map_err(|e| format!("nkey not accepted: {e}"))?;
+    type Row = (String, String, Option<OffsetDateTime>);
     let row: Option<Row> = sqlx::query_as(
-        "SELECT tenant, expires_at FROM nats_credentials
-         WHERE id = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
+        "SELECT id, tenant, expires_at FROM nats_credentials
+         WHERE public_key = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
     )
-    .bind(id)
+    .bind(nkey)
     .fetch_optional(&core.store.pool)
     .await
     .map_err(|e| format!("cannot check the credentials now ({e}); try again"))?;
-    let (tenant, expires_at) = row.ok_or("these credentials were revoked or have expired")?;
+    let (id, tenant, expires_at) = row.ok_or("unknown, revoked or expired observer nkey")?;
     let tenant = TenantId::new(tenant).map_err(|e| e.to_string())?;
     auth.issuer
-        .user_jwt(&req.user_nkey, &observer_user(id), &permissions::observer(&tenant), expires_at)
+        .user_jwt(&req.user_nkey, &observer_user(&id), &permissions::observer(&tenant), expires_at)
         .map_err(|e| e.to_string())
 }
 

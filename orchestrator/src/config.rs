@@ -98,6 +98,10 @@ pub struct Config {
     /// Without it, it connects without credentials (only an unlocked server accepts that).
     #[serde(default)]
     pub nats_auth_dir: Option<PathBuf>,
+    /// File holding the secrets master key (32 bytes, hex or base64; `fleet-orchestrator
+    /// secrets-key create --out FILE` makes one). Unset: the secrets API answers 503.
+    #[serde(default)]
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -122,6 +126,7 @@ impl Default for Config {
             max_rejections: 5,
             fabric_check_interval: Duration::from_secs(5),
             nats_auth_dir: None,
+            secrets_key_file: None,
         }
     }
 }
@@ -163,7 +168,7 @@ impl Config {
     }
 
     /// Keys settable with a `FLEET_` variable.
-    const KEYS: [&'static str; 17] = [
+    const KEYS: [&'static str; 18] = [
         "prefetch",
         "max_rejections",
         "db_pool_size",
@@ -181,6 +186,7 @@ impl Config {
         "fabric_check_interval",
         "nats_url",
         "nats_auth_dir",
+        "secrets_key_file",
     ];
 
     /// `FLEET_NATS_CA`, `_CERT`, `_KEY` and `FLEET_NATS_TLS` as the `nats_tls` table.

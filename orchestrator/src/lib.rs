@@ -24,6 +24,7 @@ pub mod registry;
 pub mod relay;
 pub mod retry;
 pub mod robots;
+pub mod secrets;
 pub mod store;
 pub mod sweeper;
 
@@ -69,11 +70,16 @@ pub struct Core {
     pub http_sessions: http_robots::SessionLocks,
     /// The auth callout's issuer and system connection (`None` on an unlocked server).
     pub auth: Option<callout::Auth>,
+    /// The secrets master key; `None` when `secrets_key_file` is not set (see [`secrets`]).
+    pub secrets: Option<secrets::SecretsKey>,
 }
 
 /// Run an orchestrator until `shutdown`: connect, migrate, set up JetStream, then lead or stand
 /// by. Safe to start any number of times against the same database and NATS.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // A key file that is set but unreadable stops the start: running on would refuse every
+    // job that uses a secret, far from the cause.
+    let secrets_key = config.secrets_key_file.as_deref().map(secrets::SecretsKey::load).transpose()?;
     let pool = connect_db(&config, &shutdown).await?;
     let Some(pool) = pool else { return Ok(()) };
     sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
@@ -141,6 +147,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         admission: sweeper::AdmissionCursor::default(),
         http_sessions: Default::default(),
         auth,
+        secrets: secrets_key,
     });
 
     // Served by every instance, leader or not: robots and observers connect (and enrol) while

@@ -52,8 +52,8 @@ enum Command {
         #[arg(long)]
         rotate: bool,
     },
-    /// Issue or revoke NATS credentials for people and tools: an observer's creds file reads
-    /// one tenant's events live (`nats sub --creds FILE 'fleet.events.TENANT.>'`). Needs
+    /// Issue or revoke NATS credentials for people and tools: an observer's nkey file reads
+    /// one tenant's events live (`nats sub --nkey FILE 'fleet.events.TENANT.>'`). Needs
     /// FLEET_NATS_AUTH_DIR and DATABASE_URL.
     NatsCreds {
         /// The tenant whose events the credentials may read.
@@ -62,7 +62,7 @@ enum Command {
         /// The only role: observer (read-only, one tenant's events and live events).
         #[arg(long, default_value = "observer")]
         role: String,
-        /// Where to write the creds file (mode 0600; an existing file is refused).
+        /// Where to write the nkey seed file (mode 0600; an existing file is refused).
         #[arg(long, required_unless_present = "revoke")]
         out: Option<std::path::PathBuf>,
         /// A name to recognise the credentials by.
@@ -74,6 +74,21 @@ enum Command {
         /// Revoke the credentials with this id instead (their connections are dropped).
         #[arg(long, conflicts_with_all = ["tenant", "out"])]
         revoke: Option<String>,
+    },
+    /// Manage the master key that encrypts job secrets at rest.
+    #[command(subcommand)]
+    SecretsKey(SecretsKeyCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum SecretsKeyCommand {
+    /// Write a new random key (32 bytes, hex) to a file readable only by its owner; point
+    /// secrets_key_file (FLEET_SECRETS_KEY_FILE) at it. An existing file is never overwritten:
+    /// the secrets encrypted under a key are lost with it.
+    Create {
+        /// The file to write.
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
 }
 
@@ -114,6 +129,23 @@ enum ApiKeyCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::SecretsKey(SecretsKeyCommand::Create { out })) = &cli.command {
+        return match fleet_orchestrator::secrets::SecretsKey::create_file(out) {
+            Ok(()) => {
+                eprintln!(
+                    "secrets key written to {}; set FLEET_SECRETS_KEY_FILE={} (keep a copy: secrets \
+                     cannot be read without it)",
+                    out.display(),
+                    out.display()
+                );
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fleet-orchestrator: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -144,7 +176,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::NatsCreds { tenant, role, out, name, expires_in, revoke }) => {
             return runtime.block_on(nats_creds(config, tenant, role, out, name, expires_in, revoke));
         }
-        Some(Command::Run) | None => {}
+        Some(Command::SecretsKey(_)) | Some(Command::Run) | None => {}
     }
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
@@ -344,7 +376,7 @@ async fn nats_creds(
         };
     }
     if role != "observer" {
-        eprintln!("fleet-orchestrator nats-creds: --role must be observer (the only role issued as a creds file)");
+        eprintln!("fleet-orchestrator nats-creds: --role must be observer (the only role issued this way)");
         return std::process::ExitCode::from(2);
     }
     let tenant = match fleet_schemas::TenantId::new(tenant.unwrap_or_default()) {
@@ -367,7 +399,7 @@ async fn nats_creds(
             println!("{}", issued.id);
             eprintln!(
                 "observer credentials {} for tenant {tenant} written to {}; tail its events with\n  \
-                 nats sub --creds {} 'fleet.events.{tenant}.>'\nrevoke with `fleet-orchestrator nats-creds --revoke {}`",
+                 nats sub --nkey {} 'fleet.events.{tenant}.>'\nrevoke with `fleet-orchestrator nats-creds --revoke {}`",
                 issued.id,
                 out.display(),
                 out.display(),

@@ -1,15 +1,15 @@
 //! NATS credentials for people and tools: `fleet-orchestrator nats-creds`.
 //!
-//! An observer's `.creds` file holds a user JWT signed by the callout issuer (named
-//! `observer:<id>`) and the user's seed. The auth callout admits its holder while the
-//! `nats_credentials` row `<id>` is live, with read rights on one tenant's events
+//! An observer's credentials are an nkey seed file (`nats sub --nkey FILE …`; the server never
+//! sees the seed, only the nonce signed with it). The auth callout admits its holder while the
+//! `nats_credentials` row of its public key is live, with read rights on one tenant's events
 //! ([`fleet_nats_auth::permissions::observer`]); revoking the row locks the file out and
 //! disconnects its connections.
 
 use std::path::Path;
 
 use anyhow::Context;
-use fleet_nats_auth::{permissions, setup};
+use fleet_nats_auth::setup;
 use fleet_schemas::TenantId;
 use sqlx::PgPool;
 use time::OffsetDateTime;
@@ -23,8 +23,8 @@ pub struct IssuedCreds {
     pub expires_at: Option<OffsetDateTime>,
 }
 
-/// Create observer credentials for `tenant` with the issuer in `auth_dir` and write them to
-/// `out` (mode 0600; an existing file is refused).
+/// Create observer credentials for `tenant` (for the server `auth_dir` was written for) and
+/// write the nkey seed to `out` (mode 0600; an existing file is refused).
 pub async fn create_observer(
     pool: &PgPool,
     auth_dir: &Path,
@@ -34,12 +34,12 @@ pub async fn create_observer(
     out: &Path,
 ) -> anyhow::Result<IssuedCreds> {
     anyhow::ensure!(!out.exists(), "{} exists; choose another --out or remove it first", out.display());
-    let keys = setup::load(auth_dir)?;
+    // The folder must be a nats-setup one: credentials are for that server's callout.
+    setup::load(auth_dir)?;
     let id = uuid::Uuid::now_v7().simple().to_string();
-    let (text, public_key) = keys
-        .issuer
-        .creds(&callout::observer_user(&id), &permissions::observer(tenant), expires_at)
-        .context("signing the credentials")?;
+    let user = nkeys::KeyPair::new_user();
+    let public_key = user.public_key();
+    let text = format!("{}\n", user.seed().map_err(|e| anyhow::anyhow!("encoding the seed: {e}"))?);
     sqlx::query(
         "INSERT INTO nats_credentials (id, tenant, role, name, public_key, expires_at)
          VALUES ($1, $2, 'observer', $3, $4, $5)",

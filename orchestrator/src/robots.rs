@@ -225,6 +225,17 @@ async fn claim(core: &Core, tenant: &TenantId, robot: &RobotId, req: ClaimReques
         core.fleet.started(tenant, robot, req.job_id);
         core.wake_relay.notify_one();
     }
+    // Read after the claim committed: a failure answers `Unavailable`, and the robot's retried
+    // claim (same session) is accepted again, so nothing is lost.
+    let secrets = match &result {
+        Ok(Verdict::Accepted(claimed)) => {
+            match crate::secrets::for_claim(core, tenant, &claimed.workflow).await {
+                Ok(s) => s,
+                Err(e) => return unavailable(e),
+            }
+        }
+        _ => Default::default(),
+    };
     verdict(result, |c| ClaimGrant {
         job_id: req.job_id,
         attempt: c.attempt,
@@ -238,6 +249,7 @@ async fn claim(core: &Core, tenant: &TenantId, robot: &RobotId, req: ClaimReques
         variables: c.variables,
         timeout_s: c.timeout_s.map(|t| t.max(0) as u64),
         workflow_name: c.workflow_name,
+        secrets,
     })
 }
 

@@ -110,6 +110,13 @@ pub struct Cli {
     /// number); repeatable, the environment variable holds a comma separated list.
     #[arg(long = "metric", env = "FLEET_ROBOT_METRIC", value_name = "NAME=VALUE", value_delimiter = ',')]
     pub metrics: Vec<String>,
+
+    /// Pass the robot's environment variable NAME on to shell steps and runners; repeatable
+    /// (the environment variable holds a comma separated list). Steps otherwise get only PATH,
+    /// HOME, USER, LOGNAME, SHELL, LANG, LC_*, TZ, TERM, TMPDIR/TMP/TEMP, their own `env` and
+    /// FLEET_JOB_ID/FLEET_ATTEMPT/FLEET_JOB_DIR; FLEET_* and NATS_* can never be passed.
+    #[arg(long = "step-env", env = "FLEET_ROBOT_STEP_ENV", value_name = "NAME", value_delimiter = ',')]
+    pub step_env: Vec<String>,
 }
 
 /// A flag with a bad value.
@@ -168,6 +175,11 @@ impl Cli {
         let tags = self.tags.into_iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect();
         let metrics = crate::metrics::parse_assignments(self.metrics.iter().map(String::as_str))
             .map_err(|e| bad("--metric", e))?;
+        let step_env: Vec<String> =
+            self.step_env.iter().map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect();
+        for name in &step_env {
+            crate::executor::process::check_pass_name(name).map_err(|e| bad("--step-env", e))?;
+        }
         let state_dir = self.state_dir.unwrap_or_else(|| default_state_dir(&tenant));
         let config = RobotConfig {
             nats_url: self.nats_url,
@@ -187,6 +199,7 @@ impl Cli {
             tags,
             hostname: self.hostname,
             metrics,
+            step_env,
         };
         config.capabilities().map_err(|e| bad("--capabilities", e))?;
         Ok(config)

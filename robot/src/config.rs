@@ -84,6 +84,9 @@ pub struct RobotConfig {
     /// [`crate::metrics::check_name`], at most [`crate::metrics::MAX_METRICS`]); runners may add
     /// more while jobs run.
     pub metrics: BTreeMap<String, f64>,
+    /// Variables of the robot's environment passed to steps and runners besides the basics
+    /// (`--step-env`; checked by [`crate::executor::process::check_pass_name`]).
+    pub step_env: Vec<String>,
 }
 
 impl RobotConfig {
@@ -108,6 +111,7 @@ impl RobotConfig {
             tags: Vec::new(),
             hostname: None,
             metrics: BTreeMap::new(),
+            step_env: Vec::new(),
         }
     }
 

@@ -34,6 +34,7 @@ use crate::agent::{Agent, RunningEntry};
 use crate::bound;
 use crate::executor::{self, Execution, JobContext, JobSink, RunReport};
 use crate::lease::{self, Stop, StopReason};
+use crate::redact::Redactor;
 use crate::report::{self, JobAddress};
 use crate::rpc::{Answer, GaveUp};
 
@@ -216,7 +217,9 @@ async fn run_job_inner(agent: Arc<Agent>, grant: ClaimGrant, offer_no: i32) -> J
         });
     }
 
+    let redact = Arc::new(Redactor::new(&grant.secrets));
     let (sink, events) = JobSink::with_metrics(executor::LOG_BUFFER, agent.metrics.clone());
+    let sink = sink.redacting(redact.clone());
     let addr = JobAddress {
         tenant: agent.config.tenant.clone(),
         robot_id: agent.robot_id.clone(),
@@ -247,6 +250,8 @@ async fn run_job_inner(agent: Arc<Agent>, grant: ClaimGrant, offer_no: i32) -> J
             }
         },
     };
+    // Whatever the executor says goes out masked: output, error, reject reason.
+    let execution = redacted(&redact, execution);
     done.cancel();
     // The executor's sink is dropped with its context: let the last lines and progress go out
     // before the end is reported, but do not wait on a slow NATS for long.
@@ -265,6 +270,21 @@ async fn run_job_inner(agent: Arc<Agent>, grant: ClaimGrant, offer_no: i32) -> J
     agent.remove_running(job_id);
     tracing::info!(end = ?end, "job done");
     end
+}
+
+fn redacted(redact: &Redactor, execution: Execution) -> Execution {
+    if redact.is_empty() {
+        return execution;
+    }
+    match execution {
+        Execution::Rejected(reason) => Execution::Rejected(redact.string(reason)),
+        Execution::Finished(r) => Execution::Finished(RunReport {
+            outcome: r.outcome,
+            output: redact.value(r.output),
+            error: r.error.map(|e| redact.string(e)),
+            failed_step: r.failed_step,
+        }),
+    }
 }
 
 fn prepare_dir(dir: &std::path::Path) -> std::io::Result<()> {

@@ -34,6 +34,7 @@ pub mod job;
 pub mod lease;
 pub mod metrics;
 pub mod pull;
+pub mod redact;
 pub mod report;
 pub mod rpc;
 

@@ -41,10 +41,13 @@ pub enum Endpoint {
     AgentHeartbeat,
     AgentClaim,
     AgentReport,
+    PutSecret,
+    ListSecrets,
+    DeleteSecret,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 25] = [
+    pub const ALL: [Endpoint; 28] = [
         Endpoint::SubmitJob,
         Endpoint::GetJob,
         Endpoint::ListJobs,
@@ -70,6 +73,9 @@ impl Endpoint {
         Endpoint::AgentHeartbeat,
         Endpoint::AgentClaim,
         Endpoint::AgentReport,
+        Endpoint::PutSecret,
+        Endpoint::ListSecrets,
+        Endpoint::DeleteSecret,
     ];
 
     pub fn area_verb(self) -> (&'static str, &'static str) {
@@ -99,6 +105,9 @@ impl Endpoint {
             Endpoint::AgentHeartbeat => ("agent", "heartbeat"),
             Endpoint::AgentClaim => ("agent", "claim"),
             Endpoint::AgentReport => ("agent", "report"),
+            Endpoint::PutSecret => ("secrets", "put"),
+            Endpoint::ListSecrets => ("secrets", "list"),
+            Endpoint::DeleteSecret => ("secrets", "delete"),
         }
     }
 

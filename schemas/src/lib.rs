@@ -9,6 +9,7 @@ pub mod event;
 pub mod ids;
 pub mod keys;
 pub mod robot;
+pub mod secrets;
 pub mod subjects;
 pub mod text;
 pub mod workflow;

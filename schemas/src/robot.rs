@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ids::{Capability, JobId, RobotId, SessionId, TenantId};
+use crate::secrets::SecretValues;
 use crate::workflow::WorkflowFormat;
 
 /// Schema version of the messages in this module.
@@ -114,6 +115,10 @@ pub struct ClaimGrant {
     pub variables: serde_json::Map<String, serde_json::Value>,
     pub timeout_s: Option<u64>,
     pub workflow_name: String,
+    /// The values of the tenant's secrets this workflow refers to (`{{ secrets.NAME }}`), and no
+    /// others; absent from orchestrators before secrets existed.
+    #[serde(default, skip_serializing_if = "SecretValues::is_empty")]
+    pub secrets: SecretValues,
 }
 
 /// Extend the lease of a running job.

@@ -120,7 +120,7 @@ async fn all_completed_once(stack: &Stack, ids: &[String]) {
     }
     let pool = stack.db.pool().await.unwrap();
     let completions: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT job_id::text, count(*) FROM job_history WHERE to_status = 'completed' GROUP BY job_id",
+        "SELECT job_id::text, count(*) FROM job_history WHERE kind = 'job.completed' GROUP BY job_id",
     )
     .fetch_all(&pool)
     .await
@@ -273,7 +273,7 @@ async fn an_observer_sees_its_tenants_events_live_and_nothing_else() {
     let stack = Stack::start().await;
     let dir = tempfile::tempdir().unwrap();
     let pool = stack.db.pool().await.unwrap();
-    let file = dir.path().join("observer.creds");
+    let file = dir.path().join("observer.nk");
     let tenant = fleet_schemas::TenantId::default_tenant();
     let issued =
         fleet_orchestrator::nats_admin::create_observer(&pool, &stack.nats.auth_dir(), &tenant, "t", None, &file)
@@ -289,7 +289,7 @@ async fn an_observer_sees_its_tenants_events_live_and_nothing_else() {
     observer.publish_refused("an observer", "fleet.events.default.job.completed").await;
 
     let answer = stack
-        .submit(json!({"workflow_name": "watched", "workflow_json": {"steps": []}}))
+        .submit(json!({"workflow_name": "watched", "workflow_json": {"steps": [{"id": "s", "kind": "sleep", "ms": 1}]}}))
         .await;
     let job_id = answer["job_id"].as_str().unwrap().to_owned();
     let seen = tokio::time::timeout(WAIT, async {

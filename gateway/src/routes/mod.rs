@@ -21,6 +21,7 @@ pub mod logs;
 pub mod meta;
 pub mod registry;
 pub mod robots;
+pub mod secrets;
 pub mod workflows;
 
 use std::collections::HashMap;
@@ -82,6 +83,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/jobs/{job_id}/complete"),
     ("POST", "/api/v1/jobs/{job_id}/fail"),
     ("POST", "/api/v1/jobs/{job_id}/release"),
+    ("GET", "/api/v1/secrets"),
+    ("PUT", "/api/v1/secrets/{name}"),
+    ("DELETE", "/api/v1/secrets/{name}"),
 ];
 
 /// The whole HTTP API. Tests drive it without a socket; [`crate::run`] serves it.
@@ -123,6 +127,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{job_id}/complete", post(agent::complete))
         .route("/api/v1/jobs/{job_id}/fail", post(agent::fail))
         .route("/api/v1/jobs/{job_id}/release", post(agent::release))
+        .route("/api/v1/secrets", get(secrets::list))
+        .route("/api/v1/secrets/{name}", put(secrets::put).delete(secrets::delete))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

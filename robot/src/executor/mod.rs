@@ -30,6 +30,7 @@ use fleet_schemas::workflow::WorkflowFormat;
 
 use crate::config::{RobotConfig, RunnerSpecError};
 use crate::metrics::{MetricError, Metrics};
+use crate::redact::Redactor;
 
 /// Log lines buffered per job between the executor and the forwarder. A job never waits for log
 /// delivery: when this fills (NATS slow or down) further lines are dropped and counted, while the
@@ -85,9 +86,13 @@ impl Executors {
     /// format replaces nothing built in: only external formats take runners).
     pub fn from_config(config: &RobotConfig) -> Result<Self, RunnerSpecError> {
         let mut executors = Self::default();
-        executors.insert(WorkflowFormat::Fleet, Arc::new(steps::StepEngine::new(!config.no_shell)));
+        let engine = steps::StepEngine::new(!config.no_shell).passing_env(config.step_env.clone());
+        executors.insert(WorkflowFormat::Fleet, Arc::new(engine));
         for spec in &config.runners {
-            executors.insert(spec.format, Arc::new(runner::Runner::new(spec)?));
+            executors.insert(
+                spec.format,
+                Arc::new(runner::Runner::new(spec)?.passing_env(config.step_env.clone())),
+            );
         }
         Ok(executors)
     }
@@ -157,6 +162,8 @@ pub struct JobSink {
     progress: Arc<watch::Sender<Option<Progress>>>,
     dropped: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
+    /// The job's secret values, masked in every line (see [`crate::redact`]).
+    redact: Arc<Redactor>,
 }
 
 /// The receiving end of a [`JobSink`].
@@ -185,9 +192,21 @@ impl JobSink {
         let (progress_tx, progress) = watch::channel(None);
         let dropped = Arc::new(AtomicU64::new(0));
         (
-            JobSink { logs: logs_tx, progress: Arc::new(progress_tx), dropped: dropped.clone(), metrics },
+            JobSink {
+                logs: logs_tx,
+                progress: Arc::new(progress_tx),
+                dropped: dropped.clone(),
+                metrics,
+                redact: Arc::default(),
+            },
             JobEvents { logs, progress, dropped },
         )
+    }
+
+    /// Mask these secret values in every line written from now on.
+    pub fn redacting(mut self, redact: Arc<Redactor>) -> Self {
+        self.redact = redact;
+        self
     }
 
     /// Set a robot metric (last value wins; see [`Metrics::set`] for the limits).
@@ -204,7 +223,7 @@ impl JobSink {
         let entry = LogEntry {
             stream,
             step: step.map(str::to_owned),
-            line: line.into(),
+            line: self.redact.string(line.into()),
             at: OffsetDateTime::now_utc(),
         };
         if self.logs.try_send(entry).is_err() {

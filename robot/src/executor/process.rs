@@ -32,13 +32,55 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// down by its pipe rather than filling memory.
 const LINE_BUFFER: usize = 256;
 
+/// Variables of the robot's environment every step gets, when the robot has them: what
+/// programs need to find themselves, their home, their locale and a temporary directory.
+pub const BASE_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "TMPDIR", "TMP",
+    "TEMP",
+];
+
+/// `PATH` when the robot has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Prefixes of names `--step-env` may not pass through: the robot's own settings and NATS
+/// connection (URL, credentials, keys), which a step must never see.
+pub const WITHHELD_PREFIXES: &[&str] = &["FLEET_", "NATS_"];
+
+/// Whether `--step-env` may pass `name` (a plain variable name, not one of the robot's own).
+pub fn check_pass_name(name: &str) -> Result<(), String> {
+    let plain = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !plain {
+        return Err(format!("{name:?} is not a variable name (letters, digits, _)"));
+    }
+    if let Some(p) = WITHHELD_PREFIXES.iter().find(|p| name.starts_with(*p)) {
+        return Err(format!("{name}: {p}* variables are the robot's own and never reach a step"));
+    }
+    Ok(())
+}
+
+/// The environment a step starts from: [`BASE_ENV`] and the `pass` names, from the robot's
+/// environment where it has them.
+pub fn base_env(pass: &[String]) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for name in BASE_ENV.iter().copied().chain(pass.iter().map(String::as_str)) {
+        if let Ok(value) = std::env::var(name) {
+            env.insert(name.to_owned(), value);
+        }
+    }
+    env.entry("PATH".to_owned()).or_insert_with(|| DEFAULT_PATH.to_owned());
+    env
+}
+
 /// A program to start.
 #[derive(Debug, Clone)]
 pub struct Spawn {
     pub program: String,
     pub args: Vec<String>,
     pub cwd: PathBuf,
-    /// Added to the robot's environment.
+    /// The whole environment of the process: start from [`base_env`], never from the robot's
+    /// own (which holds its NATS URL and, with the security work, its key and credentials).
     pub env: BTreeMap<String, String>,
 }
 
@@ -132,6 +174,7 @@ pub async fn run(
     let mut cmd = Command::new(&spawn.program);
     cmd.args(&spawn.args)
         .current_dir(&spawn.cwd)
+        .env_clear()
         .envs(&spawn.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -284,6 +327,17 @@ async fn read_lines(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn step_env_names_are_checked_and_the_base_is_scrubbed() {
+        assert!(check_pass_name("HTTPS_PROXY").is_ok());
+        for bad in ["NATS_URL", "FLEET_ROBOT_KEY", "", "1X", "A-B"] {
+            assert!(check_pass_name(bad).is_err(), "{bad:?} accepted");
+        }
+        let env = base_env(&[]);
+        assert!(env.contains_key("PATH"));
+        assert!(env.keys().all(|k| BASE_ENV.contains(&k.as_str())), "{env:?}");
+    }
 
     fn sh(script: &str, dir: &std::path::Path) -> Spawn {
         Spawn {

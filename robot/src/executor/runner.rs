@@ -19,7 +19,6 @@
 //! A runner program that cannot be started (not found, not executable) is a refusal at run time:
 //! the job is rejected, not failed, so another robot can run it.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use futures::future::BoxFuture;
@@ -40,11 +39,19 @@ const RESULT_LIMIT: u64 = 512 * 1024;
 pub struct Runner {
     format: WorkflowFormat,
     argv: Vec<String>,
+    /// Variables of the robot's environment passed to the runner (`--step-env`).
+    pass_env: Vec<String>,
 }
 
 impl Runner {
     pub fn new(spec: &RunnerSpec) -> Result<Self, RunnerSpecError> {
-        Ok(Self { format: spec.format, argv: spec.argv()? })
+        Ok(Self { format: spec.format, argv: spec.argv()?, pass_env: Vec::new() })
+    }
+
+    /// Pass these variables of the robot's environment to the runner.
+    pub fn passing_env(mut self, names: Vec<String>) -> Self {
+        self.pass_env = names;
+        self
     }
 
     async fn run(&self, grant: &ClaimGrant, ctx: &JobContext) -> Execution {
@@ -76,12 +83,15 @@ impl Runner {
             program,
             args: words.collect(),
             cwd: dir.clone(),
-            env: BTreeMap::from([
-                ("FLEET_JOB_ID".to_owned(), ctx.job_id.to_string()),
-                ("FLEET_ATTEMPT".to_owned(), ctx.attempt.to_string()),
-                ("FLEET_JOB_DIR".to_owned(), path(&dir)),
-                ("FLEET_RESULT".to_owned(), path(&result)),
-            ]),
+            env: process::base_env(&self.pass_env)
+                .into_iter()
+                .chain([
+                    ("FLEET_JOB_ID".to_owned(), ctx.job_id.to_string()),
+                    ("FLEET_ATTEMPT".to_owned(), ctx.attempt.to_string()),
+                    ("FLEET_JOB_DIR".to_owned(), path(&dir)),
+                    ("FLEET_RESULT".to_owned(), path(&result)),
+                ])
+                .collect(),
         };
         let sink = &ctx.sink;
         let on_line = |stream: LogStream, line: &str| {
@@ -202,6 +212,7 @@ mod tests {
             variables: json!({"customer": "ACME"}).as_object().cloned().unwrap_or_default(),
             timeout_s: None,
             workflow_name: "canvas".into(),
+            secrets: Default::default(),
         }
     }
 

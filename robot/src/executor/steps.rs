@@ -36,6 +36,8 @@ const HTTP_BODY_LIMIT: usize = 256 * 1024;
 /// Runs Fleet v1 workflows.
 pub struct StepEngine {
     allow_shell: bool,
+    /// Variables of the robot's environment passed to shell steps (`--step-env`).
+    pass_env: Vec<String>,
     templates: Templates,
     http: reqwest::Client,
 }
@@ -56,7 +58,13 @@ impl From<TemplateError> for StepEnd {
 
 impl StepEngine {
     pub fn new(allow_shell: bool) -> Self {
-        Self { allow_shell, templates: Templates::new(), http: reqwest::Client::new() }
+        Self { allow_shell, pass_env: Vec::new(), templates: Templates::new(), http: reqwest::Client::new() }
+    }
+
+    /// Pass these variables of the robot's environment to shell steps.
+    pub fn passing_env(mut self, names: Vec<String>) -> Self {
+        self.pass_env = names;
+        self
     }
 
     async fn run(&self, grant: &ClaimGrant, ctx: &JobContext) -> Execution {
@@ -77,6 +85,11 @@ impl StepEngine {
         for (k, v) in wf.variables {
             variables.entry(k).or_insert(v);
         }
+        // `{{ secrets.NAME }}`: only the job's own secrets, kept out of `variables` so that they
+        // never reach the output.
+        let secrets: Map<String, Value> =
+            grant.secrets.0.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        let secrets = Value::Object(secrets);
         let mut results = Map::new();
         let total = wf.steps.len().max(1);
         let output = |variables: &Map<String, Value>, results: &Map<String, Value>| json!({"variables": variables, "steps": results});
@@ -86,7 +99,7 @@ impl StepEngine {
                 return Execution::Finished(RunReport::cancelled(output(&variables, &results), Some(id)));
             }
             ctx.sink.progress((i * 100 / total) as u8, Some(&id));
-            match self.step(step, &mut variables, &results, ctx).await {
+            match self.step(step, &mut variables, &results, &secrets, ctx).await {
                 StepEnd::Done(result) => {
                     results.insert(id, result);
                 }
@@ -118,10 +131,12 @@ impl StepEngine {
         step: &Step,
         variables: &mut Map<String, Value>,
         results: &Map<String, Value>,
+        secrets: &Value,
         ctx: &JobContext,
     ) -> StepEnd {
         let mut scope = variables.clone();
         scope.insert("steps".into(), Value::Object(results.clone()));
+        scope.insert("secrets".into(), secrets.clone());
         let scope = Value::Object(scope);
         let t = &self.templates;
         let id = step.id.as_str();
@@ -205,7 +220,8 @@ impl StepEngine {
         for (i, a) in argv.iter().enumerate() {
             words.push(t.render_str(&format!("argv[{i}]"), a, scope)?);
         }
-        let mut vars = BTreeMap::from([
+        let mut vars = process::base_env(&self.pass_env);
+        vars.extend([
             ("FLEET_JOB_ID".to_owned(), ctx.job_id.to_string()),
             ("FLEET_ATTEMPT".to_owned(), ctx.attempt.to_string()),
             ("FLEET_JOB_DIR".to_owned(), ctx.dir.display().to_string()),
@@ -354,6 +370,7 @@ mod tests {
             variables: variables.as_object().cloned().unwrap_or_default(),
             timeout_s: None,
             workflow_name: "t".into(),
+            secrets: Default::default(),
         }
     }
 

@@ -107,6 +107,7 @@ pub fn grant_for(job_id: JobId, workflow: Value) -> ClaimGrant {
         variables: json!({"customer": "ACME"}).as_object().cloned().unwrap_or_default(),
         timeout_s: None,
         workflow_name: "test".into(),
+        secrets: Default::default(),
     }
 }
 

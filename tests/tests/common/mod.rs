@@ -306,15 +306,34 @@ impl Stack {
 
     pub fn start_robot(&mut self, config: fleet_robot::RobotConfig) {
         let token = CancellationToken::new();
-        let task = tokio::spawn(fleet_robot::run(config, token.clone()));
+        let keyed = self.keyed(config);
+        let stop = token.clone();
+        let task = tokio::spawn(async move { fleet_robot::run(keyed.await, stop).await });
         self.robots.push(Part { token, task });
     }
 
     /// A robot with executors of the test's choosing.
     pub fn start_robot_with(&mut self, config: fleet_robot::RobotConfig, executors: fleet_robot::Executors) {
         let token = CancellationToken::new();
-        let task = tokio::spawn(fleet_robot::run_with_executors(config, executors, token.clone()));
+        let keyed = self.keyed(config);
+        let stop = token.clone();
+        let task = tokio::spawn(async move { fleet_robot::run_with_executors(keyed.await, executors, stop).await });
         self.robots.push(Part { token, task });
+    }
+
+    /// `config` with a key of its tenant: a test that moved a robot to another tenant than
+    /// `default` (and kept the stack's key) gets a robot key of that tenant, as an operator of
+    /// that tenant would create it.
+    fn keyed(&self, mut config: fleet_robot::RobotConfig) -> impl std::future::Future<Output = fleet_robot::RobotConfig> + use<> {
+        let default_key = fleet_robot::RobotKey::new(&self.robot_key).unwrap();
+        let db_url = self.db.url().to_owned();
+        async move {
+            if config.key.as_ref() == Some(&default_key) && config.tenant.as_str() != "default" {
+                let key = robot_key(&db_url, config.tenant.as_str(), None, None).await;
+                config.key = Some(fleet_robot::RobotKey::new(&key).unwrap());
+            }
+            config
+        }
     }
 
     /// Wait until `n` robots are online and report that they take work (a robot that has just
