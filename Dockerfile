@@ -32,8 +32,8 @@ RUN apt-get update \
 # A fixed uid so volume ownership is predictable. The robot's state directory exists in the
 # image owned by that user, so a volume mounted there starts out writable by it.
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /var/lib/fleet fleet \
-    && mkdir -p /var/lib/fleet/robot \
-    && chown fleet:fleet /var/lib/fleet/robot
+    && mkdir -p /var/lib/fleet/robot /var/lib/fleet/auth \
+    && chown fleet:fleet /var/lib/fleet/robot /var/lib/fleet/auth
 COPY --from=builder /out/ /usr/local/bin/
 USER fleet
 WORKDIR /var/lib/fleet

@@ -107,3 +107,12 @@ pub fn key_id(key: &str) -> anyhow::Result<String> {
 pub fn service_file(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// How long a client waits before its next reconnection attempt: at once, then 100 ms more per
+/// attempt, at most one second. async-nats's default doubles up to four seconds, which after a
+/// nats-server restart can keep a robot away longer than a job lease: its first attempts may
+/// come before the orchestrator answering the auth callout is back, and are refused.
+pub fn reconnect_delay(attempts: usize) -> std::time::Duration {
+    let steps = u64::try_from(attempts.saturating_sub(1)).unwrap_or(u64::MAX);
+    std::time::Duration::from_millis(steps.saturating_mul(100).min(1000))
+}

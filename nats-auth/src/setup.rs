@@ -29,8 +29,10 @@ pub const ORCHESTRATOR_FILE: &str = "orchestrator.nk";
 pub const ORCHESTRATOR_SYS_FILE: &str = "orchestrator-sys.nk";
 pub const GATEWAY_FILE: &str = "gateway.nk";
 
-/// How long a client has to authenticate, callout included (seconds).
-const AUTH_TIMEOUT_S: u32 = 5;
+/// How long a client has to authenticate, callout included (seconds). Short, because a client
+/// whose callout is not answered (no orchestrator up yet) waits this long before it can try
+/// again; the orchestrator answers in milliseconds.
+const AUTH_TIMEOUT_S: u32 = 2;
 
 /// What `nats.conf` says beyond the accounts and users.
 #[derive(Debug, Clone, Default)]

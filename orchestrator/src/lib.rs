@@ -99,7 +99,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let url = config.nats_url.clone();
         let options = nats.options();
         async move {
-            let options = options?.name(name).retry_on_initial_connect();
+            let options = options?
+                .name(name)
+                .retry_on_initial_connect()
+                .reconnect_delay_callback(fleet_nats_auth::client::reconnect_delay);
             credentials
                 .apply(options)?
                 .connect(url.as_str())

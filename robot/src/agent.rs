@@ -351,6 +351,7 @@ impl Robot {
         let options = nats
             .options()?
             .retry_on_initial_connect()
+            .reconnect_delay_callback(fleet_nats_auth::client::reconnect_delay)
             .name(fleet_nats_auth::permissions::robot_connection_name(&robot_id, &capabilities));
         let client = credentials
             .apply(options)?

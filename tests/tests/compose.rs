@@ -70,12 +70,16 @@ fn nats_is_the_pinned_version_with_jetstream_config_and_a_healthcheck() -> anyho
     };
     assert!(tag == "2.15.1" || tag.starts_with("2.15.1-"), "nats image tag is {tag}, expected 2.15.1");
     assert!(
-        command(nats).contains("/etc/nats/nats.conf"),
-        "nats does not use nats/nats.conf: {}",
+        command(nats).contains(&format!("{AUTH}/nats.conf")),
+        "nats does not run the configuration nats-setup writes: {}",
         command(nats)
     );
+    assert_eq!(
+        nats["depends_on"]["nats-setup"]["condition"].as_str(),
+        Some("service_completed_successfully"),
+        "nats must wait for its configuration"
+    );
     assert!(!nats["healthcheck"]["test"].is_null(), "nats has no healthcheck");
-    assert!(env_var(nats, "FLEET_NATS_STORE_DIR").is_some(), "nats.conf needs FLEET_NATS_STORE_DIR");
     let postgres = service(&compose, "postgres")?;
     assert!(postgres["image"].as_str().is_some_and(|image| image.starts_with("postgres:15")));
     assert!(!postgres["healthcheck"]["test"].is_null(), "postgres has no healthcheck");
@@ -161,18 +165,74 @@ fn dockerfile_builds_all_three_binaries_into_a_slim_non_root_image() -> anyhow::
     Ok(())
 }
 
+/// Where compose keeps nats.conf and the credentials (the `fleet-auth` volume).
+const AUTH: &str = "/var/lib/fleet/auth";
+
+/// A service mounts the `fleet-auth` volume at [`AUTH`].
+fn mounts_auth(service: &Value) -> bool {
+    service["volumes"]
+        .as_sequence()
+        .is_some_and(|v| v.iter().filter_map(Value::as_str).any(|m| m.starts_with(&format!("fleet-auth:{AUTH}"))))
+}
+
 #[test]
-fn nats_conf_enables_jetstream_with_limits() -> anyhow::Result<()> {
-    let path = workspace_file("nats/nats.conf");
-    let conf = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    for needle in [
-        "jetstream {",
-        "store_dir: $FLEET_NATS_STORE_DIR",
-        "max_file_store",
-        "max_memory_store",
-        "http: 8222",
+fn every_part_connects_with_its_own_credentials() -> anyhow::Result<()> {
+    let compose = compose()?;
+    let setup = service(&compose, "nats-setup")?;
+    assert!(
+        command(setup).starts_with(&format!("fleet-orchestrator nats-setup --dir {AUTH}")),
+        "{}",
+        command(setup)
+    );
+    let orchestrator = service(&compose, "orchestrator")?;
+    assert_eq!(env_var(orchestrator, "FLEET_NATS_AUTH_DIR").as_deref(), Some(AUTH));
+    let gateway = service(&compose, "gateway")?;
+    assert_eq!(env_var(gateway, "FLEET_NATS_CREDS"), Some(format!("{AUTH}/gateway.nk")));
+    let robot = service(&compose, "robot")?;
+    assert_eq!(env_var(robot, "FLEET_ROBOT_KEY_FILE"), Some(format!("{AUTH}/robot.key")));
+    let robot_key = service(&compose, "robot-key")?;
+    assert!(
+        command(robot_key).contains("api-key create --tenant default --role robot")
+            && command(robot_key).contains(&format!("--out {AUTH}/robot.key")),
+        "{}",
+        command(robot_key)
+    );
+    assert_eq!(robot["depends_on"]["robot-key"]["condition"].as_str(), Some("service_completed_successfully"));
+    for (name, part) in [
+        ("nats-setup", setup),
+        ("robot-key", robot_key),
+        ("nats", service(&compose, "nats")?),
+        ("orchestrator", orchestrator),
+        ("gateway", gateway),
+        ("robot", robot),
     ] {
-        assert!(conf.contains(needle), "nats.conf lacks `{needle}`");
+        assert!(mounts_auth(part), "{name} does not mount fleet-auth at {AUTH}");
     }
+    assert!(compose["volumes"].get("fleet-auth").is_some(), "no fleet-auth volume");
+    Ok(())
+}
+
+/// What `nats-setup` writes with compose's flags, read as compose's nats service runs it: no
+/// anonymous access anywhere, the callout deciding everything but the service users.
+#[test]
+fn the_compose_nats_configuration_is_locked() -> anyhow::Result<()> {
+    let compose = compose()?;
+    let args: Vec<String> = command(service(&compose, "nats-setup")?).split(' ').map(str::to_owned).collect();
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let dir = tempfile::tempdir()?;
+    let options = fleet_nats_auth::setup::ConfOptions {
+        listen: flag("--listen"),
+        monitor_port: flag("--monitor-port").map(|p| p.parse()).transpose()?,
+        store_dir: flag("--store-dir").map(PathBuf::from),
+        tls_block: None,
+    };
+    let conf = std::fs::read_to_string(fleet_nats_auth::setup::write(dir.path(), &options, false)?)?;
+    for needle in ["listen: \"0.0.0.0:4222\"", "http_port: 8222", "store_dir: \"/data\"", "auth_callout {", "account: FLEET"] {
+        assert!(conf.contains(needle), "the compose nats.conf lacks `{needle}`:\n{conf}");
+    }
+    for forbidden in ["no_auth_user", "allow_non_tls"] {
+        assert!(!conf.contains(forbidden), "the compose nats.conf has `{forbidden}`");
+    }
+    assert!(!workspace_file("nats/nats.conf").exists(), "an unlocked nats/nats.conf is still shipped");
     Ok(())
 }

@@ -93,7 +93,8 @@ async fn keys_roles_tenants_revocation_and_rotation() {
 
     // Rotation: a new secret for the same key, the old one stops working.
     let (status, list) = secure.send(Method::GET, "/api/v1/api-keys", Some(&admin), None).await;
-    assert_eq!((status, list["total"].as_u64()), (200, Some(3)), "{list}");
+    // The three user keys, and the robot key the acme robot enrolled with.
+    assert_eq!((status, list["total"].as_u64()), (200, Some(4)), "{list}");
     let operator_id =
         list["keys"].as_array().unwrap().iter().find(|k| k["name"] == "operator").unwrap()["id"]
             .as_str()
@@ -220,7 +221,11 @@ async fn every_endpoint_checks_key_role_tenant_and_input() {
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
-    let mut stack = Stack::start().await;
+    // With a secrets key, so the secrets routes answer (without one they say 503).
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("secrets.key");
+    fleet_orchestrator::secrets::SecretsKey::create_file(&key_file).unwrap();
+    let mut stack = Stack::start_with(|c| c.secrets_key_file = Some(key_file.clone())).await;
     let mut robot = stack.robot_config("acme-r", &[]);
     robot.tenant = TenantId::new("acme").unwrap();
     stack.start_robot(robot);
@@ -366,6 +371,10 @@ async fn every_endpoint_checks_key_role_tenant_and_input() {
             Some(json!({"workflow_json": {}})),
             "workflow_name",
         ),
+        case(put.clone(), "/api/v1/secrets/{name}", "/api/v1/secrets/TOKEN", Some(json!({"value": "s3cret"})), o)
+            .bad("/api/v1/secrets/not-a-name", Some(json!({"value": "x"})), "name"),
+        case(get.clone(), "/api/v1/secrets", "/api/v1/secrets", None, o),
+        case(delete.clone(), "/api/v1/secrets/{name}", "/api/v1/secrets/TOKEN", None, o),
         case(post.clone(), "/api/v1/jobs/{job_id}/cancel", format!("/api/v1/jobs/{waiting}/cancel"), None, o)
             .owns(&waiting, &no_job),
         case(post.clone(), "/api/v1/jobs/{job_id}/retry", format!("/api/v1/jobs/{waiting}/retry"), None, o)
