@@ -30,9 +30,12 @@ pub const ORCHESTRATOR_SYS_FILE: &str = "orchestrator-sys.nk";
 pub const GATEWAY_FILE: &str = "gateway.nk";
 
 /// How long a client has to authenticate, callout included (seconds). Short, because a client
-/// whose callout is not answered (no orchestrator up yet) waits this long before it can try
-/// again; the orchestrator answers in milliseconds.
-const AUTH_TIMEOUT_S: u32 = 2;
+/// whose callout is not answered waits this long before it can try again: after a nats-server
+/// restart, robots reconnect in the same instant as the orchestrator that answers, and their
+/// first try may come before its subscription is back (measured: the server's default of 2 s
+/// then kept robots away for 2.5 s, longer than a short job lease). The orchestrator answers
+/// in milliseconds.
+const AUTH_TIMEOUT_S: u32 = 1;
 
 /// What `nats.conf` says beyond the accounts and users.
 #[derive(Debug, Clone, Default)]

@@ -54,7 +54,8 @@ async fn secrets_reach_only_the_jobs_that_use_them_and_never_show() {
     let mut stack = Stack::start_with(|c| c.secrets_key_file = Some(key_file.clone())).await;
 
     // Everything on the wire from before the secret is stored.
-    let client = async_nats::connect(stack.nats.url()).await.unwrap();
+    // (As the orchestrator: the only role that may read everything.)
+    let client = stack.nats.client().await.unwrap();
     let subscriber = client.subscribe(">").await.unwrap();
     client.flush().await.unwrap();
     let seen = sniff(client, subscriber);

@@ -31,12 +31,8 @@ async fn https_gateway(stack: &Stack, pki: &TestPki) -> (SocketAddr, tokio_util:
     let addr = listener.local_addr().unwrap();
     let token = CancellationToken::new();
     let config = GatewayConfig {
-        nats_url: stack.nats.url(),
-        nats_tls: stack.nats.nats_client().tls,
         https: Some(HttpsFiles { cert: pki.server.cert.clone(), key: pki.server.key.clone() }),
-        dev_mode: true,
-        rate_limit: None,
-        ..GatewayConfig::default()
+        ..common::gateway_config(&stack.nats, true)
     };
     tokio::spawn(fleet_gateway::run(config, listener, token.clone()));
     (addr, token.drop_guard())
