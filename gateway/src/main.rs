@@ -109,7 +109,9 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let nats_credentials = match &args.nats_creds {
-        Some(path) => fleet_nats_auth::Credentials::gateway(path).context("--nats-creds (FLEET_NATS_CREDS)")?,
+        Some(path) => {
+            fleet_nats_auth::Credentials::gateway(path).context("--nats-creds (FLEET_NATS_CREDS)")?
+        }
         None => fleet_nats_auth::Credentials::None,
     };
     let config = GatewayConfig {

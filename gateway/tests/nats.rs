@@ -23,7 +23,8 @@ use time::OffsetDateTime;
 async fn setup(config: GatewayConfig, answer: Answer) -> (NatsServer, axum::Router, FakeOrchestrator) {
     let nats = NatsServer::start().await.expect("nats-server starts");
     let fake = FakeOrchestrator::start(nats.client().await.expect("connect to nats-server"), answer).await;
-    let config = GatewayConfig { nats_url: nats.url(), nats_credentials: nats.gateway_credentials(), ..config };
+    let config =
+        GatewayConfig { nats_url: nats.url(), nats_credentials: nats.gateway_credentials(), ..config };
     let router =
         fleet_gateway::router(AppState::new(config, nats.client().await.expect("connect to nats-server")));
     (nats, router, fake)
@@ -216,7 +217,8 @@ async fn orchestrator_errors_map_to_statuses() {
 #[tokio::test]
 async fn no_orchestrator_is_a_retryable_503() {
     let nats = NatsServer::start().await.expect("nats-server starts");
-    let config = GatewayConfig { nats_url: nats.url(), nats_credentials: nats.gateway_credentials(), ..dev_config() };
+    let config =
+        GatewayConfig { nats_url: nats.url(), nats_credentials: nats.gateway_credentials(), ..dev_config() };
     let router =
         fleet_gateway::router(AppState::new(config, nats.client().await.expect("connect to nats-server")));
     let body = json!({"workflow_name": "Hello", "workflow_json": fleet_workflow()});
@@ -415,7 +417,11 @@ async fn run_serves_on_a_socket_and_shuts_down() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let config = GatewayConfig { nats_url: nats.url(), nats_credentials: nats.gateway_credentials(), ..GatewayConfig::default() };
+    let config = GatewayConfig {
+        nats_url: nats.url(),
+        nats_credentials: nats.gateway_credentials(),
+        ..GatewayConfig::default()
+    };
     let server = tokio::spawn(fleet_gateway::run(config, listener, shutdown.clone()));
 
     // The gateway connects to NATS in the background; health turns 200 once it has.

@@ -164,7 +164,12 @@ async fn publish_event(js: &jetstream::Context, e: &Event) -> u64 {
 }
 
 fn config(nats: &NatsServer) -> GatewayConfig {
-    GatewayConfig { nats_url: nats.url(), nats_credentials: nats.gateway_credentials(), rate_limit: None, ..dev_config() }
+    GatewayConfig {
+        nats_url: nats.url(),
+        nats_credentials: nats.gateway_credentials(),
+        rate_limit: None,
+        ..dev_config()
+    }
 }
 
 async fn router(nats: &NatsServer, config: GatewayConfig) -> axum::Router {

@@ -61,7 +61,12 @@ async fn a_token_in_the_url_is_never_logged() {
         .init();
 
     let nats = NatsServer::start().await.expect("nats-server starts");
-    let base = GatewayConfig { nats_url: nats.url(), nats_credentials: nats.gateway_credentials(), rate_limit: None, ..GatewayConfig::default() };
+    let base = GatewayConfig {
+        nats_url: nats.url(),
+        nats_credentials: nats.gateway_credentials(),
+        rate_limit: None,
+        ..GatewayConfig::default()
+    };
     let (dev, stop_dev) = serve(GatewayConfig { dev_mode: true, ..base.clone() }).await;
     let (prod, stop_prod) = serve(base).await;
     let deadline = tokio::time::Instant::now() + WAIT;

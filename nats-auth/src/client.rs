@@ -40,7 +40,8 @@ impl Credentials {
     /// seed (`S…`, as `nats-setup` writes for the services). The gateway's file gets the
     /// gateway's inbox prefix.
     pub fn from_file(path: &Path) -> anyhow::Result<Credentials> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading NATS credentials {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading NATS credentials {}", path.display()))?;
         if text.contains("BEGIN NATS USER JWT") {
             return Ok(Credentials::Creds(text));
         }
@@ -54,7 +55,9 @@ impl Credentials {
     /// The gateway's credentials: its seed file, read replies only under its inbox prefix.
     pub fn gateway(path: &Path) -> anyhow::Result<Credentials> {
         Ok(match Credentials::from_file(path)? {
-            Credentials::Nkey { seed, .. } => Credentials::Nkey { seed, inbox_prefix: Some(GATEWAY_INBOX.to_owned()) },
+            Credentials::Nkey { seed, .. } => {
+                Credentials::Nkey { seed, inbox_prefix: Some(GATEWAY_INBOX.to_owned()) }
+            }
             other => other,
         })
     }

@@ -108,7 +108,8 @@ struct ClientInfo {
 /// claims' `iss`.
 fn verified_claims(token: &str) -> Result<(String, Value), JwtError> {
     let mut parts = token.trim().split('.');
-    let (Some(header), Some(claims), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(header), Some(claims), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(JwtError::Shape);
     };
@@ -191,7 +192,10 @@ impl Issuer {
     /// From the account seed (`SA…`).
     pub fn from_seed(seed: &str) -> anyhow::Result<Issuer> {
         let key = KeyPair::from_seed(seed.trim()).map_err(|e| anyhow::anyhow!("not an nkey seed: {e}"))?;
-        anyhow::ensure!(key.public_key().starts_with('A'), "the callout issuer must be an account key (seed SA…)");
+        anyhow::ensure!(
+            key.public_key().starts_with('A'),
+            "the callout issuer must be an account key (seed SA…)"
+        );
         Ok(Issuer { key })
     }
 
@@ -233,7 +237,11 @@ impl Issuer {
     }
 
     /// The callout's answer to `request`: the user JWT, or the reason it is refused.
-    pub fn respond(&self, request: &AuthorizationRequest, outcome: Result<String, String>) -> Result<String, JwtError> {
+    pub fn respond(
+        &self,
+        request: &AuthorizationRequest,
+        outcome: Result<String, String>,
+    ) -> Result<String, JwtError> {
         let mut nats = json!({ "type": "authorization_response", "version": 2 });
         match outcome {
             Ok(jwt) => nats["jwt"] = json!(jwt),
@@ -249,7 +257,6 @@ impl Issuer {
         });
         encode(&claims, &self.key)
     }
-
 }
 
 /// Check that `sig` is the nonce signed by the private key of `nkey` (a client authenticating
@@ -295,7 +302,8 @@ mod tests {
         let jwt = issuer.user_jwt("UX", "n", &p, None).unwrap();
         let other = issuer.user_jwt("UY", "n", &p, None).unwrap();
         let other_claims = other.split('.').nth(1).unwrap().to_owned();
-        let spliced = format!("{}.{}.{}", jwt.split('.').next().unwrap(), other_claims, jwt.split('.').nth(2).unwrap());
+        let spliced =
+            format!("{}.{}.{}", jwt.split('.').next().unwrap(), other_claims, jwt.split('.').nth(2).unwrap());
         assert!(matches!(verified_claims(&spliced), Err(JwtError::Signature)));
         let past = OffsetDateTime::now_utc() - time::Duration::minutes(1);
         let expired = issuer.user_jwt("UX", "n", &p, Some(past)).unwrap();

@@ -195,8 +195,14 @@ mod tests {
     fn connection_names_round_trip() {
         let r = RobotId::new("r-7").unwrap();
         let name = robot_connection_name(&r, &["gpu".into(), "shell".into()]);
-        assert_eq!(parse_robot_connection_name(&name), Some(("r-7".into(), vec!["gpu".into(), "shell".into()])));
-        assert_eq!(parse_robot_connection_name(&robot_connection_name(&r, &[])), Some(("r-7".into(), vec![])));
+        assert_eq!(
+            parse_robot_connection_name(&name),
+            Some(("r-7".into(), vec!["gpu".into(), "shell".into()]))
+        );
+        assert_eq!(
+            parse_robot_connection_name(&robot_connection_name(&r, &[])),
+            Some(("r-7".into(), vec![]))
+        );
         assert_eq!(parse_robot_connection_name("nats-cli"), None);
     }
 

@@ -79,13 +79,23 @@ pub fn load(dir: &Path) -> anyhow::Result<ServiceKeys> {
     let read = |name: &str| -> anyhow::Result<String> {
         let path = dir.join(name);
         let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("reading {} (write the folder with `fleet-orchestrator nats-setup --dir {}`)", path.display(), dir.display())
+            format!(
+                "reading {} (write the folder with `fleet-orchestrator nats-setup --dir {}`)",
+                path.display(),
+                dir.display()
+            )
         })?;
-        KeyPair::from_seed(text.trim()).map_err(|e| anyhow::anyhow!("{} is not an nkey seed: {e}", path.display()))?;
+        KeyPair::from_seed(text.trim())
+            .map_err(|e| anyhow::anyhow!("{} is not an nkey seed: {e}", path.display()))?;
         Ok(text.trim().to_owned())
     };
-    let issuer = Issuer::from_seed(&read(ISSUER_FILE)?).with_context(|| format!("{}", dir.join(ISSUER_FILE).display()))?;
-    Ok(ServiceKeys { issuer, orchestrator: read(ORCHESTRATOR_FILE)?, orchestrator_sys: read(ORCHESTRATOR_SYS_FILE)? })
+    let issuer = Issuer::from_seed(&read(ISSUER_FILE)?)
+        .with_context(|| format!("{}", dir.join(ISSUER_FILE).display()))?;
+    Ok(ServiceKeys {
+        issuer,
+        orchestrator: read(ORCHESTRATOR_FILE)?,
+        orchestrator_sys: read(ORCHESTRATOR_SYS_FILE)?,
+    })
 }
 
 /// The existing key in `dir/name`, or a new one written there.
@@ -93,7 +103,8 @@ fn key(dir: &Path, name: &str, rotate: bool, new: fn() -> KeyPair) -> anyhow::Re
     let path = dir.join(name);
     if !rotate && path.exists() {
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        return KeyPair::from_seed(text.trim()).map_err(|e| anyhow::anyhow!("{} is not an nkey seed: {e}", path.display()));
+        return KeyPair::from_seed(text.trim())
+            .map_err(|e| anyhow::anyhow!("{} is not an nkey seed: {e}", path.display()));
     }
     let pair = new();
     let seed = pair.seed().map_err(|e| anyhow::anyhow!("encoding a seed: {e}"))?;
@@ -123,7 +134,11 @@ fn quoted(list: &[String]) -> String {
 /// A `permissions { … }` value in nats-server configuration syntax.
 fn conf_permissions(p: &Permissions) -> String {
     let side = |list: &[String]| {
-        if list.is_empty() { r#"{ deny: [">"] }"#.to_owned() } else { format!("{{ allow: {} }}", quoted(list)) }
+        if list.is_empty() {
+            r#"{ deny: [">"] }"#.to_owned()
+        } else {
+            format!("{{ allow: {} }}", quoted(list))
+        }
     };
     let mut s = format!("{{ publish: {}, subscribe: {}", side(&p.publish), side(&p.subscribe));
     if p.allow_responses {
@@ -133,10 +148,22 @@ fn conf_permissions(p: &Permissions) -> String {
     s
 }
 
-fn conf_text(issuer: &KeyPair, orchestrator: &KeyPair, sys: &KeyPair, gateway: &KeyPair, o: &ConfOptions) -> String {
+fn conf_text(
+    issuer: &KeyPair,
+    orchestrator: &KeyPair,
+    sys: &KeyPair,
+    gateway: &KeyPair,
+    o: &ConfOptions,
+) -> String {
     let mut c = String::new();
-    let _ = writeln!(c, "# Fleet's locked nats-server configuration, written by `fleet-orchestrator nats-setup`.");
-    let _ = writeln!(c, "# Every connection needs credentials: the services by nkey, robots and observers through");
+    let _ = writeln!(
+        c,
+        "# Fleet's locked nats-server configuration, written by `fleet-orchestrator nats-setup`."
+    );
+    let _ = writeln!(
+        c,
+        "# Every connection needs credentials: the services by nkey, robots and observers through"
+    );
     let _ = writeln!(c, "# the orchestrator's auth callout. Regenerate rather than edit.\n");
     if let Some(listen) = &o.listen {
         let _ = writeln!(c, "listen: {listen:?}");
@@ -166,7 +193,12 @@ fn conf_text(issuer: &KeyPair, orchestrator: &KeyPair, sys: &KeyPair, gateway: &
         orchestrator.public_key(),
         conf_permissions(&permissions::orchestrator())
     );
-    let _ = writeln!(c, "      {{ nkey: {}, permissions: {} }}", gateway.public_key(), conf_permissions(&permissions::gateway()));
+    let _ = writeln!(
+        c,
+        "      {{ nkey: {}, permissions: {} }}",
+        gateway.public_key(),
+        conf_permissions(&permissions::gateway())
+    );
     let _ = writeln!(c, "    ]");
     let _ = writeln!(c, "  }}");
     let _ = writeln!(c, "  {SYS_ACCOUNT} {{");
@@ -205,7 +237,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), &ConfOptions::default(), false).unwrap();
         let first = load(dir.path()).unwrap();
-        write(dir.path(), &ConfOptions { listen: Some("127.0.0.1:4333".into()), ..Default::default() }, false).unwrap();
+        write(
+            dir.path(),
+            &ConfOptions { listen: Some("127.0.0.1:4333".into()), ..Default::default() },
+            false,
+        )
+        .unwrap();
         let again = load(dir.path()).unwrap();
         assert_eq!(first.issuer.public_key(), again.issuer.public_key());
         assert_eq!(first.orchestrator, again.orchestrator);

@@ -97,7 +97,9 @@ pub async fn handle(core: Arc<Core>, msg: async_nats::Message) {
     };
     let outcome = decide(&core, auth, &request).await;
     match &outcome {
-        Ok(_) => tracing::debug!(client = request.client_id, host = %request.client_host, "connection admitted"),
+        Ok(_) => {
+            tracing::debug!(client = request.client_id, host = %request.client_host, "connection admitted")
+        }
         Err(reason) => tracing::info!(
             client = request.client_id,
             host = %request.client_host,
@@ -171,7 +173,12 @@ pub fn observer_user(id: &str) -> String {
     format!("observer:{id}")
 }
 
-async fn observer(core: &Core, auth: &Auth, req: &AuthorizationRequest, nkey: &str) -> Result<String, String> {
+async fn observer(
+    core: &Core,
+    auth: &Auth,
+    req: &AuthorizationRequest,
+    nkey: &str,
+) -> Result<String, String> {
     jwt::verify_nkey(nkey, &req.nonce, req.connect.sig.as_deref())
         .map_err(|e| format!("nkey not accepted: {e}"))?;
     type Row = (String, String, Option<OffsetDateTime>);
@@ -282,7 +289,9 @@ const REVOKED_CHANNEL: &str = "fleet_nats_revoked";
 /// or deleted, a credential revoked), from whichever process made the change (API or CLI).
 /// A failure is logged: the JWT still expires with the key, and the callout refuses a reconnect.
 pub async fn announce_revoked(pool: &sqlx::PgPool, user: &str) {
-    if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)").bind(REVOKED_CHANNEL).bind(user).execute(pool).await {
+    if let Err(e) =
+        sqlx::query("SELECT pg_notify($1, $2)").bind(REVOKED_CHANNEL).bind(user).execute(pool).await
+    {
         tracing::warn!(error = %e, user, "cannot announce a revocation; its connections stay until they drop");
     }
 }

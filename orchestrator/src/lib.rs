@@ -295,7 +295,9 @@ pub async fn cli_pool(config: &Config) -> anyhow::Result<sqlx::PgPool> {
         tokio::time::sleep(Duration::from_secs(30)).await;
         timer.cancel();
     });
-    let pool = connect_db(config, &give_up).await?.context("PostgreSQL did not answer within 30 s (DATABASE_URL)")?;
+    let pool = connect_db(config, &give_up)
+        .await?
+        .context("PostgreSQL did not answer within 30 s (DATABASE_URL)")?;
     sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
     Ok(pool)
 }

@@ -394,7 +394,8 @@ async fn nats_creds(
         Ok(d) => d.map(|d| time::OffsetDateTime::now_utc() + d),
         Err(e) => return fail(anyhow::anyhow!("--expires-in: {e}")),
     };
-    match fleet_orchestrator::nats_admin::create_observer(&pool, &dir, &tenant, &name, expires_at, &out).await {
+    match fleet_orchestrator::nats_admin::create_observer(&pool, &dir, &tenant, &name, expires_at, &out).await
+    {
         Ok(issued) => {
             println!("{}", issued.id);
             eprintln!(

@@ -59,12 +59,13 @@ pub async fn create_observer(
 /// Revoke credentials by id; returns whether a live one was revoked. Running orchestrators
 /// disconnect what it admitted ([`crate::callout::announce_revoked`]).
 pub async fn revoke(pool: &PgPool, id: &str) -> anyhow::Result<bool> {
-    let n = sqlx::query("UPDATE nats_credentials SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
-        .bind(id)
-        .execute(pool)
-        .await
-        .context("revoking the credentials")?
-        .rows_affected();
+    let n =
+        sqlx::query("UPDATE nats_credentials SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
+            .bind(id)
+            .execute(pool)
+            .await
+            .context("revoking the credentials")?
+            .rows_affected();
     if n > 0 {
         callout::announce_revoked(pool, &callout::observer_user(id)).await;
     }

@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use fleet_schemas::codec::{decode, encode};
 use fleet_schemas::robot::{
-    Ack, ClaimGrant, ClaimRequest, CompleteRequest, DesiredReply, DesiredRequest, DesiredState, ProgressReport,
-    ROBOT_PROTOCOL_VERSION, RegisterGrant, RegisterRequest, RejectRequest, ReleaseRequest, RenewGrant,
-    RenewRequest, RobotReply, RunOutcome,
+    Ack, ClaimGrant, ClaimRequest, CompleteRequest, DesiredReply, DesiredRequest, DesiredState,
+    ProgressReport, ROBOT_PROTOCOL_VERSION, RegisterGrant, RegisterRequest, RejectRequest, ReleaseRequest,
+    RenewGrant, RenewRequest, RobotReply, RunOutcome,
 };
 use fleet_schemas::subjects::{self, RobotVerb};
 use fleet_schemas::workflow::WorkflowFormat;

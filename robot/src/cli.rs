@@ -152,7 +152,8 @@ impl Cli {
             return Err(bad("--nats-url (NATS_URL)", "must not be empty"));
         }
         let key = self.key()?;
-        let tenant = TenantId::new(self.tenant.as_deref().unwrap_or("default").trim()).map_err(|e| bad("--tenant", e))?;
+        let tenant = TenantId::new(self.tenant.as_deref().unwrap_or("default").trim())
+            .map_err(|e| bad("--tenant", e))?;
         let id = self.id.map(|i| RobotId::new(i.trim())).transpose().map_err(|e| bad("--id", e))?;
         let mut capabilities = Vec::new();
         for name in self.capabilities.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {

@@ -45,8 +45,13 @@ async fn ask_once(nats_url: &str, credentials: &Credentials, key: &RobotKey) -> 
         .name("fleet-robot enrol")
         .connection_timeout(ASK_TIMEOUT)
         .max_reconnects(Some(1));
-    let client = credentials.apply(options)?.connect(nats_url).await.with_context(|| format!("connecting to {nats_url}"))?;
-    let asked = tokio::time::timeout(ASK_TIMEOUT, client.request(whoami(&key.key_id()), Vec::new().into())).await;
+    let client = credentials
+        .apply(options)?
+        .connect(nats_url)
+        .await
+        .with_context(|| format!("connecting to {nats_url}"))?;
+    let asked =
+        tokio::time::timeout(ASK_TIMEOUT, client.request(whoami(&key.key_id()), Vec::new().into())).await;
     let _ = client.drain().await;
     let answer = asked.context("no answer in time")?.context("asking who the key is")?;
     codec::decode::<Result<WhoAmI, String>>("whoami", &answer.payload)?.map_err(anyhow::Error::msg)
@@ -66,19 +71,28 @@ pub async fn into_config_enrolled(cli: Cli) -> Result<RobotConfig, CliError> {
                 .into(),
         });
     };
-    let who = ask(&config.nats_url, &key).await.map_err(|e| CliError { flag: "--key", message: format!("{e:#}") })?;
+    let who = ask(&config.nats_url, &key)
+        .await
+        .map_err(|e| CliError { flag: "--key", message: format!("{e:#}") })?;
     if let Some(given) = tenant_given
         && given.trim() != who.tenant.as_str()
     {
         return Err(CliError {
             flag: "--tenant",
-            message: format!("{} disagrees with the key, which belongs to tenant {}", given.trim(), who.tenant),
+            message: format!(
+                "{} disagrees with the key, which belongs to tenant {}",
+                given.trim(),
+                who.tenant
+            ),
         });
     }
     if let (Some(bound), Some(id)) = (&who.robot_id, &config.id)
         && bound != id
     {
-        return Err(CliError { flag: "--id", message: format!("{id} disagrees with the key, which is bound to robot {bound}") });
+        return Err(CliError {
+            flag: "--id",
+            message: format!("{id} disagrees with the key, which is bound to robot {bound}"),
+        });
     }
     if config.id.is_none() {
         config.id = who.robot_id.clone();
@@ -88,7 +102,8 @@ pub async fn into_config_enrolled(cli: Cli) -> Result<RobotConfig, CliError> {
     }
     config.tenant = who.tenant;
     if let Some(granted) = &who.capabilities {
-        let offered = config.capabilities().map_err(|e| CliError { flag: "--capabilities", message: e.to_string() })?;
+        let offered =
+            config.capabilities().map_err(|e| CliError { flag: "--capabilities", message: e.to_string() })?;
         let refused: Vec<String> =
             offered.to_strings().into_iter().filter(|c| !granted.contains(c)).collect();
         if !refused.is_empty() {

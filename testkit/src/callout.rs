@@ -48,7 +48,12 @@ pub async fn admit_robots(
                 let user = request.connect.user.as_deref().ok_or("no user")?;
                 if user == permissions::ENROL_USER {
                     return issuer
-                        .user_jwt(&request.user_nkey, &format!("enrol:{key_id}"), &permissions::enrol(&key_id), None)
+                        .user_jwt(
+                            &request.user_nkey,
+                            &format!("enrol:{key_id}"),
+                            &permissions::enrol(&key_id),
+                            None,
+                        )
                         .map_err(|e| e.to_string());
                 }
                 let robot = RobotId::new(user).map_err(|e| e.to_string())?;
@@ -58,14 +63,23 @@ pub async fn admit_robots(
                     .as_deref()
                     .and_then(permissions::parse_robot_connection_name)
                     .ok_or("no robot connection name")?;
-                let caps = offered.into_iter().map(Capability::new).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+                let caps = offered
+                    .into_iter()
+                    .map(Capability::new)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
                 let class = match &class {
                     Some(c) => c.clone(),
                     None => Class::new(caps).map_err(|e| e.to_string())?,
                 };
                 let scope = RobotScope { tenant: tenant.clone(), robot, key_id: key_id.clone(), class };
                 issuer
-                    .user_jwt(&request.user_nkey, &format!("robot:{key_id}"), &permissions::robot(&scope), None)
+                    .user_jwt(
+                        &request.user_nkey,
+                        &format!("robot:{key_id}"),
+                        &permissions::robot(&scope),
+                        None,
+                    )
                     .map_err(|e| e.to_string())
             })();
             let Ok(answer) = issuer.respond(&request, outcome) else { continue };

@@ -33,7 +33,11 @@ struct Probe {
 }
 
 impl Probe {
-    async fn connect(stack: &Stack, credentials: &Credentials, name: Option<String>) -> anyhow::Result<Probe> {
+    async fn connect(
+        stack: &Stack,
+        credentials: &Credentials,
+        name: Option<String>,
+    ) -> anyhow::Result<Probe> {
         let (tx, errors) = mpsc::unbounded_channel();
         let (gone_tx, disconnected) = tokio::sync::watch::channel(false);
         let mut options = async_nats::ConnectOptions::new()
@@ -199,7 +203,9 @@ async fn another_tenants_robot_can_touch_nothing_of_this_tenant() {
         rb.publish_refused("a robot of tenant b", subject).await;
     }
     // The orchestrator's API, directly, and answering in its place.
-    for subject in ["fleet.api.jobs.list", "fleet.api.jobs.submit", "fleet.api.keys.create", "fleet.api.keys.verify"] {
+    for subject in
+        ["fleet.api.jobs.list", "fleet.api.jobs.submit", "fleet.api.keys.create", "fleet.api.keys.verify"]
+    {
         rb.publish_refused("the orchestrator's API", subject).await;
     }
     let _q = rb.client.queue_subscribe("fleet.api.>", "fleet-orchestrator".into()).await.unwrap();
@@ -262,7 +268,8 @@ async fn the_gateway_and_an_enrolling_robot_hold_only_their_own_rights() {
     enrol.publish_refused("an enrolling robot", "fleet.robot.default.r1.register").await;
     enrol.subscribe_refused("an enrolling robot", "fleet.cmd.default.r1").await;
     let key_id = fleet_nats_auth::client::key_id(&key).unwrap();
-    let answer = enrol.client.request(fleet_nats_auth::permissions::whoami(&key_id), "".into()).await.unwrap();
+    let answer =
+        enrol.client.request(fleet_nats_auth::permissions::whoami(&key_id), "".into()).await.unwrap();
     let who: Result<fleet_schemas::robot::WhoAmI, String> = codec::decode("whoami", &answer.payload).unwrap();
     assert_eq!(who.unwrap().tenant.as_str(), "default");
     stack.stop().await;
@@ -275,10 +282,16 @@ async fn an_observer_sees_its_tenants_events_live_and_nothing_else() {
     let pool = stack.db.pool().await.unwrap();
     let file = dir.path().join("observer.nk");
     let tenant = fleet_schemas::TenantId::default_tenant();
-    let issued =
-        fleet_orchestrator::nats_admin::create_observer(&pool, &stack.nats.auth_dir(), &tenant, "t", None, &file)
-            .await
-            .unwrap();
+    let issued = fleet_orchestrator::nats_admin::create_observer(
+        &pool,
+        &stack.nats.auth_dir(),
+        &tenant,
+        "t",
+        None,
+        &file,
+    )
+    .await
+    .unwrap();
     let creds = Credentials::from_file(&file).unwrap();
     let mut observer = Probe::connect(&stack, &creds, None).await.unwrap();
     let mut events = observer.client.subscribe("fleet.events.default.>").await.unwrap();

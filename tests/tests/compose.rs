@@ -170,9 +170,9 @@ const AUTH: &str = "/var/lib/fleet/auth";
 
 /// A service mounts the `fleet-auth` volume at [`AUTH`].
 fn mounts_auth(service: &Value) -> bool {
-    service["volumes"]
-        .as_sequence()
-        .is_some_and(|v| v.iter().filter_map(Value::as_str).any(|m| m.starts_with(&format!("fleet-auth:{AUTH}"))))
+    service["volumes"].as_sequence().is_some_and(|v| {
+        v.iter().filter_map(Value::as_str).any(|m| m.starts_with(&format!("fleet-auth:{AUTH}")))
+    })
 }
 
 #[test]
@@ -197,7 +197,10 @@ fn every_part_connects_with_its_own_credentials() -> anyhow::Result<()> {
         "{}",
         command(robot_key)
     );
-    assert_eq!(robot["depends_on"]["robot-key"]["condition"].as_str(), Some("service_completed_successfully"));
+    assert_eq!(
+        robot["depends_on"]["robot-key"]["condition"].as_str(),
+        Some("service_completed_successfully")
+    );
     for (name, part) in [
         ("nats-setup", setup),
         ("robot-key", robot_key),
@@ -227,7 +230,13 @@ fn the_compose_nats_configuration_is_locked() -> anyhow::Result<()> {
         tls_block: None,
     };
     let conf = std::fs::read_to_string(fleet_nats_auth::setup::write(dir.path(), &options, false)?)?;
-    for needle in ["listen: \"0.0.0.0:4222\"", "http_port: 8222", "store_dir: \"/data\"", "auth_callout {", "account: FLEET"] {
+    for needle in [
+        "listen: \"0.0.0.0:4222\"",
+        "http_port: 8222",
+        "store_dir: \"/data\"",
+        "auth_callout {",
+        "account: FLEET",
+    ] {
         assert!(conf.contains(needle), "the compose nats.conf lacks `{needle}`:\n{conf}");
     }
     for forbidden in ["no_auth_user", "allow_non_tls"] {

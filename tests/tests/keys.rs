@@ -371,8 +371,14 @@ async fn every_endpoint_checks_key_role_tenant_and_input() {
             Some(json!({"workflow_json": {}})),
             "workflow_name",
         ),
-        case(put.clone(), "/api/v1/secrets/{name}", "/api/v1/secrets/TOKEN", Some(json!({"value": "s3cret"})), o)
-            .bad("/api/v1/secrets/not-a-name", Some(json!({"value": "x"})), "name"),
+        case(
+            put.clone(),
+            "/api/v1/secrets/{name}",
+            "/api/v1/secrets/TOKEN",
+            Some(json!({"value": "s3cret"})),
+            o,
+        )
+        .bad("/api/v1/secrets/not-a-name", Some(json!({"value": "x"})), "name"),
         case(get.clone(), "/api/v1/secrets", "/api/v1/secrets", None, o),
         case(delete.clone(), "/api/v1/secrets/{name}", "/api/v1/secrets/TOKEN", None, o),
         case(post.clone(), "/api/v1/jobs/{job_id}/cancel", format!("/api/v1/jobs/{waiting}/cancel"), None, o)

@@ -241,7 +241,8 @@ pub async fn prepare(claim: RobotReply<ClaimGrant>) -> Fabric {
     };
     let desired = Arc::new(Mutex::new(None));
     let seen =
-        fake_orchestrator(client.clone(), robot_id.clone(), class.clone(), script.clone(), desired.clone()).await;
+        fake_orchestrator(client.clone(), robot_id.clone(), class.clone(), script.clone(), desired.clone())
+            .await;
     let callout = fleet_testkit::callout::admit_robots(&server, tenant(), Some(class.clone())).await.unwrap();
     let state = tempfile::tempdir().unwrap();
     let mut config = RobotConfig::new(tenant());

@@ -317,14 +317,18 @@ impl Stack {
         let token = CancellationToken::new();
         let keyed = self.keyed(config);
         let stop = token.clone();
-        let task = tokio::spawn(async move { fleet_robot::run_with_executors(keyed.await, executors, stop).await });
+        let task =
+            tokio::spawn(async move { fleet_robot::run_with_executors(keyed.await, executors, stop).await });
         self.robots.push(Part { token, task });
     }
 
     /// `config` with a key of its tenant: a test that moved a robot to another tenant than
     /// `default` (and kept the stack's key) gets a robot key of that tenant, as an operator of
     /// that tenant would create it.
-    fn keyed(&self, mut config: fleet_robot::RobotConfig) -> impl std::future::Future<Output = fleet_robot::RobotConfig> + use<> {
+    fn keyed(
+        &self,
+        mut config: fleet_robot::RobotConfig,
+    ) -> impl std::future::Future<Output = fleet_robot::RobotConfig> + use<> {
         let default_key = fleet_robot::RobotKey::new(&self.robot_key).unwrap();
         let db_url = self.db.url().to_owned();
         async move {
