@@ -29,13 +29,14 @@ pub const ORCHESTRATOR_FILE: &str = "orchestrator.nk";
 pub const ORCHESTRATOR_SYS_FILE: &str = "orchestrator-sys.nk";
 pub const GATEWAY_FILE: &str = "gateway.nk";
 
-/// How long a client has to authenticate, callout included (seconds). Short, because a client
-/// whose callout is not answered waits this long before it can try again: after a nats-server
-/// restart, robots reconnect in the same instant as the orchestrator that answers, and their
-/// first try may come before its subscription is back (measured: the server's default of 2 s
-/// then kept robots away for 2.5 s, longer than a short job lease). The orchestrator answers
-/// in milliseconds.
-const AUTH_TIMEOUT_S: u32 = 1;
+/// How long a client has to authenticate, callout included (seconds): nats-server's default.
+/// A client whose callout goes unanswered waits this long before it can try again: after a
+/// nats-server restart, robots reconnect in the same instant as the orchestrator that answers,
+/// and a first try that comes before its subscription is back costs this long (measured: robots
+/// back 2.5 s after the restart). A job lease must therefore stay well above it (the default is
+/// 30 s). Shorter would refuse robots whenever the callout is slow (a loaded database, a fleet
+/// reconnecting at once), which costs more than it saves.
+const AUTH_TIMEOUT_S: u32 = 2;
 
 /// What `nats.conf` says beyond the accounts and users.
 #[derive(Debug, Clone, Default)]

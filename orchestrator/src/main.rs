@@ -51,6 +51,16 @@ enum Command {
         /// Make new keys (every service and robot must then reconnect with the new files).
         #[arg(long)]
         rotate: bool,
+        /// Require TLS from every client with this server certificate (PEM; needs --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The private key of --tls-cert (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
+        /// The CA client certificates must chain to; with it, every client must present one
+        /// (mutual TLS, for robots across the internet).
+        #[arg(long, requires = "tls_cert")]
+        tls_ca: Option<std::path::PathBuf>,
     },
     /// Issue or revoke NATS credentials for people and tools: an observer's nkey file reads
     /// one tenant's events live (`nats sub --nkey FILE 'fleet.events.TENANT.>'`). Needs
@@ -170,8 +180,14 @@ fn main() -> std::process::ExitCode {
     };
     match cli.command {
         Some(Command::ApiKey(create)) => return runtime.block_on(create_key(config, create)),
-        Some(Command::NatsSetup { dir, listen, monitor_port, store_dir, rotate }) => {
-            return nats_setup(&dir, listen, monitor_port, store_dir, rotate);
+        Some(Command::NatsSetup { dir, listen, monitor_port, store_dir, rotate, tls_cert, tls_key, tls_ca }) => {
+            let tls_block = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => {
+                    Some(fleet_connect::server_tls_block(&cert, &key, tls_ca.as_deref(), tls_ca.is_some()))
+                }
+                _ => None,
+            };
+            return nats_setup(&dir, listen, monitor_port, store_dir, rotate, tls_block);
         }
         Some(Command::NatsCreds { tenant, role, out, name, expires_in, revoke }) => {
             return runtime.block_on(nats_creds(config, tenant, role, out, name, expires_in, revoke));
@@ -320,6 +336,7 @@ fn nats_setup(
     monitor_port: Option<u16>,
     store_dir: Option<std::path::PathBuf>,
     rotate: bool,
+    tls_block: Option<String>,
 ) -> std::process::ExitCode {
     let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let store_dir = store_dir.unwrap_or_else(|| dir.join("jetstream"));
@@ -327,7 +344,7 @@ fn nats_setup(
         listen,
         monitor_port,
         store_dir: Some(absolute(&store_dir)),
-        tls_block: None,
+        tls_block,
     };
     match fleet_nats_auth::setup::write(dir, &options, rotate) {
         Ok(conf) => {

@@ -723,17 +723,20 @@ async fn the_key_lists_filter_by_robot_status_and_page() {
     let skipped: Vec<Value> = all["keys"].as_array().unwrap()[1..3].iter().map(|k| k["id"].clone()).collect();
     assert_eq!(page["keys"].as_array().unwrap().iter().map(|k| k["id"].clone()).collect::<Vec<_>>(), skipped);
 
-    // The robot-key list pages over robot keys only.
+    // The robot-key list pages over robot keys only (the three, and the stack's own robot key).
     let robots = list(&stack, "/api/v1/robot-api-keys").await;
-    assert_eq!((ids(&robots), robots["total"].as_u64()), (strs(&robot_keys), Some(3)), "{robots}");
+    let mut all_robot_keys = robot_keys.clone();
+    all_robot_keys.push(fleet_nats_auth::client::key_id(&stack.robot_key).unwrap());
+    assert_eq!((ids(&robots), robots["total"].as_u64()), (strs(&all_robot_keys), Some(4)), "{robots}");
     let first = list(&stack, "/api/v1/robot-api-keys?limit=1").await;
     assert_eq!(
         (first["keys"].as_array().map(Vec::len), first["total"].as_u64()),
-        (Some(1), Some(3)),
+        (Some(1), Some(4)),
         "{first}"
     );
     let last = list(&stack, "/api/v1/robot-api-keys?limit=2&offset=2").await;
-    assert_eq!(ids(&last), strs(&robot_keys[..1]), "the oldest robot key: {last}");
+    let oldest = [robot_keys[0].clone(), all_robot_keys[3].clone()];
+    assert_eq!(ids(&last), strs(&oldest), "the oldest robot keys: {last}");
     let of_j = list(&stack, "/api/v1/robot-api-keys?robot_id=bot-j&status=active").await;
     assert_eq!(ids(&of_j), strs(&robot_keys[2..]), "{of_j}");
     refused(&stack, "/api/v1/robot-api-keys?status=lost", "status").await;

@@ -367,3 +367,38 @@ async fn a_revoked_robot_key_is_disconnected_and_cannot_come_back() {
     }
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_robot_started_for_another_tenant_than_its_keys_is_a_clear_error() {
+    let stack = Stack::start().await;
+    let state = stack.dir("wrong-tenant");
+    let run = |tenant: &str| {
+        tokio::process::Command::new(fleet_tests::fleet_binary("fleet-robot").unwrap())
+            .args(["--tenant", tenant, "--id", "rx", "--state-dir"])
+            .arg(&state)
+            .env("NATS_URL", stack.nats.url())
+            .env("FLEET_ROBOT_KEY", &stack.robot_key)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output()
+    };
+    let out = tokio::time::timeout(WAIT, run("b")).await.expect("the robot exits at once").unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--tenant") && stderr.contains("belongs to tenant default"), "{stderr}");
+    // Without a key at all, it says what it needs.
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(fleet_tests::fleet_binary("fleet-robot").unwrap())
+            .args(["--tenant", "default"])
+            .env("NATS_URL", stack.nats.url())
+            .env_remove("FLEET_ROBOT_KEY")
+            .output(),
+    )
+    .await
+    .expect("the robot exits at once")
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a robot needs its key"), "{out:?}");
+    stack.stop().await;
+}

@@ -907,7 +907,11 @@ async fn the_standby_takes_over_from_a_killed_leader_and_a_deposed_leader_cannot
 #[tokio::test]
 async fn nats_killed_and_restarted_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let t = Timing::FAST;
+    // A lease above a robot's reconnection time: since NATS is locked, reconnecting includes the
+    // auth callout, and a robot that tries before the orchestrator's subscription is back waits
+    // out the server's 2 s authorization timeout (nats-auth/src/setup.rs). FAST's 2 s lease is
+    // shorter than that; the default lease is 30 s.
+    let t = Timing::FAST.with_job_lease(Duration::from_secs(5));
     let mut fleet = Fleet::start(t).await;
     let mut orchestrator = fleet.orchestrator("orchestrator");
     fleet.wait_healthy(STARTUP).await;

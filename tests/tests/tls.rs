@@ -233,7 +233,7 @@ async fn a_client_trusting_another_ca_refuses_the_server() {
     assert!(e.to_string().contains("invalid peer certificate: UnknownIssuer"), "{e}");
     // The same client with the right CA connects: the refusal above was the CA's doing.
     let options = NatsClient::new(url.clone(), pki.client_tls("r1").unwrap()).options().unwrap();
-    connects(options, &url).await.unwrap();
+    connects(nats.orchestrator_credentials().apply(options).unwrap(), &url).await.unwrap();
 
     // A gateway set up that way stops at start with the reason instead of retrying in silence.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
