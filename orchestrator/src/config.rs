@@ -88,6 +88,10 @@ pub struct Config {
     /// recreates what is missing (a missing-object error triggers a check at once as well).
     #[serde(with = "duration")]
     pub fabric_check_interval: Duration,
+    /// How often the leader seals new history rows into the audit chain (see `audit`): the
+    /// longest a committed row stays unsealed while the leader is healthy.
+    #[serde(with = "duration")]
+    pub audit_seal_interval: Duration,
 }
 
 impl Default for Config {
@@ -110,6 +114,7 @@ impl Default for Config {
             prefetch: 2,
             max_rejections: 5,
             fabric_check_interval: Duration::from_secs(5),
+            audit_seal_interval: Duration::from_secs(1),
         }
     }
 }
@@ -150,7 +155,7 @@ impl Config {
     }
 
     /// Keys settable with a `FLEET_` variable.
-    const KEYS: [&'static str; 16] = [
+    const KEYS: [&'static str; 17] = [
         "prefetch",
         "max_rejections",
         "db_pool_size",
@@ -166,6 +171,7 @@ impl Config {
         "logs_max_age",
         "sweep_interval",
         "fabric_check_interval",
+        "audit_seal_interval",
         "nats_url",
     ];
 
@@ -206,6 +212,7 @@ impl Config {
         min("offer_ack_wait", self.offer_ack_wait, Duration::from_secs(1))?;
         min("sweep_interval", self.sweep_interval, Duration::from_millis(10))?;
         min("fabric_check_interval", self.fabric_check_interval, Duration::from_millis(100))?;
+        min("audit_seal_interval", self.audit_seal_interval, Duration::from_millis(10))?;
         if self.max_rejections < 1 {
             return Err(ConfigError("max_rejections must be at least 1".into()));
         }

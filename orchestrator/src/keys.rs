@@ -163,7 +163,15 @@ pub async fn create_api(core: &Core, req: ApiRequest<CreateKey>) -> ApiResult<Cr
             message: format!("no robot {robot} in this tenant"),
         });
     }
-    create(&core.store.pool, &req.tenant, &req.body).await
+    let created = create(&core.store.pool, &req.tenant, &req.body).await?;
+    let k = &created.key;
+    let data = serde_json::json!({ "name": k.name, "role": k.role.as_str(), "robot_id": k.robot_id });
+    let actor = crate::audit::actor_of(&req);
+    crate::audit::key_changed(&core.store.pool, &req.tenant, "key.created", &k.id, &actor, data)
+        .await
+        .map_err(StoreError::from)?;
+    core.wake_relay.notify_one();
+    Ok(created)
 }
 
 pub async fn list(core: &Core, req: ApiRequest<ListKeys>) -> ApiResult<KeyList> {
@@ -201,6 +209,8 @@ pub async fn revoke(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyVie
     if n == 0 {
         return Err(ApiError::NotFound { what: "key".into() });
     }
+    let data = serde_json::json!({ "reason": req.body.reason });
+    key_history(core, &req, "key.revoked", data).await?;
     get(&core.store.pool, &req.tenant, &req.body.id)
         .await?
         .ok_or_else(|| ApiError::NotFound { what: "key".into() })
@@ -222,6 +232,7 @@ pub async fn rotate(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<Create
     if n == 0 {
         return Err(ApiError::NotFound { what: "active key".into() });
     }
+    key_history(core, &req, "key.rotated", serde_json::json!({})).await?;
     let key = get(&core.store.pool, &req.tenant, &req.body.id)
         .await?
         .ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
@@ -238,7 +249,18 @@ pub async fn delete(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyVie
         .execute(&core.store.pool)
         .await
         .map_err(StoreError::from)?;
+    key_history(core, &req, "key.deleted", serde_json::json!({ "name": key.name })).await?;
     Ok(key)
+}
+
+/// The history row of a change to the key `req` names (see [`crate::audit`]).
+async fn key_history(core: &Core, req: &ApiRequest<KeyAction>, kind: &str, data: serde_json::Value) -> ApiResult<()> {
+    let actor = crate::audit::actor_of(req);
+    crate::audit::key_changed(&core.store.pool, &req.tenant, kind, &req.body.id, &actor, data)
+        .await
+        .map_err(StoreError::from)?;
+    core.wake_relay.notify_one();
+    Ok(())
 }
 
 /// For `fleet-orchestrator api-key create`: connect, migrate, create, return the raw key.
@@ -272,6 +294,8 @@ pub async fn create_with_config(
         rate_limit,
     };
     let created = create(&pool, tenant, &req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let data = serde_json::json!({ "name": name, "role": role.as_str(), "source": "cli" });
+    crate::audit::key_changed(&pool, tenant, "key.created", &created.key.id, "cli", data).await?;
     pool.close().await;
     Ok(created.api_key)
 }

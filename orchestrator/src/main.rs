@@ -25,6 +25,25 @@ enum Command {
     /// Manage API keys directly in the database (for the first admin key of a tenant).
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
+    /// Check the tamper-evident audit trail of the history (needs only DATABASE_URL).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AuditCommand {
+    /// Walk each tenant's hash chain against the history rows and name the first row that was
+    /// edited, deleted or inserted out of order. Prints one line per tenant (OK with the count of
+    /// sealed rows and the head hash, or BROKEN naming the row); exits 1 if any trail is broken.
+    Verify {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// A head hash recorded earlier (from a `fleet.events.<tenant>.audit.sealed` event or an
+        /// earlier verify); it must still be in the chain, else the chain was rewritten.
+        #[arg(long, requires = "tenant")]
+        expect_head: Option<String>,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -73,6 +92,9 @@ fn main() -> std::process::ExitCode {
     };
     if let Some(Command::ApiKey(ApiKeyCommand::Create { tenant, role, name, rate_limit })) = cli.command {
         return runtime.block_on(create_key(config, tenant, role, name, rate_limit));
+    }
+    if let Some(Command::Audit(AuditCommand::Verify { tenant, expect_head })) = cli.command {
+        return runtime.block_on(audit_verify(config, tenant, expect_head));
     }
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
@@ -147,6 +169,33 @@ async fn create_key(
         Err(e) => {
             eprintln!("fleet-orchestrator: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn audit_verify(
+    config: fleet_orchestrator::Config,
+    tenant: Option<String>,
+    expect_head: Option<String>,
+) -> std::process::ExitCode {
+    if let Some(t) = &tenant
+        && let Err(e) = fleet_schemas::TenantId::new(t.as_str())
+    {
+        eprintln!("fleet-orchestrator: --tenant: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    if let Some(h) = &expect_head
+        && (h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        eprintln!("fleet-orchestrator: --expect-head must be a SHA-256 hash in hex (64 characters), got {h:?}");
+        return std::process::ExitCode::from(2);
+    }
+    match fleet_orchestrator::audit::verify_with_config(&config, tenant.as_deref(), expect_head.as_deref()).await {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("fleet-orchestrator: {e:#}");
+            std::process::ExitCode::from(2)
         }
     }
 }

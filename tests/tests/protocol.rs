@@ -75,6 +75,7 @@ impl Fabric {
     async fn api<T: Serialize, R: DeserializeOwned>(&self, endpoint: Endpoint, body: T) -> ApiResult<R> {
         let req = ApiRequest {
             v: 1,
+            actor: None,
             request_id: RequestId::new(),
             tenant: tenant(),
             deadline_unix_ms: (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64 + 5_000,
