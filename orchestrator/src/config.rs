@@ -395,6 +395,22 @@ mod tests {
     }
 
     #[test]
+    fn the_audit_seal_interval_defaults_to_a_second_and_is_tunable_and_bounded() {
+        Jail::expect_with(|jail| {
+            assert_eq!(Config::load().map_err(|e| e.to_string())?.audit_seal_interval, Duration::from_secs(1));
+            jail.set_env("FLEET_AUDIT_SEAL_INTERVAL", "250ms");
+            assert_eq!(
+                Config::load().map_err(|e| e.to_string())?.audit_seal_interval,
+                Duration::from_millis(250)
+            );
+            jail.set_env("FLEET_AUDIT_SEAL_INTERVAL", "1ms");
+            let e = Config::load().unwrap_err().to_string();
+            assert!(e.contains("audit_seal_interval must be at least"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let c = Config::default();
         assert!(!format!("{c:?}").contains("postgres://"));
