@@ -370,7 +370,7 @@ pub async fn api_call<B: Serialize, R: DeserializeOwned>(
     let envelope = ApiRequest {
         v: API_VERSION,
         actor: None,
-            request_id: RequestId::new(),
+        request_id: RequestId::new(),
         tenant: tenant.clone(),
         deadline_unix_ms: unix_ms_now() + REQUEST_TIMEOUT.as_millis() as i64,
         body,

@@ -148,7 +148,12 @@ impl Orchestrator {
     }
 
     /// Send one request and wait `waited` for its reply.
-    async fn send<B, R>(&self, endpoint: Endpoint, envelope: &ApiRequest<B>, waited: Duration) -> Result<R, CallError>
+    async fn send<B, R>(
+        &self,
+        endpoint: Endpoint,
+        envelope: &ApiRequest<B>,
+        waited: Duration,
+    ) -> Result<R, CallError>
     where
         B: Serialize,
         R: DeserializeOwned,

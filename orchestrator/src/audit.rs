@@ -84,7 +84,8 @@ struct HistoryRow {
 }
 
 /// The columns of [`HistoryRow`], for `SELECT … FROM job_history h`.
-const ROW_COLUMNS: &str = "h.id, h.tenant, h.job_id, h.robot_id, h.seq, h.kind, h.attempt, h.data::text AS data,
+const ROW_COLUMNS: &str =
+    "h.id, h.tenant, h.job_id, h.robot_id, h.seq, h.kind, h.attempt, h.data::text AS data,
     (extract(epoch FROM h.occurred_at) * 1000000)::int8 AS occurred_us, h.actor";
 
 /// Length-prefixed fields, so no two different rows encode the same bytes.
@@ -210,11 +211,12 @@ pub async fn seal(core: &Core) -> anyhow::Result<usize> {
         return Ok(0);
     }
     let ids: Vec<i64> = queued.iter().map(|q| q.0).collect();
-    let rows: Vec<HistoryRow> =
-        sqlx::query_as(&format!("SELECT {ROW_COLUMNS} FROM job_history h WHERE h.id = ANY($1) ORDER BY h.id"))
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?;
+    let rows: Vec<HistoryRow> = sqlx::query_as(&format!(
+        "SELECT {ROW_COLUMNS} FROM job_history h WHERE h.id = ANY($1) ORDER BY h.id"
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
     if rows.len() < ids.len() {
         // Deleted before it was sealed: nothing left to seal. The verifier cannot see such a
         // row; say so where an operator looks.
@@ -478,7 +480,8 @@ async fn verify_tenant(
             let history_id: i64 = e.get("history_id");
             let (xid, horizon): (i64, i64) = (e.get("xid"), e.get("horizon"));
             let stored: Vec<u8> = e.get("hash");
-            let at = |kind, detail: String| Broken { kind, history_id: Some(history_id), seq: Some(seq), detail };
+            let at =
+                |kind, detail: String| Broken { kind, history_id: Some(history_id), seq: Some(seq), detail };
             let expected = audit.sealed as i64 + 1;
             if seq != expected {
                 audit.broken = Some(Broken {
@@ -538,7 +541,8 @@ async fn verify_tenant(
             }
             Some(xid) => {
                 if let Some(later) = seals.overtaken(id, xid) {
-                    audit.broken = Some(broken(format!("written after row {later} was sealed, yet with an older id")));
+                    audit.broken =
+                        Some(broken(format!("written after row {later} was sealed, yet with an older id")));
                     break;
                 }
                 audit.pending += 1;

@@ -397,7 +397,10 @@ mod tests {
     #[test]
     fn the_audit_seal_interval_defaults_to_a_second_and_is_tunable_and_bounded() {
         Jail::expect_with(|jail| {
-            assert_eq!(Config::load().map_err(|e| e.to_string())?.audit_seal_interval, Duration::from_secs(1));
+            assert_eq!(
+                Config::load().map_err(|e| e.to_string())?.audit_seal_interval,
+                Duration::from_secs(1)
+            );
             jail.set_env("FLEET_AUDIT_SEAL_INTERVAL", "250ms");
             assert_eq!(
                 Config::load().map_err(|e| e.to_string())?.audit_seal_interval,

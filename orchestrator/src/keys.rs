@@ -254,7 +254,12 @@ pub async fn delete(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyVie
 }
 
 /// The history row of a change to the key `req` names (see [`crate::audit`]).
-async fn key_history(core: &Core, req: &ApiRequest<KeyAction>, kind: &str, data: serde_json::Value) -> ApiResult<()> {
+async fn key_history(
+    core: &Core,
+    req: &ApiRequest<KeyAction>,
+    kind: &str,
+    data: serde_json::Value,
+) -> ApiResult<()> {
     let actor = crate::audit::actor_of(req);
     crate::audit::key_changed(&core.store.pool, &req.tenant, kind, &req.body.id, &actor, data)
         .await

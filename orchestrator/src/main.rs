@@ -187,10 +187,14 @@ async fn audit_verify(
     if let Some(h) = &expect_head
         && (h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()))
     {
-        eprintln!("fleet-orchestrator: --expect-head must be a SHA-256 hash in hex (64 characters), got {h:?}");
+        eprintln!(
+            "fleet-orchestrator: --expect-head must be a SHA-256 hash in hex (64 characters), got {h:?}"
+        );
         return std::process::ExitCode::from(2);
     }
-    match fleet_orchestrator::audit::verify_with_config(&config, tenant.as_deref(), expect_head.as_deref()).await {
+    match fleet_orchestrator::audit::verify_with_config(&config, tenant.as_deref(), expect_head.as_deref())
+        .await
+    {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::FAILURE,
         Err(e) => {

@@ -50,7 +50,8 @@ async fn trail() -> Trail {
         let (secure, admin) = (&secure, admin.clone());
         async move {
             let body = json!({"name": role, "role": role});
-            let made = ok("key", secure.send(Method::POST, "/api/v1/api-keys", Some(&admin), Some(body)).await);
+            let made =
+                ok("key", secure.send(Method::POST, "/api/v1/api-keys", Some(&admin), Some(body)).await);
             (made["api_key"].as_str().unwrap().to_owned(), made["key"]["id"].as_str().unwrap().to_owned())
         }
     };
@@ -60,7 +61,8 @@ async fn trail() -> Trail {
     for i in 0..3 {
         let body = json!({"workflow_name": format!("audited-{i}"),
                           "workflow_json": {"steps": [{"id": "a", "kind": "log", "message": "x"}]}});
-        let answer = ok("submit", secure.send(Method::POST, "/api/v1/workflows", Some(&operator), Some(body)).await);
+        let answer =
+            ok("submit", secure.send(Method::POST, "/api/v1/workflows", Some(&operator), Some(body)).await);
         jobs.push(answer["job_id"].as_str().unwrap().to_owned());
     }
     for id in &jobs {
@@ -72,11 +74,11 @@ async fn trail() -> Trail {
     ok("revoke", secure.send(Method::POST, &revoke, Some(&admin), Some(json!({}))).await);
 
     let pool = stack.db.pool().await.unwrap();
-    let kinds: Vec<String> = sqlx::query_scalar("SELECT DISTINCT kind FROM job_history")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    for kind in ["job.submitted", "job.completed", "robot.registered", "robot.created", "key.created", "key.revoked"] {
+    let kinds: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT kind FROM job_history").fetch_all(&pool).await.unwrap();
+    for kind in
+        ["job.submitted", "job.completed", "robot.registered", "robot.created", "key.created", "key.revoked"]
+    {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} row in the history: {kinds:?}");
     }
     sealed_all(&pool).await;
@@ -153,11 +155,12 @@ async fn a_sealed_trail_verifies_with_its_actors_and_its_head_published() {
         assert_eq!(actor(row_of(&trail.pool, job, "job.submitted").await).await, trail.operator_id);
         assert_eq!(actor(row_of(&trail.pool, job, "job.completed").await).await, ROBOT);
     }
-    let key_actors: Vec<String> =
-        sqlx::query_scalar("SELECT actor FROM job_history WHERE kind IN ('key.created', 'key.revoked') ORDER BY id")
-            .fetch_all(&trail.pool)
-            .await
-            .unwrap();
+    let key_actors: Vec<String> = sqlx::query_scalar(
+        "SELECT actor FROM job_history WHERE kind IN ('key.created', 'key.revoked') ORDER BY id",
+    )
+    .fetch_all(&trail.pool)
+    .await
+    .unwrap();
     assert_eq!(key_actors[0], "cli", "the first admin key comes from the CLI");
     assert!(key_actors[1..].iter().all(|a| *a == trail.admin_id), "{key_actors:?}");
 
@@ -179,7 +182,10 @@ async fn a_sealed_trail_verifies_with_its_actors_and_its_head_published() {
     // The binary agrees, and checks a recorded head.
     let (code, out) = verify_binary(&trail, &["--tenant", TENANT, "--expect-head", &head]);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains(&format!("tenant {TENANT}: OK, {} rows sealed, head {head}", report.sealed)), "{out}");
+    assert!(
+        out.contains(&format!("tenant {TENANT}: OK, {} rows sealed, head {head}", report.sealed)),
+        "{out}"
+    );
     let (code, out) = verify_binary(&trail, &["--tenant", TENANT, "--expect-head", &"ab".repeat(32)]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("chain rewritten"), "{out}");
@@ -231,7 +237,8 @@ async fn a_row_inserted_out_of_order_is_named() {
     broken_at(&trail, BrokenKind::InsertedOutOfOrder, forged).await;
     // Once the sealer has had its turn, still named.
     wait_for("the forged row to leave the queue", WAIT, || async {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_queue").fetch_one(&trail.pool).await.ok()?;
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM audit_queue").fetch_one(&trail.pool).await.ok()?;
         (left == 0).then_some(())
     })
     .await

@@ -412,6 +412,7 @@ async fn a_value_the_database_refuses_fails_only_its_own_request_in_a_batch() {
         request_id: RequestId::new(),
         idempotency_key: None,
         deadline_unix_ms: None,
+        actor: "test".to_owned(),
     };
     let jobs: Vec<NewJob> = (0..40).map(|i| job(if i == 20 { "bad\u{0}name" } else { "good" })).collect();
     let placement = Placement::Pending { reason: "no robot".into() };

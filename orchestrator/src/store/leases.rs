@@ -363,7 +363,12 @@ impl Store {
     /// row. A waiting job's offer is returned for the caller to recall; a running job's robot and
     /// attempt are returned so the caller frees the slot and tells the robot to stop. A report
     /// of the cancelled attempt arriving later is refused: every report is fenced on `running`.
-    pub async fn cancel(&self, tenant: &TenantId, job_id: JobId, actor: &str) -> StoreResult<Option<CancelOutcome>> {
+    pub async fn cancel(
+        &self,
+        tenant: &TenantId,
+        job_id: JobId,
+        actor: &str,
+    ) -> StoreResult<Option<CancelOutcome>> {
         let epoch = self.epoch()?;
         let sql = format!(
             "WITH prev AS (

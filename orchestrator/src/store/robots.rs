@@ -143,7 +143,7 @@ impl Store {
     ) -> StoreResult<()> {
         let epoch = self.epoch()?;
         let sql = format!(
-"INSERT INTO job_history (tenant, robot_id, kind, data, actor) SELECT $1, $2, $3, $4, $2 WHERE {}",
+            "INSERT INTO job_history (tenant, robot_id, kind, data, actor) SELECT $1, $2, $3, $4, $2 WHERE {}",
             fenced(5)
         );
         sqlx::query(&sql)
