@@ -392,6 +392,7 @@ pub async fn api_call<B: Serialize, R: DeserializeOwned>(
 ) -> anyhow::Result<R> {
     let envelope = ApiRequest {
         v: API_VERSION,
+        actor: None,
         request_id: RequestId::new(),
         tenant: tenant.clone(),
         deadline_unix_ms: unix_ms_now() + REQUEST_TIMEOUT.as_millis() as i64,

@@ -98,6 +98,24 @@ impl Orchestrator {
         self.call_with_deadline(endpoint, request_id, tenant, body, self.request_timeout, REPLY_GRACE).await
     }
 
+    /// Call `endpoint` with the configured deadline on behalf of `actor` (the caller's key id),
+    /// which the orchestrator records as the actor of the history rows the call writes.
+    pub async fn call_as<B, R>(
+        &self,
+        endpoint: Endpoint,
+        request_id: RequestId,
+        tenant: &TenantId,
+        actor: Option<&str>,
+        body: B,
+    ) -> Result<R, CallError>
+    where
+        B: Serialize,
+        R: DeserializeOwned,
+    {
+        let envelope = self.envelope(request_id, tenant, body, self.request_timeout, actor);
+        self.send(endpoint, &envelope, self.request_timeout + REPLY_GRACE).await
+    }
+
     /// Call `endpoint`, giving the orchestrator `deadline` and waiting `deadline + grace`.
     pub async fn call_with_deadline<B, R>(
         &self,
@@ -112,16 +130,40 @@ impl Orchestrator {
         B: Serialize,
         R: DeserializeOwned,
     {
+        let envelope = self.envelope(request_id, tenant, body, deadline, None);
+        self.send(endpoint, &envelope, deadline + grace).await
+    }
+
+    fn envelope<B>(
+        &self,
+        request_id: RequestId,
+        tenant: &TenantId,
+        body: B,
+        deadline: Duration,
+        actor: Option<&str>,
+    ) -> ApiRequest<B> {
+        let deadline_unix_ms = unix_ms(OffsetDateTime::now_utc()).saturating_add(millis(deadline));
+        let actor = actor.map(str::to_owned);
+        ApiRequest { v: API_VERSION, request_id, tenant: tenant.clone(), deadline_unix_ms, body, actor }
+    }
+
+    /// Send one request and wait `waited` for its reply.
+    async fn send<B, R>(
+        &self,
+        endpoint: Endpoint,
+        envelope: &ApiRequest<B>,
+        waited: Duration,
+    ) -> Result<R, CallError>
+    where
+        B: Serialize,
+        R: DeserializeOwned,
+    {
         if !self.is_connected() {
             return Err(CallError::NotConnected);
         }
-        let deadline_unix_ms = unix_ms(OffsetDateTime::now_utc()).saturating_add(millis(deadline));
-        let envelope =
-            ApiRequest { v: API_VERSION, request_id, tenant: tenant.clone(), deadline_unix_ms, body };
-        let payload = codec::encode(&envelope);
+        let payload = codec::encode(envelope);
         let size = payload.len();
         let subject = endpoint.subject();
-        let waited = deadline + grace;
         let request = async_nats::Request::new().payload(payload.into()).timeout(Some(waited));
         let reply = self
             .client

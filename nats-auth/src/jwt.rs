@@ -302,7 +302,11 @@ mod tests {
         assert!(matches!(verified_claims(&spliced), Err(JwtError::Signature)));
         let past = OffsetDateTime::now_utc() - time::Duration::minutes(1);
         let expiring = issuer.user_jwt("UX", "n", &p, Some(past)).unwrap();
-        assert_eq!(verified_claims(&expiring).unwrap().1["exp"], past.unix_timestamp(), "the server enforces exp");
+        assert_eq!(
+            verified_claims(&expiring).unwrap().1["exp"],
+            past.unix_timestamp(),
+            "the server enforces exp"
+        );
         assert!(matches!(decode_request(b"garbage"), Err(JwtError::Shape)));
     }
 }

@@ -217,6 +217,7 @@ async fn submit(core: &Arc<Core>, req: ApiRequest<SubmitJob>) -> ApiResult<Submi
         request_id: req.request_id,
         idempotency_key: body.idempotency_key.clone(),
         deadline_unix_ms: Some(req.deadline_unix_ms),
+        actor: crate::audit::actor_of(&req),
     };
     if past_deadline(&req) {
         release(core);
@@ -343,7 +344,7 @@ async fn cancel(core: &Core, req: ApiRequest<GetById<JobId>>) -> ApiResult<Cance
     }
     let job_id = req.body.id;
     let tenant = &req.tenant;
-    let Some(done) = core.store.cancel(tenant, job_id).await? else {
+    let Some(done) = core.store.cancel(tenant, job_id, &crate::audit::actor_of(&req)).await? else {
         return Err(ApiError::NotFound { what: "job".into() });
     };
     // Everything below follows a committed cancel: bookkeeping and nudges, none of which can

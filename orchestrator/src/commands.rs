@@ -44,10 +44,11 @@ pub async fn command(core: &Core, req: ApiRequest<RobotCommandRequest>) -> ApiRe
     if crate::api::past_deadline(&req) {
         return Err(crate::api::deadline_error());
     }
+    let actor = crate::audit::actor_of(&req);
     let mut told = Vec::new();
     for robot in robots {
         let Ok(robot_id) = RobotId::new(robot.robot_id.as_str()) else { continue };
-        match core.store.apply_command(tenant, &robot_id, req.body.command).await? {
+        match core.store.apply_command(tenant, &robot_id, req.body.command, &actor).await? {
             Some(desired) => {
                 publish_desired(core, tenant, &robot_id, &desired).await;
                 told.push(robot.robot_id);

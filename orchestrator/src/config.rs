@@ -102,6 +102,10 @@ pub struct Config {
     /// secrets-key create --out FILE` makes one). Unset: the secrets API answers 503.
     #[serde(default)]
     pub secrets_key_file: Option<PathBuf>,
+    /// How often the leader seals new history rows into the audit chain (see `audit`): the
+    /// longest a committed row stays unsealed while the leader is healthy.
+    #[serde(with = "duration")]
+    pub audit_seal_interval: Duration,
 }
 
 impl Default for Config {
@@ -127,6 +131,7 @@ impl Default for Config {
             fabric_check_interval: Duration::from_secs(5),
             nats_auth_dir: None,
             secrets_key_file: None,
+            audit_seal_interval: Duration::from_secs(1),
         }
     }
 }
@@ -168,7 +173,7 @@ impl Config {
     }
 
     /// Keys settable with a `FLEET_` variable.
-    const KEYS: [&'static str; 18] = [
+    const KEYS: [&'static str; 19] = [
         "prefetch",
         "max_rejections",
         "db_pool_size",
@@ -184,6 +189,7 @@ impl Config {
         "logs_max_age",
         "sweep_interval",
         "fabric_check_interval",
+        "audit_seal_interval",
         "nats_url",
         "nats_auth_dir",
         "secrets_key_file",
@@ -240,6 +246,7 @@ impl Config {
         min("offer_ack_wait", self.offer_ack_wait, Duration::from_secs(1))?;
         min("sweep_interval", self.sweep_interval, Duration::from_millis(10))?;
         min("fabric_check_interval", self.fabric_check_interval, Duration::from_millis(100))?;
+        min("audit_seal_interval", self.audit_seal_interval, Duration::from_millis(10))?;
         if self.max_rejections < 1 {
             return Err(ConfigError("max_rejections must be at least 1".into()));
         }
@@ -423,6 +430,25 @@ mod tests {
             jail.set_env("FLEET_FABRIC_CHECK_INTERVAL", "1ms");
             let e = Config::load().unwrap_err().to_string();
             assert!(e.contains("fabric_check_interval must be at least"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_audit_seal_interval_defaults_to_a_second_and_is_tunable_and_bounded() {
+        Jail::expect_with(|jail| {
+            assert_eq!(
+                Config::load().map_err(|e| e.to_string())?.audit_seal_interval,
+                Duration::from_secs(1)
+            );
+            jail.set_env("FLEET_AUDIT_SEAL_INTERVAL", "250ms");
+            assert_eq!(
+                Config::load().map_err(|e| e.to_string())?.audit_seal_interval,
+                Duration::from_millis(250)
+            );
+            jail.set_env("FLEET_AUDIT_SEAL_INTERVAL", "1ms");
+            let e = Config::load().unwrap_err().to_string();
+            assert!(e.contains("audit_seal_interval must be at least"), "{e}");
             Ok(())
         });
     }

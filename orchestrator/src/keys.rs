@@ -189,7 +189,15 @@ pub async fn create_api(core: &Core, req: ApiRequest<CreateKey>) -> ApiResult<Cr
             message: format!("no robot {robot} in this tenant"),
         });
     }
-    create(&core.store.pool, &req.tenant, &req.body).await
+    let created = create(&core.store.pool, &req.tenant, &req.body).await?;
+    let k = &created.key;
+    let data = serde_json::json!({ "name": k.name, "role": k.role.as_str(), "robot_id": k.robot_id });
+    let actor = crate::audit::actor_of(&req);
+    crate::audit::key_changed(&core.store.pool, &req.tenant, "key.created", &k.id, &actor, data)
+        .await
+        .map_err(StoreError::from)?;
+    core.wake_relay.notify_one();
+    Ok(created)
 }
 
 pub async fn list(core: &Core, req: ApiRequest<ListKeys>) -> ApiResult<KeyList> {
@@ -229,6 +237,8 @@ pub async fn revoke(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyVie
     }
     crate::callout::announce_revoked(&core.store.pool, &crate::callout::robot_user(&req.body.id)).await;
     revoke_lapsed(core).await;
+    let data = serde_json::json!({ "reason": req.body.reason });
+    key_history(core, &req, "key.revoked", data).await?;
     get(&core.store.pool, &req.tenant, &req.body.id)
         .await?
         .ok_or_else(|| ApiError::NotFound { what: "key".into() })
@@ -251,6 +261,7 @@ pub async fn rotate(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<Create
         return Err(ApiError::NotFound { what: "active key".into() });
     }
     crate::callout::announce_revoked(&core.store.pool, &crate::callout::robot_user(&req.body.id)).await;
+    key_history(core, &req, "key.rotated", serde_json::json!({})).await?;
     let key = get(&core.store.pool, &req.tenant, &req.body.id)
         .await?
         .ok_or_else(|| ApiError::NotFound { what: "key".into() })?;
@@ -269,7 +280,23 @@ pub async fn delete(core: &Core, req: ApiRequest<KeyAction>) -> ApiResult<KeyVie
         .map_err(StoreError::from)?;
     crate::callout::announce_revoked(&core.store.pool, &crate::callout::robot_user(&req.body.id)).await;
     revoke_lapsed(core).await;
+    key_history(core, &req, "key.deleted", serde_json::json!({ "name": key.name })).await?;
     Ok(key)
+}
+
+/// The history row of a change to the key `req` names (see [`crate::audit`]).
+async fn key_history(
+    core: &Core,
+    req: &ApiRequest<KeyAction>,
+    kind: &str,
+    data: serde_json::Value,
+) -> ApiResult<()> {
+    let actor = crate::audit::actor_of(req);
+    crate::audit::key_changed(&core.store.pool, &req.tenant, kind, &req.body.id, &actor, data)
+        .await
+        .map_err(StoreError::from)?;
+    core.wake_relay.notify_one();
+    Ok(())
 }
 
 /// Robot keys stopped working (revoked, deleted or expired): the robots bound to them go offline
@@ -360,6 +387,8 @@ pub async fn create_with_config(
         .context("PostgreSQL did not answer within 30 s (DATABASE_URL)")?;
     sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
     let created = create(&pool, tenant, req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let data = serde_json::json!({ "name": req.name, "role": req.role.as_str(), "source": "cli" });
+    crate::audit::key_changed(&pool, tenant, "key.created", &created.key.id, "cli", data).await?;
     pool.close().await;
     Ok(created.api_key)
 }

@@ -7,6 +7,7 @@
 
 pub mod analytics;
 pub mod api;
+pub mod audit;
 pub mod batch;
 pub mod callout;
 pub mod commands;
@@ -313,6 +314,7 @@ async fn start_leading(core: Arc<Core>, token: CancellationToken) -> JoinSet<()>
     tasks.spawn(serve(core.clone(), fleet_schemas::subjects::ROBOT_REQUESTS, token.clone(), robots::handle));
     tasks.spawn(heartbeats::run(core.clone(), token.clone()));
     tasks.spawn(relay::run(core.clone(), token.clone()));
+    tasks.spawn(audit::run(core.clone(), token.clone()));
     tasks.spawn(sweeper::run(core.clone(), token.clone()));
     tasks.spawn(offers::record_seqs(core.clone(), token.clone()));
     tasks.spawn(fabric::run(core.clone(), token.clone()));

@@ -88,6 +88,9 @@ enum Command {
     /// Manage the master key that encrypts job secrets at rest.
     #[command(subcommand)]
     SecretsKey(SecretsKeyCommand),
+    /// Check the tamper-evident audit trail of the history (needs only DATABASE_URL).
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -99,6 +102,22 @@ enum SecretsKeyCommand {
         /// The file to write.
         #[arg(long)]
         out: std::path::PathBuf,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AuditCommand {
+    /// Walk each tenant's hash chain against the history rows and name the first row that was
+    /// edited, deleted or inserted out of order. Prints one line per tenant (OK with the count of
+    /// sealed rows and the head hash, or BROKEN naming the row); exits 1 if any trail is broken.
+    Verify {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// A head hash recorded earlier (from a `fleet.events.<tenant>.audit.sealed` event or an
+        /// earlier verify); it must still be in the chain, else the chain was rewritten.
+        #[arg(long, requires = "tenant")]
+        expect_head: Option<String>,
     },
 }
 
@@ -180,7 +199,16 @@ fn main() -> std::process::ExitCode {
     };
     match cli.command {
         Some(Command::ApiKey(create)) => return runtime.block_on(create_key(config, create)),
-        Some(Command::NatsSetup { dir, listen, monitor_port, store_dir, rotate, tls_cert, tls_key, tls_ca }) => {
+        Some(Command::NatsSetup {
+            dir,
+            listen,
+            monitor_port,
+            store_dir,
+            rotate,
+            tls_cert,
+            tls_key,
+            tls_ca,
+        }) => {
             let tls_block = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => {
                     Some(fleet_connect::server_tls_block(&cert, &key, tls_ca.as_deref(), tls_ca.is_some()))
@@ -191,6 +219,9 @@ fn main() -> std::process::ExitCode {
         }
         Some(Command::NatsCreds { tenant, role, out, name, expires_in, revoke }) => {
             return runtime.block_on(nats_creds(config, tenant, role, out, name, expires_in, revoke));
+        }
+        Some(Command::Audit(AuditCommand::Verify { tenant, expect_head })) => {
+            return runtime.block_on(audit_verify(config, tenant, expect_head));
         }
         Some(Command::SecretsKey(_)) | Some(Command::Run) | None => {}
     }
@@ -426,5 +457,36 @@ async fn nats_creds(
             std::process::ExitCode::SUCCESS
         }
         Err(e) => fail(e),
+    }
+}
+
+async fn audit_verify(
+    config: fleet_orchestrator::Config,
+    tenant: Option<String>,
+    expect_head: Option<String>,
+) -> std::process::ExitCode {
+    if let Some(t) = &tenant
+        && let Err(e) = fleet_schemas::TenantId::new(t.as_str())
+    {
+        eprintln!("fleet-orchestrator: --tenant: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    if let Some(h) = &expect_head
+        && (h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        eprintln!(
+            "fleet-orchestrator: --expect-head must be a SHA-256 hash in hex (64 characters), got {h:?}"
+        );
+        return std::process::ExitCode::from(2);
+    }
+    match fleet_orchestrator::audit::verify_with_config(&config, tenant.as_deref(), expect_head.as_deref())
+        .await
+    {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("fleet-orchestrator: {e:#}");
+            std::process::ExitCode::from(2)
+        }
     }
 }

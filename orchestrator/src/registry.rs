@@ -119,8 +119,8 @@ pub async fn register(core: &Core, req: ApiRequest<RegisterRobot>) -> ApiResult<
                 max_jobs = EXCLUDED.max_jobs, updated_at = now()
             RETURNING tenant, robot_id, (xmax = 0) AS created
         ), h AS (
-            INSERT INTO job_history (tenant, robot_id, kind, data)
-            SELECT tenant, robot_id, CASE WHEN created THEN 'robot.created' ELSE 'robot.updated' END, $10 FROM up
+            INSERT INTO job_history (tenant, robot_id, kind, data, actor)
+            SELECT tenant, robot_id, CASE WHEN created THEN 'robot.created' ELSE 'robot.updated' END, $10, $11 FROM up
         )
         SELECT created FROM up",
         fenced(9)
@@ -140,6 +140,7 @@ pub async fn register(core: &Core, req: ApiRequest<RegisterRobot>) -> ApiResult<
         .bind(slots)
         .bind(epoch)
         .bind(Json(data))
+        .bind(crate::audit::actor_of(&req))
         .fetch_optional(&core.store.pool)
         .await
         .map_err(StoreError::from)?;
@@ -170,8 +171,8 @@ pub async fn update(core: &Core, req: ApiRequest<UpdateRobot>) -> ApiResult<Robo
             WHERE tenant = $1 AND robot_id = $2 AND {}
             RETURNING tenant, robot_id
         ), h AS (
-            INSERT INTO job_history (tenant, robot_id, kind, data)
-            SELECT tenant, robot_id, 'robot.updated', $10 FROM up
+            INSERT INTO job_history (tenant, robot_id, kind, data, actor)
+            SELECT tenant, robot_id, 'robot.updated', $10, $11 FROM up
         )
         SELECT count(*) FROM up",
         fenced(9)
@@ -201,6 +202,7 @@ pub async fn update(core: &Core, req: ApiRequest<UpdateRobot>) -> ApiResult<Robo
         .bind(slots)
         .bind(epoch)
         .bind(Json(serde_json::Value::Object(changed)))
+        .bind(crate::audit::actor_of(&req))
         .fetch_one(&core.store.pool)
         .await
         .map_err(StoreError::from)?;
@@ -224,6 +226,7 @@ pub async fn delete(core: &Core, req: ApiRequest<GetById<RobotId>>) -> ApiResult
         request_id: req.request_id,
         tenant: req.tenant.clone(),
         deadline_unix_ms: req.deadline_unix_ms,
+        actor: req.actor.clone(),
         body: RobotCommandRequest {
             target: CommandTarget::Robot { robot_id: robot.clone() },
             command: RobotCommand::Stop { force: false },
@@ -240,8 +243,9 @@ pub async fn delete(core: &Core, req: ApiRequest<GetById<RobotId>>) -> ApiResult
             DELETE FROM robots WHERE tenant = $1 AND robot_id = $2 AND {}
             RETURNING tenant, robot_id, name
         ), h AS (
-            INSERT INTO job_history (tenant, robot_id, kind, data)
-            SELECT tenant, robot_id, 'robot.deleted', jsonb_build_object('name', name, 'stopped', $4::bool) FROM gone
+            INSERT INTO job_history (tenant, robot_id, kind, data, actor)
+            SELECT tenant, robot_id, 'robot.deleted', jsonb_build_object('name', name, 'stopped', $4::bool), $5
+            FROM gone
         )
         SELECT count(*) FROM gone",
         fenced(3)
@@ -251,6 +255,7 @@ pub async fn delete(core: &Core, req: ApiRequest<GetById<RobotId>>) -> ApiResult
         .bind(robot.as_str())
         .bind(epoch)
         .bind(stopped)
+        .bind(crate::audit::actor_of(&req))
         .fetch_one(&core.store.pool)
         .await
         .map_err(StoreError::from)?;

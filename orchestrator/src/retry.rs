@@ -45,9 +45,9 @@ pub async fn retry(core: &Core, req: ApiRequest<GetById<JobId>>) -> ApiResult<Re
             WHERE jobs.job_id = prev.job_id AND prev.status IN ('failed', 'cancelled', 'timed_out') AND {}
             RETURNING jobs.tenant, jobs.job_id, jobs.history_seq, jobs.attempt
         ), h AS (
-            INSERT INTO job_history (tenant, job_id, seq, kind, attempt, data)
+            INSERT INTO job_history (tenant, job_id, seq, kind, attempt, data, actor)
             SELECT j.tenant, j.job_id, j.history_seq, 'job.retried', j.attempt,
-                   jsonb_build_object('previous_status', prev.status, 'next_attempt', j.attempt + 1)
+                   jsonb_build_object('previous_status', prev.status, 'next_attempt', j.attempt + 1), $5
             FROM j, prev
         )
         SELECT prev.status, (SELECT attempt FROM j) AS attempt FROM prev",
@@ -58,6 +58,7 @@ pub async fn retry(core: &Core, req: ApiRequest<GetById<JobId>>) -> ApiResult<Re
         .bind(req.tenant.as_str())
         .bind(core.config.max_attempts)
         .bind(epoch)
+        .bind(crate::audit::actor_of(&req))
         .fetch_optional(&core.store.pool)
         .await
         .map_err(StoreError::from)?;

@@ -130,6 +130,11 @@ pub struct ApiRequest<T> {
     /// Unix milliseconds after which the orchestrator must not commit.
     pub deadline_unix_ms: i64,
     pub body: T,
+    /// Who asks: the caller's key id, set by the gateway from the verified key (`None` for a
+    /// dev-mode caller or an internal request). Recorded as the `actor` of the history rows the
+    /// request writes (see the orchestrator's `audit` module).
+    #[serde(default)]
+    pub actor: Option<String>,
 }
 
 /// Why an API request did not succeed. The gateway maps each kind to one HTTP status.

@@ -76,6 +76,7 @@ impl Fabric {
     async fn api<T: Serialize, R: DeserializeOwned>(&self, endpoint: Endpoint, body: T) -> ApiResult<R> {
         let req = ApiRequest {
             v: 1,
+            actor: None,
             request_id: RequestId::new(),
             tenant: tenant(),
             deadline_unix_ms: (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64 + 5_000,
@@ -412,6 +413,7 @@ async fn a_value_the_database_refuses_fails_only_its_own_request_in_a_batch() {
         request_id: RequestId::new(),
         idempotency_key: None,
         deadline_unix_ms: None,
+        actor: "test".to_owned(),
     };
     let jobs: Vec<NewJob> = (0..40).map(|i| job(if i == 20 { "bad\u{0}name" } else { "good" })).collect();
     let placement = Placement::Pending { reason: "no robot".into() };

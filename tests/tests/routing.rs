@@ -440,6 +440,7 @@ async fn tenants_never_see_each_others_jobs_or_robots() {
     for _ in 0..10 {
         let req = ApiRequest {
             v: 1,
+            actor: None,
             request_id: RequestId::new(),
             tenant: TenantId::new("other").unwrap(),
             deadline_unix_ms: (time::OffsetDateTime::now_utc().unix_timestamp() + 10) * 1000,

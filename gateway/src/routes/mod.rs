@@ -164,7 +164,7 @@ pub(crate) async fn call<B: Serialize, R: DeserializeOwned>(
 ) -> Result<R, HttpError> {
     state
         .orchestrator()
-        .call(endpoint, request_id, &caller.tenant, body)
+        .call_as(endpoint, request_id, &caller.tenant, caller.key_id.as_deref(), body)
         .await
         .map_err(|e| HttpError::from_call(e, kind, request_id))
 }

@@ -225,11 +225,11 @@ impl Store {
                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                     $7::text[], $8::text[], $9::text[], $10::int2[], $11::text[], $12::text[], $13::text[],
                     $14::int8[], $15::text[], $16::text[], $17::text[], $18::int4[], $19::uuid[], $20::text[],
-                    $21::text[], $22::text[])
+                    $21::text[], $22::text[], $24::text[])
                 WITH ORDINALITY AS u(job_id, tenant, workflow_id, workflow_name, format, workflow, variables,
                     metadata, requires, priority, trigger_type, execution_mode, target_robot_id, timeout_s,
                     status, waiting_reason, offer_subject, max_attempts, request_id, idempotency_key,
-                    submitted, assigned, ord)
+                    submitted, assigned, actor, ord)
             ), ins AS (
                 INSERT INTO jobs (job_id, tenant, workflow_id, workflow_name, format, workflow, variables,
                     metadata, requires, priority, trigger_type, execution_mode, target_robot_id, timeout_s,
@@ -248,8 +248,9 @@ impl Store {
                 ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING job_id, tenant, status, created_at
             ), h AS (
-                INSERT INTO job_history (tenant, job_id, seq, kind, attempt, data, occurred_at)
-                SELECT ins.tenant, ins.job_id, v.seq, v.kind, 0, v.data::jsonb, ins.created_at
+                INSERT INTO job_history (tenant, job_id, seq, kind, attempt, data, occurred_at, actor)
+                SELECT ins.tenant, ins.job_id, v.seq, v.kind, 0, v.data::jsonb, ins.created_at,
+                    CASE WHEN v.seq = 1 THEN u.actor ELSE 'system' END
                 FROM ins JOIN u ON u.job_id = ins.job_id
                 CROSS JOIN LATERAL (VALUES (1, 'job.submitted', u.submitted), (2, 'job.assigned', u.assigned))
                     AS v(seq, kind, data)
@@ -283,6 +284,7 @@ impl Store {
             .bind(c.submitted)
             .bind(c.assigned)
             .bind(epoch)
+            .bind(c.actor)
             .fetch_all(&self.writer)
             .await?;
         Ok(rows.into_iter().map(|(id, at)| (JobId(id), at)).collect())
@@ -330,9 +332,9 @@ impl Store {
                   AND l.status = 'queued' AND l.offer_no = u.offer_no AND {}
                 RETURNING jobs.*
             ), h AS (
-                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
+                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data, actor)
                 SELECT tenant, job_id, robot_id, history_seq, 'job.started', attempt,
-                       jsonb_build_object('robot_id', robot_id, 'offer_no', offer_no) FROM j
+                       jsonb_build_object('robot_id', robot_id, 'offer_no', offer_no), robot_id FROM j
             )
             SELECT job_id, robot_id, session_id, offer_no, attempt, format, workflow, variables, timeout_s,
                    workflow_name, offer_subject FROM j",
@@ -411,10 +413,11 @@ impl Store {
                   AND l.session_id = u.session_id AND {}
                 RETURNING jobs.*, u.kind AS h_kind, u.failed_step AS h_failed_step
             ), h AS (
-                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
+                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data, actor)
                 SELECT tenant, job_id, robot_id, history_seq, h_kind, attempt,
                        jsonb_build_object('status', status, 'error', error_message, 'failed_step', h_failed_step,
-                           'duration_ms', (extract(epoch FROM completed_at - started_at) * 1000)::bigint)
+                           'duration_ms', (extract(epoch FROM completed_at - started_at) * 1000)::bigint),
+                       robot_id
                 FROM j
             )
             SELECT job_id, attempt, robot_id FROM j",
@@ -584,6 +587,7 @@ struct InsertColumns {
     idempotency_key: Vec<Option<String>>,
     submitted: Vec<String>,
     assigned: Vec<String>,
+    actor: Vec<String>,
 }
 
 impl InsertColumns {
@@ -613,5 +617,6 @@ impl InsertColumns {
         self.idempotency_key.push(job.idempotency_key.clone());
         self.submitted.push(submitted.to_string());
         self.assigned.push(assigned.to_string());
+        self.actor.push(job.actor.clone());
     }
 }

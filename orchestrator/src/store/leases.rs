@@ -218,12 +218,13 @@ impl Store {
                   AND {}
                 RETURNING jobs.*
             ), h AS (
-                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
+                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data, actor)
                 SELECT tenant, job_id, $5, history_seq,
                        CASE WHEN status = 'failed' THEN 'job.failed' WHEN $7 THEN 'job.requeued' ELSE 'job.released' END,
                        attempt,
                        jsonb_build_object('previous_robot_id', $5::text, 'reason', $10::text,
-                           'rejected_by_count', jsonb_array_length(rejections), 'error', error_message)
+                           'rejected_by_count', jsonb_array_length(rejections), 'error', error_message),
+                       coalesce($5::text, 'system')
                 FROM j
             )
             SELECT j.status, prev.prev_status, prev.prev_subject FROM j, prev",
@@ -385,7 +386,12 @@ impl Store {
     /// row. A waiting job's offer is returned for the caller to recall; a running job's robot and
     /// attempt are returned so the caller frees the slot and tells the robot to stop. A report
     /// of the cancelled attempt arriving later is refused: every report is fenced on `running`.
-    pub async fn cancel(&self, tenant: &TenantId, job_id: JobId) -> StoreResult<Option<CancelOutcome>> {
+    pub async fn cancel(
+        &self,
+        tenant: &TenantId,
+        job_id: JobId,
+        actor: &str,
+    ) -> StoreResult<Option<CancelOutcome>> {
         let epoch = self.epoch()?;
         let sql = format!(
             "WITH prev AS (
@@ -401,10 +407,10 @@ impl Store {
                 RETURNING jobs.tenant, jobs.job_id, jobs.history_seq, jobs.attempt, jobs.robot_id,
                           prev.status AS prev_status, jobs.error_message
             ), h AS (
-                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data)
+                INSERT INTO job_history (tenant, job_id, robot_id, seq, kind, attempt, data, actor)
                 SELECT tenant, job_id, robot_id, history_seq, 'job.cancelled', attempt,
                        jsonb_build_object('status', 'cancelled', 'previous_status', prev_status,
-                                          'error', error_message)
+                                          'error', error_message), $4
                 FROM j
             )
             SELECT prev.status, prev.offer_no, prev.offer_subject, prev.robot_id, prev.attempt,
@@ -415,6 +421,7 @@ impl Store {
             .bind(uuid(job_id))
             .bind(tenant.as_str())
             .bind(epoch)
+            .bind(actor)
             .fetch_optional(&self.pool)
             .await?;
         let Some(row) = row else { return Ok(None) };

@@ -165,6 +165,8 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// Not committed after this (Unix milliseconds): the gateway has stopped waiting.
     pub deadline_unix_ms: Option<i64>,
+    /// Who submitted it (the key id; `system` when unknown), the history rows' `actor`.
+    pub actor: String,
 }
 
 #[derive(Debug, Clone)]

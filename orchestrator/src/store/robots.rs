@@ -40,10 +40,10 @@ impl Store {
                     version = EXCLUDED.version, last_heartbeat = now(), updated_at = now()
                 RETURNING robot_id
              ), h AS (
-                INSERT INTO job_history (tenant, robot_id, kind, data)
+                INSERT INTO job_history (tenant, robot_id, kind, data, actor)
                 SELECT $1, $2, 'robot.registered',
                        jsonb_build_object('name', $3::text, 'capabilities', $6::text[], 'max_jobs', $8::int,
-                           'session_id', $9::uuid, 'version', $11::text)
+                           'session_id', $9::uuid, 'version', $11::text), $2
                 FROM up WHERE NOT EXISTS (SELECT 1 FROM prev WHERE prev.session_id = $9)
              )
              SELECT count(*) FROM up",
@@ -77,6 +77,7 @@ impl Store {
         tenant: &TenantId,
         robot: &RobotId,
         command: fleet_schemas::api::RobotCommand,
+        actor: &str,
     ) -> StoreResult<Option<fleet_schemas::robot::DesiredState>> {
         let epoch = self.epoch()?;
         let (mode, stop) = crate::commands::effect(command);
@@ -91,9 +92,9 @@ impl Store {
                 WHERE tenant = $1 AND robot_id = $2 AND (NOT $4 OR session_id IS NOT NULL) AND {}
                 RETURNING tenant, robot_id, desired_mode, desired_stop, command_revision
              ), h AS (
-                INSERT INTO job_history (tenant, robot_id, kind, data)
+                INSERT INTO job_history (tenant, robot_id, kind, data, actor)
                 SELECT tenant, robot_id, 'robot.command', jsonb_build_object('command', $8::jsonb,
-                    'desired_mode', desired_mode, 'stop', desired_stop) FROM up
+                    'desired_mode', desired_mode, 'stop', desired_stop), $9 FROM up
              )
              SELECT desired_mode, desired_stop, command_revision FROM up",
             fenced(7)
@@ -107,6 +108,7 @@ impl Store {
             .bind(stop.is_some_and(|s| s.1))
             .bind(epoch)
             .bind(Json(serde_json::to_value(command).unwrap_or_default()))
+            .bind(actor)
             .fetch_optional(&self.pool)
             .await?;
         if row.is_none() {
@@ -141,7 +143,7 @@ impl Store {
     ) -> StoreResult<()> {
         let epoch = self.epoch()?;
         let sql = format!(
-            "INSERT INTO job_history (tenant, robot_id, kind, data) SELECT $1, $2, $3, $4 WHERE {}",
+            "INSERT INTO job_history (tenant, robot_id, kind, data, actor) SELECT $1, $2, $3, $4, $2 WHERE {}",
             fenced(5)
         );
         sqlx::query(&sql)
