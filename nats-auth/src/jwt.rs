@@ -57,6 +57,9 @@ pub struct AuthorizationRequest {
     pub client_id: u64,
     pub nonce: String,
     pub connect: ConnectOpts,
+    /// Whether the client connected over TLS with a certificate the server verified against
+    /// its CA (`client_tls.verified_chains` is not empty).
+    pub verified_client_cert: bool,
 }
 
 /// The client's CONNECT options.
@@ -87,6 +90,14 @@ struct RequestBody {
     client_info: ClientInfo,
     #[serde(default)]
     connect_opts: ConnectOpts,
+    #[serde(default)]
+    client_tls: Option<ClientTls>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ClientTls {
+    verified_chains: Vec<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -147,6 +158,10 @@ pub fn decode_request(token: &[u8]) -> Result<AuthorizationRequest, JwtError> {
         client_id: claims.nats.client_info.id,
         nonce: claims.nats.client_info.nonce,
         connect: claims.nats.connect_opts,
+        verified_client_cert: claims
+            .nats
+            .client_tls
+            .is_some_and(|t| t.verified_chains.iter().any(|c| !c.is_empty())),
     })
 }
 

@@ -147,6 +147,14 @@ fn validate(body: &SubmitJob) -> ApiResult<(ParsedWorkflow, Class)> {
             .map_err(|e| invalid(format!("required_capabilities[{i}]"), e.to_string()))?;
         requires.insert(cap);
     }
+    // A job for the internet runs only on robots the server saw present a verified client
+    // certificate (the callout attests `tls`).
+    if body.execution_mode == "internet" {
+        requires.insert(
+            Capability::new(fleet_schemas::ids::TLS_CAPABILITY)
+                .map_err(|e| invalid("execution_mode", e.to_string()))?,
+        );
+    }
     if requires.name().len() > fleet_schemas::ids::MAX_CLASS_LEN {
         return Err(invalid("required_capabilities", "too many capabilities"));
     }

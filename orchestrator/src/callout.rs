@@ -7,7 +7,9 @@
 //!   connection name `fleet-robot <id> <offered caps>`. A key bound to a robot id admits only
 //!   that id. The robot's effective capabilities are what it offers ∩ what the key grants
 //!   ([`fleet_schemas::robot::attest`]); they decide its class, so the one class consumer it may
-//!   pull from. Its JWT is named `robot:<key id>` and expires with the key.
+//!   pull from. Its JWT is named `robot:<key id>` and expires with the key. A robot whose
+//!   connection presented a client certificate the server verified also offers `tls` (and only
+//!   then: a `tls` it names itself is dropped), which `execution_mode: internet` jobs require.
 //! - **An enrolling robot**: user `_enrol`, password = its key: may only ask [`whoami`] which
 //!   tenant, robot id and capabilities the key carries.
 //! - **An observer**: an nkey seed file from `fleet-orchestrator nats-creds` (`nats sub --nkey
@@ -28,7 +30,7 @@ use std::time::Duration;
 use fleet_nats_auth::jwt::{self, AuthorizationRequest};
 use fleet_nats_auth::permissions::{self, ENROL_USER, RobotScope};
 use fleet_nats_auth::{Issuer, Permissions};
-use fleet_schemas::ids::{Capability, Class, RobotId, TenantId};
+use fleet_schemas::ids::{Capability, Class, RobotId, TLS_CAPABILITY, TenantId};
 use fleet_schemas::robot::WhoAmI;
 use fleet_schemas::{codec, keys};
 use serde::Deserialize;
@@ -149,8 +151,14 @@ async fn decide(core: &Core, auth: &Auth, req: &AuthorizationRequest) -> Result<
         .filter(|(id, _)| id == robot.as_str())
         .ok_or("a robot names its connection `fleet-robot <robot id> <capabilities>`")?
         .1;
-    let offered: Vec<Capability> =
+    let mut offered: Vec<Capability> =
         offered.into_iter().map(Capability::new).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    // `tls` is the server's word, never the robot's: present exactly when the connection
+    // carries a client certificate the server verified.
+    offered.retain(|c| c.as_str() != TLS_CAPABILITY);
+    if req.verified_client_cert {
+        offered.push(Capability::new(TLS_CAPABILITY).map_err(|e| e.to_string())?);
+    }
     // Recorded on the robot (both sets visible in the robot API); register, claims and
     // heartbeats hold it to the effective set.
     let attested = core

@@ -135,6 +135,9 @@ pub struct FleetView {
     /// What the keys of bound robots grant (absent: not bound). A heartbeat says what the robot
     /// offers; only the granted part of it counts (attested capabilities).
     grants: RwLock<HashMap<(TenantId, RobotId), Grant>>,
+    /// Robots whose connection the server saw present a verified client certificate: they, and
+    /// only they, have `tls` (a heartbeat's own `tls` never counts).
+    tls: RwLock<std::collections::HashSet<(TenantId, RobotId)>>,
 }
 
 /// What a robot's key lets it claim, as the fleet view applies it to its heartbeats.
@@ -173,7 +176,23 @@ pub struct Snapshot {
 
 impl FleetView {
     pub fn new(prefetch: u32) -> Self {
-        Self { prefetch, tenants: RwLock::new(HashMap::new()), grants: RwLock::new(HashMap::new()) }
+        Self {
+            prefetch,
+            tenants: RwLock::new(HashMap::new()),
+            grants: RwLock::new(HashMap::new()),
+            tls: RwLock::new(Default::default()),
+        }
+    }
+
+    /// Record whether the server attested `tls` for the robot's current connection.
+    pub fn set_tls(&self, tenant: &TenantId, robot: &RobotId, attested: bool) {
+        let mut tls = self.tls.write().expect("not poisoned");
+        let key = (tenant.clone(), robot.clone());
+        if attested {
+            tls.insert(key);
+        } else {
+            tls.remove(&key);
+        }
     }
 
     /// Record what a robot's key grants (at registration, at revocation, at a reload).
@@ -200,6 +219,12 @@ impl FleetView {
     /// Cut a heartbeat's capabilities to what the robot's key grants. `false`: the robot's key
     /// was revoked and the heartbeat must be ignored.
     pub fn attest_heartbeat(&self, hb: &mut Heartbeat) -> bool {
+        let tls = fleet_schemas::ids::TLS_CAPABILITY;
+        hb.capabilities.retain(|c| c != tls);
+        if self.tls.read().expect("not poisoned").contains(&(hb.tenant.clone(), hb.robot_id.clone())) {
+            hb.capabilities.push(tls.to_owned());
+            hb.capabilities.sort();
+        }
         let grants = self.grants.read().expect("not poisoned");
         match grants.get(&(hb.tenant.clone(), hb.robot_id.clone())) {
             None | Some(Grant::Unbound) | Some(Grant::Any) => true,

@@ -193,14 +193,25 @@ pub(crate) async fn attested_class(
 ) -> Result<Result<Class, String>, StoreError> {
     let Some(binding) = core.store.binding_of(tenant, robot).await? else {
         core.fleet.set_grant(tenant, robot, crate::fleet::Grant::Unbound);
-        return Ok(Ok(offered));
+        core.fleet.set_tls(tenant, robot, false);
+        let tls = fleet_schemas::ids::TLS_CAPABILITY;
+        return Ok(Ok(Class::new(offered.iter().filter(|c| c.as_str() != tls).cloned()).unwrap_or_default()));
     };
     if binding.revoked {
         core.fleet.set_grant(tenant, robot, crate::fleet::Grant::Revoked);
         return Ok(Err(format!("robot {robot}'s key {} was revoked or has expired", binding.key_id)));
     }
     let granted = binding.granted.map(|g| g.iter().filter_map(|c| Capability::new(c).ok()).collect());
-    let attested = Attested::new(offered.iter().cloned().collect(), granted);
+    // `tls` is what the server attested at connect (the callout bound it), never what a robot
+    // registers with.
+    let tls = fleet_schemas::ids::TLS_CAPABILITY;
+    let mut offered: Vec<Capability> = offered.iter().filter(|c| c.as_str() != tls).cloned().collect();
+    let tls_attested = binding.effective.iter().any(|c| c == tls);
+    core.fleet.set_tls(tenant, robot, tls_attested);
+    if tls_attested {
+        offered.extend(Capability::new(tls).ok());
+    }
+    let attested = Attested::new(offered, granted);
     core.store.record_offer(tenant, robot, &attested).await?;
     let class = Class::new(attested.effective.iter().cloned()).unwrap_or_default();
     core.fleet.set_grant(tenant, robot, crate::fleet::Grant::of(attested.granted.as_deref()));

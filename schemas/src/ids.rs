@@ -132,6 +132,11 @@ pub const BUILTIN_CAPABILITIES: &[&str] =
 /// The implicit capability of a robot that may run `shell` steps.
 pub const SHELL_CAPABILITY: &str = "shell";
 
+/// The capability of a robot whose NATS connection presented a client certificate the server
+/// verified (mutual TLS): attested by the server through the auth callout, never taken from
+/// what a robot says. Jobs with `execution_mode: internet` require it.
+pub const TLS_CAPABILITY: &str = "tls";
+
 /// A canonical capability set: sorted, deduplicated. Its [`Class::name`] is the names joined
 /// with `+`, or `any` for the empty set, and names the class consumer.
 #[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

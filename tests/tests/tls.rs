@@ -155,6 +155,14 @@ async fn over_mutual_tls_a_job_runs_end_to_end_and_plain_clients_are_refused() {
     let job = stack.finished(&job_id).await;
     assert_eq!(job["status"], "completed", "{job}");
     assert!(job["output"]["steps"]["run"]["stdout"].as_str().unwrap_or_default().contains("mutual"), "{job}");
+    // Its verified certificate makes it a `tls` robot (the server's word, through the callout),
+    // and so a robot for jobs across the internet.
+    let (_, view) = stack.get("/api/v1/metrics/robots/r1").await;
+    assert!(view["capabilities"].as_array().unwrap().contains(&json!("tls")), "{view}");
+    let mut internet = shell_job("echo far");
+    internet["execution_mode"] = json!("internet");
+    let job_id = stack.submit(internet).await["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(stack.finished(&job_id).await["status"], "completed");
 
     // No TLS at all: refused (the client requires nothing, the server requires TLS).
     let plain = probe(&url, NatsTls::default());
@@ -284,4 +292,27 @@ async fn unusable_certificate_files_are_named_at_start() {
     robot.nats_tls = NatsTls { ca: Some(garbage.clone()), ..NatsTls::default() };
     let e = start_error(fleet_robot::run(robot, CancellationToken::new())).await;
     assert!(e.contains(&garbage.display().to_string()) && e.contains("--nats-ca"), "{e}");
+}
+
+/// On a server without client certificates no robot is a `tls` robot, whatever it says of
+/// itself: a job for the internet waits, naming what it needs.
+#[tokio::test]
+async fn internet_jobs_wait_for_a_robot_with_a_verified_certificate() {
+    let mut stack = Stack::start().await;
+    stack.start_robot(stack.robot_config("claims-tls", &["tls"]));
+    stack.wait_robots_online(1).await;
+    let (_, view) = stack.get("/api/v1/metrics/robots/claims-tls").await;
+    assert!(
+        !view["capabilities"].as_array().unwrap().contains(&json!("tls")),
+        "self-declared tls kept: {view}"
+    );
+    let mut internet = shell_job("echo far");
+    internet["execution_mode"] = json!("internet");
+    let job_id = stack.submit(internet).await["job_id"].as_str().unwrap().to_owned();
+    let lan = stack.submit(shell_job("echo near")).await["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(stack.finished(&lan).await["status"], "completed", "the robot works");
+    let job = stack.job(&job_id).await;
+    assert_eq!(job["status"], "pending", "{job}");
+    assert!(job["waiting_reason"].as_str().unwrap_or_default().contains("tls"), "{job}");
+    stack.stop().await;
 }
