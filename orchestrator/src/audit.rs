@@ -571,16 +571,7 @@ pub async fn verify_with_config(
     expect_head: Option<&str>,
 ) -> anyhow::Result<bool> {
     use anyhow::Context;
-    let give_up = CancellationToken::new();
-    let timer = give_up.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        timer.cancel();
-    });
-    let pool = crate::connect_db(config, &give_up)
-        .await?
-        .context("PostgreSQL did not answer within 30 s (DATABASE_URL)")?;
-    sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
+    let pool = crate::cli_pool(config).await?;
     let report = verify(&pool, tenant, expect_head).await.context("reading the audit trail")?;
     pool.close().await;
     if report.is_empty() {

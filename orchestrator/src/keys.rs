@@ -373,19 +373,7 @@ pub async fn create_with_config(
     tenant: &TenantId,
     req: &CreateKey,
 ) -> anyhow::Result<String> {
-    use anyhow::Context;
-    // Same connection rules as the orchestrator (a missing database is created), but give up
-    // after a while instead of waiting for PostgreSQL forever.
-    let give_up = tokio_util::sync::CancellationToken::new();
-    let timer = give_up.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-        timer.cancel();
-    });
-    let pool = crate::connect_db(config, &give_up)
-        .await?
-        .context("PostgreSQL did not answer within 30 s (DATABASE_URL)")?;
-    sqlx::migrate!("../migrations").run(&pool).await.context("applying database migrations")?;
+    let pool = crate::cli_pool(config).await?;
     let created = create(&pool, tenant, req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let data = serde_json::json!({ "name": req.name, "role": req.role.as_str(), "source": "cli" });
     crate::audit::key_changed(&pool, tenant, "key.created", &created.key.id, "cli", data).await?;
