@@ -1,6 +1,6 @@
 //! How each Fleet program proves who it is when it connects to NATS.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use async_nats::ConnectOptions;
@@ -92,11 +92,6 @@ impl Credentials {
                 .custom_inbox_prefix(permissions::robot_inbox_prefix(key_id, ENROL_USER)),
         })
     }
-
-    /// Connect with these credentials and plain options (tests and tools).
-    pub async fn connect(&self, url: &str) -> anyhow::Result<async_nats::Client> {
-        self.apply(ConnectOptions::new())?.connect(url).await.with_context(|| format!("connecting to {url}"))
-    }
 }
 
 /// The key id part of a raw key `crpa_<key id>_<secret>`, or an error naming the shape.
@@ -104,11 +99,6 @@ pub fn key_id(key: &str) -> anyhow::Result<String> {
     let parsed = fleet_schemas::keys::parse_key(key.trim())
         .context("not a Fleet key: a robot key reads crpa_<32 hex digits>_<64 hex digits>")?;
     Ok(parsed.key_id)
-}
-
-/// Path helper for the service seed files in a `nats-setup` folder.
-pub fn service_file(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
 }
 
 /// How long a client waits before its next reconnection attempt: at once, then 100 ms more per

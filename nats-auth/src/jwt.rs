@@ -66,7 +66,6 @@ pub struct AuthorizationRequest {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct ConnectOpts {
-    pub jwt: Option<String>,
     /// The public nkey a client authenticating by nkey presents (it signs the nonce: `sig`).
     pub nkey: Option<String>,
     pub sig: Option<String>,
